@@ -1,0 +1,67 @@
+"""intraslice: structured pruning of LLMs with block-intra PCA (IntraSlice).
+
+Quick start::
+
+    from intraslice import PruneConfig, calibration_windows, load_model, prune, save_pruned
+    src = load_model()                      # SmolLM2-135M-Instruct (GGUF) by default
+    calib = calibration_windows(src.tokenizer, "wikitext2", nsamples=32, seqlen=512)
+    result = prune(src.model, calib.tokens, PruneConfig(ratio=0.3))
+    save_pruned(result.model, src.tokenizer, "smollm2-pruned", report=result.report())
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .api import PruneResult, build_pruned_model, prune
+from .config import PruneConfig
+from .data import CalibrationSet, calibration_windows
+from .errors import IntraSliceError, NonFiniteError
+from .modeling import IntraSliceConfig, IntraSliceForCausalLM
+from .models import load_model
+from .saving import save_pruned
+
+try:
+    __version__ = version("intraslice")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+_REGISTERED = False
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoModelForCausalLM.from_pretrained(dir)`` load pruned models (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register("intraslice", IntraSliceConfig)
+        AutoModelForCausalLM.register(IntraSliceConfig, IntraSliceForCausalLM)
+    except ValueError:  # already registered by another import path
+        pass
+    # Saved configs carry auto_map so trust_remote_code=True works without this package.
+    IntraSliceConfig.register_for_auto_class()
+    IntraSliceForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    _REGISTERED = True
+
+
+register_auto_classes()
+
+__all__ = [
+    "CalibrationSet",
+    "IntraSliceConfig",
+    "IntraSliceError",
+    "IntraSliceForCausalLM",
+    "NonFiniteError",
+    "PruneConfig",
+    "PruneResult",
+    "__version__",
+    "build_pruned_model",
+    "calibration_windows",
+    "load_model",
+    "prune",
+    "register_auto_classes",
+    "save_pruned",
+]

@@ -1,0 +1,94 @@
+"""One-call entry point: ``prune(model, calibration_tokens, PruneConfig(ratio=0.3))``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import get_arch
+from .config import PruneConfig
+from .errors import IntraSliceError
+from .modeling import IntraSliceConfig, IntraSliceForCausalLM
+from .params import param_report
+from .runner import prune_layers
+
+
+@dataclass
+class PruneResult:
+    """The physically smaller model and what it cost."""
+
+    model: IntraSliceForCausalLM
+    params_before: dict[str, int]
+    params_after: dict[str, int]
+    layers: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def reduction(self) -> dict[str, float]:
+        return {k: 1.0 - self.params_after[k] / self.params_before[k] for k in self.params_before}
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "reduction": self.reduction(),
+            "layers": self.layers,
+            "timings_s": self.timings,
+        }
+
+
+def prune(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    config: PruneConfig | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune a Hugging Face causal LM with IntraSlice and return an ``IntraSliceForCausalLM``.
+
+    ``calibration`` is an int64 tensor of token windows (nsamples, seqlen). The source
+    ``model`` is consumed: its decoder layers are replaced in place by smaller modules
+    whose weights the returned model shares.
+    """
+    config = config or PruneConfig()
+    if getattr(model.config, "model_type", None) == "intraslice":
+        raise IntraSliceError("this model is already pruned by intraslice; prune the source model instead")
+    arch = get_arch(model.config)
+    config.validate(arch.dims(model.config)["n_layers"])
+    if calibration.dim() != 2 or calibration.shape[0] < 1:
+        raise IntraSliceError(f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}")
+    t0 = time.perf_counter()
+    before = param_report(model)
+    pruned_config = IntraSliceConfig(**arch.pruned_config_kwargs(model.config))
+    model.eval()
+    outcome = prune_layers(model, calibration, config, pruned_config, progress=progress)
+    pruned = build_pruned_model(model, pruned_config)
+    timings = dict(outcome.timings)
+    timings["total"] = time.perf_counter() - t0
+    return PruneResult(
+        model=pruned,
+        params_before=before,
+        params_after=param_report(pruned),
+        layers=[asdict(r) for r in outcome.layers],
+        timings=timings,
+    )
+
+
+def build_pruned_model(source: nn.Module, pruned_config: IntraSliceConfig) -> IntraSliceForCausalLM:
+    """Move the (pruned-in-place) source weights into an ``IntraSliceForCausalLM``."""
+    with torch.device("meta"):
+        model = IntraSliceForCausalLM(pruned_config)
+    state = source.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (pruned_config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"state dict mismatch building the pruned model: missing {missing}, unexpected {unexpected}")
+    if pruned_config.tie_word_embeddings:
+        model.tie_weights()
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"pruned model has uninitialised tensors: {leftover[:5]}")
+    model.eval()
+    return model

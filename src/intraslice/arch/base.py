@@ -1,0 +1,147 @@
+"""Architecture mappings: where things live in a Hugging Face model, by name.
+
+One small :class:`ArchSpec` per architecture (see ``llama.py``, ``mistral.py``,
+``qwen2.py``), registered by ``config.model_type``. The pruning code never asks
+``if model_type == ...``: it asks the spec.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import IntraSliceError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Names and layout facts of one decoder architecture (Llama-style module tree)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    #: False for layouts that can be evaluated but not pruned (an already pruned model).
+    prunable: bool = True
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    rotary: str = "model.rotary_emb"
+    attn: str = "self_attn"
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    mlp: str = "mlp"
+    gate_proj: str = "gate_proj"
+    up_proj: str = "up_proj"
+    down_proj: str = "down_proj"
+    input_norm: str = "input_layernorm"
+    post_attn_norm: str = "post_attention_layernorm"
+    #: RoPE layout: "rotate_half" pairs dims j and j + head_dim/2 (HF Llama convention).
+    rope_layout: str = "rotate_half"
+    #: Whether q/k/v, o and the MLP linears carry biases, read from the HF config.
+    qkv_bias: Callable[[Any], bool] = field(default=lambda c: bool(getattr(c, "attention_bias", False)))
+    o_bias: Callable[[Any], bool] = field(default=lambda c: bool(getattr(c, "attention_bias", False)))
+    mlp_bias: Callable[[Any], bool] = field(default=lambda c: bool(getattr(c, "mlp_bias", False)))
+
+    # -- module access -------------------------------------------------------------
+    @staticmethod
+    def _get(root: nn.Module, path: str) -> Any:
+        return operator.attrgetter(path)(root)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return self._get(model, self.layers)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return self._get(layer, self.attn)
+
+    def set_attention(self, layer: nn.Module, module: nn.Module) -> None:
+        setattr(layer, self.attn, module)
+
+    def qkvo(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        a = self.attention(layer)
+        return (self._get(a, self.q_proj), self._get(a, self.k_proj), self._get(a, self.v_proj), self._get(a, self.o_proj))
+
+    def mlp_module(self, layer: nn.Module) -> nn.Module:
+        return self._get(layer, self.mlp)
+
+    def gate_up_down(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        m = self.mlp_module(layer)
+        return self._get(m, self.gate_proj), self._get(m, self.up_proj), self._get(m, self.down_proj)
+
+    def set_mlp_linears(self, layer: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
+        m = self.mlp_module(layer)
+        setattr(m, self.gate_proj, gate)
+        setattr(m, self.up_proj, up)
+        setattr(m, self.down_proj, down)
+        if hasattr(m, "intermediate_size"):
+            m.intermediate_size = gate.out_features
+
+    # -- shapes --------------------------------------------------------------------
+    @staticmethod
+    def dims(config: Any) -> dict[str, int]:
+        """hidden size d, query heads, KV heads, head dim h, MLP width m, layers L."""
+        n_h = int(config.num_attention_heads)
+        h = int(getattr(config, "head_dim", None) or config.hidden_size // n_h)
+        return {
+            "d": int(config.hidden_size),
+            "n_heads": n_h,
+            "n_kv": int(getattr(config, "num_key_value_heads", None) or n_h),
+            "head_dim": h,
+            "m": int(config.intermediate_size),
+            "n_layers": int(config.num_hidden_layers),
+        }
+
+    def pruned_config_kwargs(self, config: Any) -> dict[str, Any]:
+        """Global (residual-stream) fields of the pruned model's config, from the source config."""
+        dims = self.dims(config)
+        rope = getattr(config, "rope_parameters", None)
+        if not rope:
+            rope = {"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 10000.0))}
+        return {
+            "vocab_size": int(config.vocab_size),
+            "hidden_size": dims["d"],
+            "num_hidden_layers": dims["n_layers"],
+            "num_attention_heads": dims["n_heads"],
+            "num_key_value_heads": dims["n_kv"],
+            "head_dim": dims["head_dim"],
+            "intermediate_size": dims["m"],
+            "hidden_act": str(config.hidden_act),
+            "max_position_embeddings": int(config.max_position_embeddings),
+            "rms_norm_eps": float(config.rms_norm_eps),
+            "rope_parameters": dict(rope),
+            "attention_bias": self.qkv_bias(config),
+            "o_proj_bias": self.o_bias(config),
+            "mlp_bias": self.mlp_bias(config),
+            "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+            "source_model_type": str(config.model_type),
+            "pad_token_id": getattr(config, "pad_token_id", None),
+            "bos_token_id": getattr(config, "bos_token_id", None),
+            "eos_token_id": getattr(config, "eos_token_id", None),
+        }
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    """Register an architecture spec under each of its ``config.model_type`` names."""
+    for model_type in spec.model_types:
+        ARCHITECTURES[model_type] = spec
+    return spec
+
+
+def get_arch(config_or_type: Any) -> ArchSpec:
+    """The spec for a config (or a model_type string); a clear error if unsupported."""
+    model_type = config_or_type if isinstance(config_or_type, str) else getattr(config_or_type, "model_type", None)
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(k for k, v in ARCHITECTURES.items() if v.prunable))
+        raise IntraSliceError(
+            f"unsupported architecture {model_type!r}: intraslice supports {supported}"
+        ) from None

@@ -1,0 +1,65 @@
+"""The one config object of the IntraSlice algorithm."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import IntraSliceError
+
+MAX_RATIO = 0.95
+
+
+@dataclass
+class PruneConfig:
+    """Knobs of IntraSlice pruning (method.md sections 2-3; defaults from the spec).
+
+    ``ratio`` is the fraction of decoder linear-layer parameters to remove. With
+    ``layer_ratios`` unset every layer's attention and MLP get ``ratio`` (the `uniform`
+    allocation); the global estimator fills ``layer_ratios`` with one
+    ``(attention_ratio, mlp_ratio)`` pair per layer.
+    """
+
+    ratio: float = 0.3
+    layer_ratios: list[tuple[float, float]] | None = None
+    damp: float = 0.01
+    min_head_width: float = 0.75
+    mlp_multiple: int = 8
+    batch_size: int = 4
+    device: str = "cpu"
+    offload_device: str = "cpu"
+    diagnostics: bool = True
+
+    def validate(self, n_layers: int) -> None:
+        check_ratio(self.ratio, "ratio")
+        if self.layer_ratios is not None:
+            if len(self.layer_ratios) != n_layers:
+                raise IntraSliceError(
+                    f"layer_ratios has {len(self.layer_ratios)} entries but the model has {n_layers} layers"
+                )
+            for i, (a, m) in enumerate(self.layer_ratios):
+                check_ratio(a, f"attention ratio of layer {i}")
+                check_ratio(m, f"MLP ratio of layer {i}")
+        if not 0 < self.min_head_width <= 1:
+            raise IntraSliceError(f"min_head_width must be in (0, 1], got {self.min_head_width}")
+        if self.damp < 0:
+            raise IntraSliceError(f"damp must be >= 0, got {self.damp}")
+        if self.batch_size < 1:
+            raise IntraSliceError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def ratios_for(self, n_layers: int) -> list[tuple[float, float]]:
+        if self.layer_ratios is not None:
+            return [(float(a), float(m)) for a, m in self.layer_ratios]
+        return [(float(self.ratio), float(self.ratio))] * n_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_ratio(value: float, what: str = "ratio") -> None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise IntraSliceError(f"{what} must be a number in [0, {MAX_RATIO}], got {value!r}") from None
+    if not 0.0 <= v <= MAX_RATIO or v != v:
+        raise IntraSliceError(f"{what} must be in [0, {MAX_RATIO}], got {value}")

@@ -1,0 +1,196 @@
+"""Calibration and evaluation text: sources, tokenized windows, and their cache.
+
+Calibration sources (``--calib``):
+
+* ``wikitext2``: the WikiText-2 *train* split through Hugging Face ``datasets`` when it can
+  be fetched; offline, the bundled WikiText-2 *validation* split, with a warning. The
+  source actually used is always recorded.
+* ``wikitext2-valid``: the bundled validation split.
+* ``c4``: the C4 ``en`` train shard 0 through ``datasets`` (SliceGPT/GPTQ convention); offline
+  the bundled C4 sample, with a warning.
+* ``c4-sample``: the bundled C4 sample.
+* a path to a ``.txt`` file (documents separated by blank lines) or a ``.jsonl`` file
+  (``text``, or ``prefix`` + ``gold_completion`` fields).
+
+Test splits are never used for calibration. Windows are non-overlapping runs of
+``seqlen`` tokens, ``nsamples`` of them picked with a seeded permutation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import IntraSliceError
+
+BUILTIN_CALIB = ("wikitext2", "wikitext2-valid", "c4", "c4-sample")
+
+
+@dataclass
+class TextSource:
+    text: str
+    name: str  # what was actually read, recorded in results
+
+
+@dataclass
+class CalibrationSet:
+    tokens: torch.Tensor  # (nsamples, seqlen) int64
+    source: str
+    seed: int
+    total_tokens: int
+
+    def describe(self) -> dict[str, Any]:
+        n, t = self.tokens.shape
+        return {"source": self.source, "nsamples": n, "seqlen": t, "seed": self.seed,
+                "tokens_available": self.total_tokens}
+
+
+def _bundled(name: str) -> bytes:
+    return lzma.decompress(resources.files("intraslice.resources").joinpath(name).read_bytes())
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _from_hub(*args: Any, **kwargs: Any) -> Any | None:
+    """A ``datasets.load_dataset`` call, or None if datasets is missing or the hub unreachable."""
+    if _offline():
+        return None
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any network/hub failure means "use the bundled copy"
+        warnings.warn(f"could not fetch {args[0]} from the hub ({type(exc).__name__}); using the bundled copy",
+                      stacklevel=3)
+        return None
+
+
+def _wikitext_join(lines: list[str]) -> str:
+    return "\n\n".join(lines)
+
+
+def wikitext2_test_text() -> TextSource:
+    """WikiText-2 raw test split joined with "\\n\\n" (the P1/P2 protocols)."""
+    ds = _from_hub("wikitext", "wikitext-2-raw-v1", split="test")
+    if ds is not None:
+        return TextSource(_wikitext_join(ds["text"]), "hf:wikitext/wikitext-2-raw-v1/test")
+    lines = _bundled("wikitext2_test.raw.xz").decode("utf-8").split("\n")[:-1]
+    text = "\n\n".join(line + "\n" if line.strip() else "" for line in lines)
+    return TextSource(text, "bundled:wikitext-2-raw-v1/test")
+
+
+def _jsonl_text(raw: str) -> str:
+    docs = []
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "text" in row:
+            docs.append(str(row["text"]))
+        elif "prefix" in row:
+            docs.append(str(row["prefix"]) + str(row.get("gold_completion", "")))
+        else:
+            raise IntraSliceError("calibration .jsonl rows need a 'text' field (or 'prefix'/'gold_completion')")
+    return "\n\n".join(docs)
+
+
+def calibration_text(source: str) -> TextSource:
+    """The text of a calibration source (see the module docstring)."""
+    if source == "wikitext2":
+        ds = _from_hub("wikitext", "wikitext-2-raw-v1", split="train")
+        if ds is not None:
+            return TextSource(_wikitext_join(ds["text"]), "hf:wikitext/wikitext-2-raw-v1/train")
+        warnings.warn("WikiText-2 train split unavailable offline: calibrating on the bundled WikiText-2 "
+                      "validation split instead (recorded in the output)", stacklevel=2)
+        source = "wikitext2-valid"
+    if source == "wikitext2-valid":
+        return TextSource(_bundled("wikitext2_valid.tokens.xz").decode("utf-8"), "bundled:wikitext-2/validation")
+    if source == "c4":
+        ds = _from_hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        if ds is not None:
+            return TextSource("\n\n".join(ds["text"][:20000]), "hf:allenai/c4/en/train-00000")
+        warnings.warn("C4 unavailable offline: calibrating on the bundled C4 sample", stacklevel=2)
+        source = "c4-sample"
+    if source == "c4-sample":
+        return TextSource(_jsonl_text(_bundled("c4_sample.jsonl.xz").decode("utf-8")), "bundled:c4-sample")
+    path = Path(source)
+    if not path.is_file():
+        raise IntraSliceError(
+            f"unknown calibration source {source!r}: use one of {', '.join(BUILTIN_CALIB)} or a .txt/.jsonl file path"
+        )
+    if "test" in path.name.lower():
+        raise IntraSliceError(f"refusing to calibrate on {path.name!r}: it looks like a test split")
+    raw = path.read_text(encoding="utf-8")
+    text = _jsonl_text(raw) if path.suffix == ".jsonl" else raw
+    return TextSource(text, f"file:{path.resolve()}")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("INTRASLICE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "intraslice")
+    return Path(root)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    probe = "IntraSlice fingerprint: Hello, world! 12345 \n\n naïve café"
+    ids = tokenizer(probe)["input_ids"]
+    return hashlib.sha256(f"{len(tokenizer)}|{ids}".encode()).hexdigest()[:16]
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of a long text as a 1-D int64 tensor (no length warning, no truncation)."""
+    old = getattr(tokenizer, "model_max_length", None)
+    try:
+        tokenizer.model_max_length = int(1e12)
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    finally:
+        if old is not None:
+            tokenizer.model_max_length = old
+    return ids.to(torch.long)
+
+
+def calibration_windows(
+    tokenizer: Any, source: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+    use_cache: bool = True,
+) -> CalibrationSet:
+    """``nsamples`` non-overlapping windows of ``seqlen`` tokens, seeded; cached on disk."""
+    if nsamples < 1 or seqlen < 2:
+        raise IntraSliceError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    text = calibration_text(source)
+    digest = hashlib.sha256(text.text.encode("utf-8")).hexdigest()[:16]
+    key = f"{text.name}|{digest}|{tokenizer_fingerprint(tokenizer)}|{nsamples}|{seqlen}|{seed}"
+    cache_file = cache_dir() / "windows" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt")
+    if use_cache and cache_file.is_file():
+        blob = torch.load(cache_file, weights_only=True)
+        return CalibrationSet(blob["tokens"], text.name, seed, int(blob["total_tokens"]))
+    ids = tokenize(tokenizer, text.text)
+    n_windows = ids.numel() // seqlen
+    if n_windows < nsamples:
+        raise IntraSliceError(
+            f"calibration source {text.name} has {ids.numel()} tokens: {n_windows} windows of {seqlen}, "
+            f"fewer than the {nsamples} asked for (use fewer --nsamples, a shorter --seqlen or more text)"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_windows, generator=gen)[:nsamples].sort().values
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)[pick].clone()
+    if use_cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"tokens": windows, "total_tokens": ids.numel()}, tmp)
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only cache is not an error
+    return CalibrationSet(windows, text.name, seed, int(ids.numel()))

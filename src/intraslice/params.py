@@ -1,0 +1,36 @@
+"""Real parameter counts: what disappears from ``model.parameters()``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .arch import get_arch
+
+
+def whole_model_params(model: nn.Module) -> int:
+    """All parameters, tied weights counted once (``parameters()`` de-duplicates)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _numel(lin: nn.Module) -> int:
+    return sum(p.numel() for p in lin.parameters(recurse=False))
+
+
+def decoder_linear_params(model: nn.Module, arch_config: Any | None = None) -> int:
+    """Weights and biases of q, k, v, o, gate, up, down over all decoder layers.
+
+    Works on a source model (through its architecture mapping) and on a pruned
+    ``IntraSliceForCausalLM`` (Llama-style names).
+    """
+    arch = get_arch(arch_config if arch_config is not None else model.config.model_type)
+    total = 0
+    for layer in arch.decoder_layers(model):
+        total += sum(_numel(m) for m in arch.qkvo(layer))
+        total += sum(_numel(m) for m in arch.gate_up_down(layer))
+    return total
+
+
+def param_report(model: nn.Module, arch_config: Any | None = None) -> dict[str, int]:
+    return {"decoder_linear": decoder_linear_params(model, arch_config), "whole_model": whole_model_params(model)}
