@@ -37,7 +37,13 @@ def atomic_directory(out: str | os.PathLike[str], write: Callable[[Path], None],
     path = check_output_dir(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.resolve().parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model directory is shared like any other
         write(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         if path.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.resolve().parent))
             backup.rmdir()

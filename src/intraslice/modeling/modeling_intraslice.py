@@ -262,6 +262,21 @@ class IntraSlicePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
 
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Standard init, plus the non-persistent buffers, which are derived from the config.
+
+        ``from_pretrained`` re-creates non-persistent buffers empty and relies on this
+        method to fill them (they are not in the checkpoint).
+        """
+        super()._init_weights(module)
+        if isinstance(module, IntraSliceAttention):
+            spec = self.config.layers[module.layer_idx]
+            module.kv_index.copy_(torch.tensor(spec["kv_index"], dtype=torch.long))
+            module.rope_pairs.copy_(torch.tensor(spec["rope_pairs"], dtype=torch.long))
+        elif isinstance(module, IntraSliceRotaryEmbedding):
+            module.inv_freq.copy_(IntraSliceRotaryEmbedding(self.config).inv_freq)
+
 
 class IntraSliceModel(IntraSlicePreTrainedModel):
     def __init__(self, config: IntraSliceConfig) -> None:
