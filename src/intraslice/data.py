@@ -50,8 +50,13 @@ class CalibrationSet:
 
     def describe(self) -> dict[str, Any]:
         n, t = self.tokens.shape
-        return {"source": self.source, "nsamples": n, "seqlen": t, "seed": self.seed,
-                "tokens_available": self.total_tokens}
+        return {
+            "source": self.source,
+            "nsamples": n,
+            "seqlen": t,
+            "seed": self.seed,
+            "tokens_available": self.total_tokens,
+        }
 
 
 def _bundled(name: str) -> bytes:
@@ -72,9 +77,10 @@ def _from_hub(*args: Any, **kwargs: Any) -> Any | None:
         return None
     try:
         return datasets.load_dataset(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any network/hub failure means "use the bundled copy"
-        warnings.warn(f"could not fetch {args[0]} from the hub ({type(exc).__name__}); using the bundled copy",
-                      stacklevel=3)
+    except Exception as exc:
+        warnings.warn(
+            f"could not fetch {args[0]} from the hub ({type(exc).__name__}); using the bundled copy", stacklevel=3
+        )
         return None
 
 
@@ -113,8 +119,11 @@ def calibration_text(source: str) -> TextSource:
         ds = _from_hub("wikitext", "wikitext-2-raw-v1", split="train")
         if ds is not None:
             return TextSource(_wikitext_join(ds["text"]), "hf:wikitext/wikitext-2-raw-v1/train")
-        warnings.warn("WikiText-2 train split unavailable offline: calibrating on the bundled WikiText-2 "
-                      "validation split instead (recorded in the output)", stacklevel=2)
+        warnings.warn(
+            "WikiText-2 train split unavailable offline: calibrating on the bundled WikiText-2 "
+            "validation split instead (recorded in the output)",
+            stacklevel=2,
+        )
         source = "wikitext2-valid"
     if source == "wikitext2-valid":
         return TextSource(_bundled("wikitext2_valid.tokens.xz").decode("utf-8"), "bundled:wikitext-2/validation")
@@ -162,7 +171,11 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def calibration_windows(
-    tokenizer: Any, source: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+    tokenizer: Any,
+    source: str = "wikitext2",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
     use_cache: bool = True,
 ) -> CalibrationSet:
     """``nsamples`` non-overlapping windows of ``seqlen`` tokens, seeded; cached on disk."""

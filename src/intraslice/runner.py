@@ -190,8 +190,11 @@ def _attention_stats(
     n_h, n_kv, h = dims["n_heads"], dims["n_kv"], dims["head_dim"]
     g = n_h // n_kv
     d_o = n_h * h
-    acc = {"h": torch.zeros(d_o, d_o, dtype=torch.float64, device=runner.device),
-           "mu": torch.zeros(n_h, h, dtype=torch.float64, device=runner.device), "n": 0}
+    acc = {
+        "h": torch.zeros(d_o, d_o, dtype=torch.float64, device=runner.device),
+        "mu": torch.zeros(n_h, h, dtype=torch.float64, device=runner.device),
+        "n": 0,
+    }
     slot: dict[str, torch.Tensor] = {}
 
     def on_q(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
@@ -306,8 +309,14 @@ def prune_layers(
     cfg.validate(n_layers)
     ratios = cfg.ratios_for(n_layers)
     outcome = PruneOutcome(config=pruned_config)
-    timings = {"capture": 0.0, "attention_stats": 0.0, "attention_math": 0.0, "mlp_stats": 0.0,
-               "mlp_math": 0.0, "propagate": 0.0}
+    timings = {
+        "capture": 0.0,
+        "attention_stats": 0.0,
+        "attention_math": 0.0,
+        "mlp_stats": 0.0,
+        "mlp_math": 0.0,
+        "propagate": 0.0,
+    }
     pruned_config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
 
     t0 = time.perf_counter()
@@ -329,18 +338,27 @@ def prune_layers(
         # --- attention -----------------------------------------------------------
         t = time.perf_counter()
         h_dense, mu = _attention_stats(runner, arch, dims, inps, li)
-        keep = n_h * h - int(round(n_h * h * att_ratio))
+        keep = n_h * h - round(n_h * h * att_ratio)
         q_proj, k_proj, v_proj, o_proj = arch.qkvo(layer)
-        plan = plan_attention(h_dense, mu.cpu(), o_proj.weight.data.cpu(), n_h, n_kv, h, max(keep, 2),
-                              cfg.min_head_width)
+        plan = plan_attention(
+            h_dense, mu.cpu(), o_proj.weight.data.cpu(), n_h, n_kv, h, max(keep, 2), cfg.min_head_width
+        )
         h_t, cross = _pruned_attention_stats(runner, arch, plan, inps, li)
         timings["attention_stats"] += time.perf_counter() - t
         t = time.perf_counter()
         comp = compress_attention(
-            plan, h_t.cpu(), cross.cpu(), q_proj.weight.data.cpu(), k_proj.weight.data.cpu(),
-            v_proj.weight.data.cpu(), o_proj.weight.data.cpu(),
-            b_q=_cpu(_bias(q_proj)), b_k=_cpu(_bias(k_proj)), b_v=_cpu(_bias(v_proj)),
-            damp=cfg.damp, h_dense=h_dense.cpu() if cfg.diagnostics else None,
+            plan,
+            h_t.cpu(),
+            cross.cpu(),
+            q_proj.weight.data.cpu(),
+            k_proj.weight.data.cpu(),
+            v_proj.weight.data.cpu(),
+            o_proj.weight.data.cpu(),
+            b_q=_cpu(_bias(q_proj)),
+            b_k=_cpu(_bias(k_proj)),
+            b_v=_cpu(_bias(v_proj)),
+            damp=cfg.damp,
+            h_dense=h_dense.cpu() if cfg.diagnostics else None,
         )
         spec = {
             "num_heads": len(plan.kept_heads),
@@ -352,7 +370,10 @@ def prune_layers(
         }
         pruned_config.layers[li] = spec
         attn = IntraSliceAttention(pruned_config, li, spec).to(device=cfg.device, dtype=dtype)
-        attn.q_proj, attn.k_proj = _linear(comp.w_q, comp.b_q, dtype, cfg.device), _linear(comp.w_k, comp.b_k, dtype, cfg.device)
+        attn.q_proj, attn.k_proj = (
+            _linear(comp.w_q, comp.b_q, dtype, cfg.device),
+            _linear(comp.w_k, comp.b_k, dtype, cfg.device),
+        )
         attn.v_proj = _linear(comp.w_v, comp.b_v, dtype, cfg.device)
         attn.o_proj = _linear(comp.w_o, _bias(o_proj), dtype, cfg.device)
         arch.set_attention(layer, attn)
@@ -383,8 +404,18 @@ def prune_layers(
         timings["propagate"] += time.perf_counter() - t
         layer.to(cfg.offload_device)
         outcome.layers.append(
-            LayerReport(li, att_ratio, mlp_ratio, spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], k,
-                        comp.rel_error, mc.rel_error, time.perf_counter() - t_layer)
+            LayerReport(
+                li,
+                att_ratio,
+                mlp_ratio,
+                spec["num_heads"],
+                spec["num_kv_heads"],
+                spec["head_dim"],
+                k,
+                comp.rel_error,
+                mc.rel_error,
+                time.perf_counter() - t_layer,
+            )
         )
         bar.set_postfix(heads=spec["num_heads"], r=spec["head_dim"], mlp=k)
     outcome.timings = timings

@@ -121,7 +121,7 @@ def select_heads(
         remaining.remove(least_important(remaining))
 
     r = keep / len(remaining)
-    r_even = int(round(r / 2.0)) * 2
+    r_even = round(r / 2.0) * 2
     r_even = max(2, min(head_dim, r_even))
     return sorted(remaining), r_even
 
@@ -213,6 +213,8 @@ class CompressedAttention:
     b_v: torch.Tensor | None
     w_o: torch.Tensor
     rel_error: float | None = None
+    #: per kept KV head, the (h, r) PCA basis U_g fused into v_proj
+    bases: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def compress_attention(
@@ -294,4 +296,4 @@ def compress_attention(
     new_bq = b_q.to(f64)[q_rows] * scale if b_q is not None else None
     new_k = w_k.to(f64)[k_rows]
     new_bk = b_k.to(f64)[k_rows] if b_k is not None else None
-    return CompressedAttention(new_q, new_bq, new_k, new_bk, new_v, new_bv, new_o, rel_error)
+    return CompressedAttention(new_q, new_bq, new_k, new_bk, new_v, new_bv, new_o, rel_error, bases)

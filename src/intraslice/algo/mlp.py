@@ -22,7 +22,7 @@ from .linalg import damping, solve_spd
 
 def mlp_keep_count(width: int, ratio: float, multiple: int = 8) -> int:
     """k = m - n_drop with n_drop = round(m * ratio) rounded to a multiple of ``multiple``."""
-    n_drop = int(round(width * ratio / multiple)) * multiple
+    n_drop = round(width * ratio / multiple) * multiple
     n_drop = min(max(n_drop, 0), width - multiple if width > multiple else width - 1)
     return width - n_drop
 

@@ -64,7 +64,12 @@ class ArchSpec:
 
     def qkvo(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
         a = self.attention(layer)
-        return (self._get(a, self.q_proj), self._get(a, self.k_proj), self._get(a, self.v_proj), self._get(a, self.o_proj))
+        return (
+            self._get(a, self.q_proj),
+            self._get(a, self.k_proj),
+            self._get(a, self.v_proj),
+            self._get(a, self.o_proj),
+        )
 
     def mlp_module(self, layer: nn.Module) -> nn.Module:
         return self._get(layer, self.mlp)
@@ -142,6 +147,4 @@ def get_arch(config_or_type: Any) -> ArchSpec:
         return ARCHITECTURES[model_type]
     except KeyError:
         supported = ", ".join(sorted(k for k, v in ARCHITECTURES.items() if v.prunable))
-        raise IntraSliceError(
-            f"unsupported architecture {model_type!r}: intraslice supports {supported}"
-        ) from None
+        raise IntraSliceError(f"unsupported architecture {model_type!r}: intraslice supports {supported}") from None

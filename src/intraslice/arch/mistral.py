@@ -5,6 +5,11 @@ window (4096 tokens for Mistral-7B-v0.1, none for later releases)."""
 from .base import ArchSpec, register
 
 MISTRAL = register(
-    ArchSpec(name="mistral", model_types=("mistral",), qkv_bias=lambda c: False, o_bias=lambda c: False,
-             mlp_bias=lambda c: False)
+    ArchSpec(
+        name="mistral",
+        model_types=("mistral",),
+        qkv_bias=lambda c: False,
+        o_bias=lambda c: False,
+        mlp_bias=lambda c: False,
+    )
 )

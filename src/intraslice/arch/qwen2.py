@@ -3,6 +3,7 @@
 from .base import ArchSpec, register
 
 QWEN2 = register(
-    ArchSpec(name="qwen2", model_types=("qwen2",), qkv_bias=lambda c: True, o_bias=lambda c: False,
-             mlp_bias=lambda c: False)
+    ArchSpec(
+        name="qwen2", model_types=("qwen2",), qkv_bias=lambda c: True, o_bias=lambda c: False, mlp_bias=lambda c: False
+    )
 )

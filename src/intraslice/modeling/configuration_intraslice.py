@@ -29,7 +29,7 @@ class IntraSliceConfig(PretrainedConfig):
     """Config of an IntraSlice-pruned decoder-only causal LM (Llama family layout)."""
 
     model_type = "intraslice"
-    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # noqa: RUF012 (transformers class attribute)
 
     def __init__(
         self,

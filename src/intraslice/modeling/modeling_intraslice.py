@@ -143,15 +143,16 @@ class IntraSliceAttention(nn.Module):
 
         kv_list = [int(i) for i in spec["kv_index"]]
         pair_lists = [[int(p) for p in ps] for ps in spec["rope_pairs"]]
-        if len(kv_list) != self.num_heads or len(pair_lists) != self.num_kv_heads or any(
-            len(ps) != self.head_dim // 2 for ps in pair_lists
+        if (
+            len(kv_list) != self.num_heads
+            or len(pair_lists) != self.num_kv_heads
+            or any(len(ps) != self.head_dim // 2 for ps in pair_lists)
         ):
             raise ValueError(f"layer {layer_idx}: kv_index/rope_pairs do not match the head counts")
         # Index buffers live on the CPU at construction (also under a meta-device context)
         # and follow the module on .to(device); they are derived from the config, not saved.
         self.register_buffer("kv_index", torch.tensor(kv_list, dtype=torch.long, device="cpu"), persistent=False)
-        self.register_buffer("rope_pairs", torch.tensor(pair_lists, dtype=torch.long, device="cpu"),
-                             persistent=False)
+        self.register_buffer("rope_pairs", torch.tensor(pair_lists, dtype=torch.long, device="cpu"), persistent=False)
         counts = [kv_list.count(j) for j in range(self.num_kv_heads)]
         uniform = len(set(counts)) == 1 and kv_list == sorted(kv_list)
         # With equal, ordered KV groups the kernels' native GQA path applies; otherwise the
@@ -200,9 +201,7 @@ class IntraSliceAttention(nn.Module):
         attention_interface: Callable = eager_attention_forward
         if impl != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-        out, weights = attention_interface(
-            self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
-        )
+        out, weights = attention_interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         out = out.reshape(bsz, q_len, self.num_heads * self.head_dim).contiguous()
         return self.o_proj(out), weights
 
@@ -256,7 +255,7 @@ class IntraSlicePreTrainedModel(PreTrainedModel):
     config: IntraSliceConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["IntraSliceDecoderLayer"]
+    _no_split_modules = ["IntraSliceDecoderLayer"]  # noqa: RUF012 (transformers class attribute)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
@@ -339,7 +338,7 @@ class IntraSliceModel(IntraSlicePreTrainedModel):
 
 
 class IntraSliceForCausalLM(IntraSlicePreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012 (transformers class attribute)
 
     def __init__(self, config: IntraSliceConfig) -> None:
         super().__init__(config)

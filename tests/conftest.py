@@ -1,0 +1,135 @@
+"""Shared fixtures: tiny float64 models built in-process from a config, and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
+from transformers.models.qwen2 import modeling_qwen2
+
+import intraslice  # noqa: F401  (registers the auto classes)
+
+VOCAB = 320
+
+
+def _rmsnorm_keep_float64(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """HF RMSNorms compute in float32 even for float64 inputs; for exactness references we
+    need them in float64, as the pruned model's norm does for float64 inputs."""
+    if hidden_states.dtype != torch.float64:
+        return self._orig_forward(hidden_states)
+    var = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(var + self.variance_epsilon))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def float64_reference_norms() -> None:
+    for mod in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm):
+        if not hasattr(mod, "_orig_forward"):
+            mod._orig_forward = mod.forward
+            mod.forward = _rmsnorm_keep_float64
+
+
+COMMON = dict(
+    vocab_size=VOCAB, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-6
+)
+
+ARCHS = {
+    "llama-mha": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16),
+    ),
+    "llama-gqa": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    ),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=None),
+    ),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    ),
+}
+
+
+def make_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    cfg = cfg_cls(**COMMON, **extra)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(dtype).eval()
+    with torch.no_grad():
+        # Non-trivial norms and biases so that every fused transform is exercised.
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+def calib_tokens(n: int = 8, t: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, t), generator=g)
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_copy():
+    def _make(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+        m = make_tiny(arch)
+        return m, copy.deepcopy(m)
+
+    return _make
+
+
+def build_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import decoders as dec
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = dec.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = ["the quick brown fox jumps over the lazy dog " * 4, "pruning makes models smaller and faster"]
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A saved tiny float32 Llama with its tokenizer, for CLI tests."""
+    d = tmp_path / "tiny-llama"
+    model = make_tiny("llama-gqa", dtype=torch.float32)
+    tok = build_tokenizer(d)
+    model.config.vocab_size = VOCAB
+    assert len(tok) <= VOCAB
+    model.save_pretrained(d)
+    return d
