@@ -180,21 +180,45 @@ class LayerRunner:
         for batch in _batches(inps, self.cfg.batch_size):
             yield batch.to(self.device), _fit_batch(self.kwargs, self.captured_bs, batch.shape[0])
 
+    def input_of(self, module: nn.Module, batch: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+        """Run the layer only as far as ``module`` and return that module's input.
+
+        Statistics of the attention never need the rest of the layer (the MLP), so the
+        forward stops there: roughly half the cost of a full layer pass.
+        """
+        slot: dict[str, torch.Tensor] = {}
+
+        def grab(_m: nn.Module, args: tuple) -> None:
+            slot["x"] = args[0]
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(grab)
+        try:
+            self.layer(batch, **kw)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return slot["x"]
+
 
 @torch.no_grad()
 def _attention_stats(
     runner: LayerRunner, arch: ArchSpec, dims: dict[str, int], inps: torch.Tensor, layer_idx: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass A: H = X^T X of the o_proj input and mu[i, j] = mean |q_ij k_g(i)j| after RoPE."""
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Pass A: H = X^T X of the o_proj input, mu[i, j] = mean |q_ij k_g(i)j| after RoPE, and X.
+
+    X (the unpruned o_proj input) is kept per batch on the offload device: pass B needs it
+    token-aligned with the pruned attention output, and recomputing it would cost a pass.
+    """
     q_proj, k_proj, _, o_proj = arch.qkvo(runner.layer)
     n_h, n_kv, h = dims["n_heads"], dims["n_kv"], dims["head_dim"]
     g = n_h // n_kv
     d_o = n_h * h
-    acc = {
-        "h": torch.zeros(d_o, d_o, dtype=torch.float64, device=runner.device),
-        "mu": torch.zeros(n_h, h, dtype=torch.float64, device=runner.device),
-        "n": 0,
-    }
+    h_acc = torch.zeros(d_o, d_o, dtype=torch.float64, device=runner.device)
+    mu = torch.zeros(n_h, h, dtype=torch.float64, device=runner.device)
+    n_tok = 0
+    xs: list[torch.Tensor] = []
     slot: dict[str, torch.Tensor] = {}
 
     def on_q(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
@@ -203,22 +227,20 @@ def _attention_stats(
     def on_k(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
         slot["k"] = out
 
-    def on_o(_m: nn.Module, args: tuple) -> None:
-        acc["h"] += _gram(args[0])
-
-    with _hooks((q_proj, on_q, False), (k_proj, on_k, False), (o_proj, on_o, True)):
+    with _hooks((q_proj, on_q, False), (k_proj, on_k, False)):
         for batch, kw in runner.each_batch(inps):
-            runner.layer(batch, **kw)
+            x = runner.input_of(o_proj, batch, kw)
+            h_acc += _gram(x)
+            xs.append(x.to(runner.cfg.offload_device))
             cos, sin = kw["position_embeddings"]
             b, t, _ = slot["q"].shape
             q = _rope(slot["q"].view(b, t, n_h, h).to(torch.float64), cos, sin)
             k = _rope(slot["k"].view(b, t, n_kv, h).to(torch.float64), cos, sin)
-            k = k.repeat_interleave(g, dim=2)
-            acc["mu"] += (q * k).abs().sum((0, 1))
-            acc["n"] += b * t
-    check_finite(acc["h"], "the o_proj input covariance", layer_idx)
-    check_finite(acc["mu"], "the q/k statistics", layer_idx)
-    return acc["h"], acc["mu"] / max(acc["n"], 1)
+            mu += (q * k.repeat_interleave(g, dim=2)).abs().sum((0, 1))
+            n_tok += b * t
+    check_finite(h_acc, "the o_proj input covariance", layer_idx)
+    check_finite(mu, "the q/k statistics", layer_idx)
+    return h_acc, mu / max(n_tok, 1), xs
 
 
 @contextmanager
@@ -240,7 +262,12 @@ def _masked_rows(linear: nn.Linear, mask: torch.Tensor) -> Iterator[None]:
 
 @torch.no_grad()
 def _pruned_attention_stats(
-    runner: LayerRunner, arch: ArchSpec, plan: AttentionPlan, inps: torch.Tensor, layer_idx: int
+    runner: LayerRunner,
+    arch: ArchSpec,
+    plan: AttentionPlan,
+    inps: torch.Tensor,
+    dense_x: list[torch.Tensor],
+    layer_idx: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass B: H~ = X~^T X~ and X~^T X on the same tokens (X~: pruned Q/K, deleted heads zeroed)."""
     q_proj, k_proj, _, o_proj = arch.qkvo(runner.layer)
@@ -249,38 +276,39 @@ def _pruned_attention_stats(
     d_o = plan.n_heads * plan.head_dim
     h_t = torch.zeros(d_o, d_o, dtype=torch.float64, device=runner.device)
     cross = torch.zeros_like(h_t)
-    slot: dict[str, torch.Tensor] = {}
-
-    def on_o(_m: nn.Module, args: tuple) -> None:
-        slot["x"] = args[0]
-
-    with _hooks((o_proj, on_o, True)):
-        for batch, kw in runner.each_batch(inps):
-            runner.layer(batch, **kw)
-            x = slot["x"].reshape(-1, d_o).to(torch.float64)
-            with _masked_rows(q_proj, q_mask), _masked_rows(k_proj, k_mask):
-                runner.layer(batch, **kw)
-            xt = slot["x"].reshape(-1, d_o).to(torch.float64) * head_mask
+    with _masked_rows(q_proj, q_mask), _masked_rows(k_proj, k_mask):
+        for (batch, kw), x in zip(runner.each_batch(inps), dense_x, strict=True):
+            xt = runner.input_of(o_proj, batch, kw).reshape(-1, d_o).to(torch.float64) * head_mask
             h_t += xt.T @ xt
-            cross += xt.T @ x
+            cross += xt.T @ x.to(runner.device).reshape(-1, d_o).to(torch.float64)
     check_finite(h_t, "the pruned attention output covariance", layer_idx)
     return h_t, cross
 
 
 @torch.no_grad()
-def _mlp_stats(runner: LayerRunner, arch: ArchSpec, inps: torch.Tensor, layer_idx: int) -> torch.Tensor:
-    """Pass C: H = Z^T Z of the down_proj input, with this layer's attention already pruned."""
+def _mlp_stats(
+    runner: LayerRunner, arch: ArchSpec, inps: torch.Tensor, layer_idx: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Pass C: H = Z^T Z of the down_proj input, with this layer's attention already pruned.
+
+    Also keeps the residual stream after the (pruned) attention, so that pass D only has
+    to run the pruned MLP block instead of the whole layer again.
+    """
     _, _, down = arch.gate_up_down(runner.layer)
-    acc: dict[str, torch.Tensor] = {}
+    h_acc: dict[str, torch.Tensor] = {}
+    mids: list[torch.Tensor] = []
 
     def on_down(_m: nn.Module, args: tuple) -> None:
         g = _gram(args[0])
-        acc["h"] = acc["h"] + g if "h" in acc else g
+        h_acc["h"] = h_acc["h"] + g if "h" in h_acc else g
 
-    with _hooks((down, on_down, True)):
+    def on_mid(_m: nn.Module, args: tuple) -> None:
+        mids.append(args[0].to(runner.cfg.offload_device))
+
+    with _hooks((down, on_down, True), (arch.mlp_input_module(runner.layer), on_mid, True)):
         runner.run(inps)
-    check_finite(acc["h"], "the down_proj input covariance", layer_idx)
-    return acc["h"]
+    check_finite(h_acc["h"], "the down_proj input covariance", layer_idx)
+    return h_acc["h"], mids
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> nn.Linear:
@@ -295,6 +323,7 @@ def _bias(lin: nn.Linear) -> torch.Tensor | None:
     return lin.bias.data if lin.bias is not None else None
 
 
+@torch.no_grad()
 def prune_layers(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -337,13 +366,14 @@ def prune_layers(
 
         # --- attention -----------------------------------------------------------
         t = time.perf_counter()
-        h_dense, mu = _attention_stats(runner, arch, dims, inps, li)
+        h_dense, mu, dense_x = _attention_stats(runner, arch, dims, inps, li)
         keep = n_h * h - round(n_h * h * att_ratio)
         q_proj, k_proj, v_proj, o_proj = arch.qkvo(layer)
         plan = plan_attention(
             h_dense, mu.cpu(), o_proj.weight.data.cpu(), n_h, n_kv, h, max(keep, 2), cfg.min_head_width
         )
-        h_t, cross = _pruned_attention_stats(runner, arch, plan, inps, li)
+        h_t, cross = _pruned_attention_stats(runner, arch, plan, inps, dense_x, li)
+        del dense_x
         timings["attention_stats"] += time.perf_counter() - t
         t = time.perf_counter()
         comp = compress_attention(
@@ -381,7 +411,7 @@ def prune_layers(
 
         # --- MLP -----------------------------------------------------------------
         t = time.perf_counter()
-        h_z = _mlp_stats(runner, arch, inps, li)
+        h_z, mids = _mlp_stats(runner, arch, inps, li)
         timings["mlp_stats"] += time.perf_counter() - t
         t = time.perf_counter()
         k = mlp_keep_count(m, mlp_ratio, cfg.mlp_multiple)
@@ -399,7 +429,8 @@ def prune_layers(
 
         # --- outputs for the next layer -----------------------------------------------
         t = time.perf_counter()
-        inps = runner.run(inps, keep_outputs=True)
+        inps = torch.cat([arch.mlp_block(layer, mid.to(cfg.device)).to(cfg.offload_device) for mid in mids])
+        del mids
         check_finite(inps, "the outputs", li)
         timings["propagate"] += time.perf_counter() - t
         layer.to(cfg.offload_device)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import IntraSliceError
@@ -85,6 +86,19 @@ class ArchSpec:
         setattr(m, self.down_proj, down)
         if hasattr(m, "intermediate_size"):
             m.intermediate_size = gate.out_features
+
+    def mlp_input_module(self, layer: nn.Module) -> nn.Module:
+        """The module whose input is the residual stream right after the attention block."""
+        return self._get(layer, self.post_attn_norm)
+
+    def mlp_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Second half of a pre-norm decoder layer: ``h + mlp(norm(h))``.
+
+        Lets the runner finish a layer from the residual after attention without running
+        the attention again. A parallel-block architecture overrides this.
+        """
+        norm = self._get(layer, self.post_attn_norm)
+        return hidden + self.mlp_module(layer)(norm(hidden))
 
     # -- shapes --------------------------------------------------------------------
     @staticmethod
