@@ -29,6 +29,10 @@ class PruneConfig:
     device: str = "cpu"
     offload_device: str = "cpu"
     diagnostics: bool = True
+    #: Hit the target *real* decoder-parameter reduction: each layer's MLP width absorbs the
+    #: difference between its planned and its actual attention size (head widths round to
+    #: even numbers, KV heads survive) plus the rounding carried over from earlier layers.
+    exact_budget: bool = True
 
     def validate(self, n_layers: int) -> None:
         check_ratio(self.ratio, "ratio")

@@ -338,6 +338,7 @@ def prune_layers(
     cfg.validate(n_layers)
     ratios = cfg.ratios_for(n_layers)
     outcome = PruneOutcome(config=pruned_config)
+    carry = 0.0  # parameters the earlier layers kept beyond (+) or below (-) their plan
     timings = {
         "capture": 0.0,
         "attention_stats": 0.0,
@@ -362,6 +363,9 @@ def prune_layers(
         dtype = next(layer.parameters()).dtype
         runner = LayerRunner(layer, kwargs, captured_bs, cfg)
         att_ratio, mlp_ratio = ratios[li]
+        att_dense = sum(_numel(x) for x in arch.qkvo(layer))
+        mlp_dense = sum(_numel(x) for x in arch.gate_up_down(layer))
+        planned = att_dense * (1.0 - att_ratio) + mlp_dense * (1.0 - mlp_ratio)
         n_h, n_kv, h, m = dims["n_heads"], dims["n_kv"], dims["head_dim"], dims["m"]
 
         # --- attention -----------------------------------------------------------
@@ -414,8 +418,14 @@ def prune_layers(
         h_z, mids = _mlp_stats(runner, arch, inps, li)
         timings["mlp_stats"] += time.perf_counter() - t
         t = time.perf_counter()
-        k = mlp_keep_count(m, mlp_ratio, cfg.mlp_multiple)
         gate, up, down = arch.gate_up_down(layer)
+        if cfg.exact_budget:
+            att_actual = sum(_numel(x) for x in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+            per_neuron = (mlp_dense - _numel_bias(down)) / m
+            want = (planned - att_actual - carry - _numel_bias(down)) / per_neuron
+            k = mlp_keep_count(m, 1.0 - min(max(want, 0.0), m) / m, cfg.mlp_multiple)
+        else:
+            k = mlp_keep_count(m, mlp_ratio, cfg.mlp_multiple)
         mc = compress_mlp(h_z.cpu(), down.weight.data.cpu(), k, cfg.damp)
         kept = mc.kept.to(gate.weight.device)
         arch.set_mlp_linears(
@@ -425,6 +435,8 @@ def prune_layers(
             _linear(mc.w_down, _bias(down), dtype, cfg.device),
         )
         spec["intermediate_size"] = k
+        kept_now = sum(_numel(x) for x in arch.qkvo(layer)) + sum(_numel(x) for x in arch.gate_up_down(layer))
+        carry += kept_now - planned
         timings["mlp_math"] += time.perf_counter() - t
 
         # --- outputs for the next layer -----------------------------------------------
@@ -451,6 +463,14 @@ def prune_layers(
         bar.set_postfix(heads=spec["num_heads"], r=spec["head_dim"], mlp=k)
     outcome.timings = timings
     return outcome
+
+
+def _numel(lin: nn.Module) -> int:
+    return sum(p.numel() for p in lin.parameters(recurse=False))
+
+
+def _numel_bias(lin: nn.Linear) -> int:
+    return lin.bias.numel() if lin.bias is not None else 0
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:

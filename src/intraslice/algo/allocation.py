@@ -1,0 +1,177 @@
+"""Global pruning-ratio allocation (method.md section 4), as pure functions of importances.
+
+Inputs are per-layer importance vectors computed by :mod:`intraslice.importance` from
+mask gradients: attention *units* (a head, or 1/f of a head's PCA components) and MLP
+neurons. The budget keeps the top units and neurons globally so that the kept decoder
+parameters equal (1 - ratio) of the total, then caps every layer's ratio and
+redistributes the excess.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import IntraSliceError
+
+
+@dataclass(frozen=True)
+class ParamModel:
+    """Decoder-linear parameter accounting of one architecture (per layer).
+
+    ``attn_per_unit``: parameters that go with one attention unit (q rows + o columns of
+    h/f channels, plus the k/v rows they imply under GQA: a query head "owns" n_kv/n_h of
+    a KV head; biases included). ``mlp_per_neuron``: gate row + up row + down column (+ biases).
+    """
+
+    n_layers: int
+    units_per_layer: int
+    neurons_per_layer: int
+    attn_per_unit: float
+    mlp_per_neuron: float
+
+    @property
+    def total(self) -> float:
+        return self.n_layers * (
+            self.units_per_layer * self.attn_per_unit + self.neurons_per_layer * self.mlp_per_neuron
+        )
+
+
+def param_model(dims: dict[str, int], f: int = 1, qkv_bias: bool = False, mlp_bias: bool = False) -> ParamModel:
+    d, n_h, n_kv, h, m = dims["d"], dims["n_heads"], dims["n_kv"], dims["head_dim"], dims["m"]
+    per_head = 2 * d * h + 2 * (n_kv / n_h) * d * h
+    if qkv_bias:
+        per_head += h + 2 * (n_kv / n_h) * h
+    per_neuron = 3 * d + (2 if mlp_bias else 0)
+    return ParamModel(dims["n_layers"], n_h * f, m, per_head / f, per_neuron)
+
+
+@dataclass
+class Allocation:
+    """Per-layer (attention_ratio, mlp_ratio) and the bookkeeping behind them."""
+
+    layer_ratios: list[tuple[float, float]]
+    kept_units: list[int]
+    kept_neurons: list[int]
+    target_ratio: float
+    planned_ratio: float
+
+
+def split_budget(pm: ParamModel, ratio: float, mlp_bias: float = 1.0) -> tuple[int, int]:
+    """(N_mlp, N_att): neurons and attention units kept globally for a target ratio.
+
+    N_mlp = floor(L m (1 - (1 - c) beta)); N_att = floor((c P0 - N_mlp p_n) / p_h), c = 1 - ratio.
+    """
+    c = 1.0 - ratio
+    total_neurons = pm.n_layers * pm.neurons_per_layer
+    total_units = pm.n_layers * pm.units_per_layer
+    n_mlp = math.floor(total_neurons * (1.0 - (1.0 - c) * mlp_bias))
+    if n_mlp < 0:
+        raise IntraSliceError(f"--mlp-bias {mlp_bias} removes more than every MLP neuron at ratio {ratio}")
+    n_mlp = min(n_mlp, total_neurons)
+    n_att = math.floor((c * pm.total - n_mlp * pm.mlp_per_neuron) / pm.attn_per_unit)
+    if n_att < pm.n_layers:
+        raise IntraSliceError(
+            f"--mlp-bias {mlp_bias} leaves no room for attention at ratio {ratio}: "
+            f"the MLP alone would keep {n_mlp * pm.mlp_per_neuron / pm.total:.1%} of the parameters"
+        )
+    if n_att > total_units:
+        raise IntraSliceError(
+            f"--mlp-bias {mlp_bias} cannot reach ratio {ratio}: attention would need {n_att} of {total_units} units"
+        )
+    return n_mlp, n_att
+
+
+def top_k_per_layer(importance: list[torch.Tensor], k: int) -> list[int]:
+    """How many of the globally top-k entries fall in each layer (ties broken by position)."""
+    flat = torch.cat([imp.flatten().to(torch.float64) for imp in importance])
+    counts = [0] * len(importance)
+    if k <= 0:
+        return counts
+    owner = torch.cat([torch.full((imp.numel(),), i, dtype=torch.long) for i, imp in enumerate(importance)])
+    top = torch.topk(flat, k, sorted=False).indices
+    for i, c in enumerate(torch.bincount(owner[top], minlength=len(importance)).tolist()):
+        counts[i] = c
+    return counts
+
+
+def cap_and_redistribute(ratios: list[float], cap: float) -> list[float]:
+    """Cap each ratio at ``cap``; spread the excess over the uncapped layers in proportion to their ratios.
+
+    Repeats until no layer exceeds the cap; the mean ratio (hence the budget with equal
+    layer sizes) is preserved whenever it is feasible (mean <= cap).
+    """
+    r = [float(x) for x in ratios]
+    if sum(r) / len(r) > cap + 1e-12:
+        raise IntraSliceError(f"per-layer cap {cap} is below the mean ratio {sum(r) / len(r):.3f}: no allocation fits")
+    for _ in range(len(r) + 1):
+        excess = sum(max(x - cap, 0.0) for x in r)
+        if excess <= 1e-12:
+            break
+        r = [min(x, cap) for x in r]
+        free = [i for i, x in enumerate(r) if x < cap - 1e-12]
+        weight = sum(r[i] for i in free)
+        for i in free:
+            share = r[i] / weight if weight > 0 else 1.0 / len(free)
+            r[i] += excess * share
+    return r
+
+
+def allocate(
+    att_importance: list[torch.Tensor],
+    mlp_importance: list[torch.Tensor],
+    pm: ParamModel,
+    ratio: float,
+    mlp_bias: float = 1.0,
+    cap: float = 0.8,
+) -> Allocation:
+    """Global top-k of units and neurons, per-layer ratios, capped and redistributed."""
+    if not 0.0 < cap <= 0.95:
+        raise IntraSliceError(f"--max-layer-ratio must be in (0, 0.95], got {cap}")
+    if ratio > cap:
+        raise IntraSliceError(f"per-layer cap {cap} is below the target ratio {ratio}: no allocation fits")
+    n_mlp, n_att = split_budget(pm, ratio, mlp_bias)
+    kept_units = top_k_per_layer(att_importance, n_att)
+    kept_neurons = top_k_per_layer(mlp_importance, n_mlp)
+    att = [1.0 - k / pm.units_per_layer for k in kept_units]
+    mlp = [1.0 - k / pm.neurons_per_layer for k in kept_neurons]
+    att = cap_and_redistribute(att, cap) if max(att) > cap else att
+    mlp = cap_and_redistribute(mlp, cap) if max(mlp) > cap else mlp
+    planned = (
+        1.0
+        - sum(
+            (1 - a) * pm.units_per_layer * pm.attn_per_unit + (1 - m) * pm.neurons_per_layer * pm.mlp_per_neuron
+            for a, m in zip(att, mlp, strict=True)
+        )
+        / pm.total
+    )
+    return Allocation(list(zip(att, mlp, strict=True)), kept_units, kept_neurons, ratio, planned)
+
+
+def uniform_allocation(pm: ParamModel, ratio: float) -> Allocation:
+    units = round(pm.units_per_layer * (1 - ratio))
+    neurons = round(pm.neurons_per_layer * (1 - ratio))
+    return Allocation([(ratio, ratio)] * pm.n_layers, [units] * pm.n_layers, [neurons] * pm.n_layers, ratio, ratio)
+
+
+def rotate_head_gradients(grads: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """Rotate per-head gradient blocks into each head's PCA basis.
+
+    ``grads``: (groups, n_heads, h); ``bases``: (n_heads, h, h), columns = eigenvectors of
+    the head's o_proj-input covariance by decreasing eigenvalue. Returns U_i^T g_i per head.
+    """
+    return torch.einsum("ghk,hkc->ghc", grads.to(torch.float64), bases.to(torch.float64))
+
+
+def unit_importance(grads: torch.Tensor, units_per_head: int = 1) -> torch.Tensor:
+    """Importance of each unit: sum over groups of (sum of the unit's gradient components)^2.
+
+    ``grads``: (groups, n_heads, h) -> (n_heads * f,) with units of h/f consecutive components.
+    """
+    g, n_h, h = grads.shape
+    if h % units_per_head:
+        raise IntraSliceError(f"--units-per-head {units_per_head} does not divide head_dim {h}")
+    sums = grads.reshape(g, n_h, units_per_head, h // units_per_head).sum(-1)
+    return sums.pow(2).sum(0).reshape(-1)

@@ -1,0 +1,150 @@
+"""The global pruning-ratio estimator (method.md section 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from intraslice import IntraSliceError, PruneConfig, prune
+from intraslice.algo.allocation import (
+    allocate,
+    cap_and_redistribute,
+    param_model,
+    rotate_head_gradients,
+    split_budget,
+    unit_importance,
+)
+from intraslice.arch import get_arch
+from intraslice.importance import causal_lm_loss, estimate_allocation, head_bases, load_ratios_file, mask_gradients
+
+from .conftest import calib_tokens, make_tiny
+
+
+def test_mask_gradient_matches_finite_differences() -> None:
+    model = make_tiny("llama-gqa")
+    tokens = calib_tokens(2, 16)
+    mg = mask_gradients(model, tokens, group_size=2, progress=False)
+    arch = get_arch(model.config)
+    n_h, h = model.config.num_attention_heads, model.config.head_dim
+
+    def loss_with(layer: int, where: str, idx: int, eps: float) -> float:
+        total = 0.0
+        lyr = arch.decoder_layers(model)[layer]
+        target = arch.qkvo(lyr)[3] if where == "o" else arch.gate_up_down(lyr)[2]
+
+        def hook(_m: torch.nn.Module, args: tuple) -> tuple:
+            x = args[0].clone()
+            x[..., idx] *= 1.0 + eps
+            return (x,)
+
+        handle = target.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                for s in range(tokens.shape[0]):
+                    ids = tokens[s : s + 1]
+                    total += float(causal_lm_loss(model, ids))
+        finally:
+            handle.remove()
+        return total
+
+    eps = 1e-6
+    for layer, where, idx in [(0, "o", 3), (1, "o", 40), (0, "d", 7), (1, "d", 100)]:
+        fd = (loss_with(layer, where, idx, eps) - loss_with(layer, where, idx, -eps)) / (2 * eps)
+        g = mg.attention[0, layer].reshape(n_h * h)[idx] if where == "o" else mg.mlp[0, layer, idx]
+        assert float(g) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_rotation_is_orthogonal_head_norms_kept_unit_sums_changed() -> None:
+    torch.manual_seed(0)
+    cov = torch.randn(3, 8, 8, dtype=torch.float64)
+    cov = cov @ cov.transpose(1, 2)
+    bases = head_bases(cov[None])[0]
+    for b in bases:
+        torch.testing.assert_close(b.T @ b, torch.eye(8, dtype=torch.float64))
+    grads = torch.randn(4, 3, 8, dtype=torch.float64)
+    rot = rotate_head_gradients(grads, bases)
+    torch.testing.assert_close(rot.pow(2).sum(-1), grads.pow(2).sum(-1))
+    assert not torch.allclose(unit_importance(rot, 1), unit_importance(grads, 1))
+    assert not torch.allclose(unit_importance(rot, 2), unit_importance(grads, 2))
+    assert unit_importance(rot, 4).shape == (12,)
+
+
+def _pm():
+    dims = {"d": 64, "n_heads": 4, "n_kv": 2, "head_dim": 16, "m": 160, "n_layers": 4}
+    return param_model(dims, f=2)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+@pytest.mark.parametrize("beta", [0.8, 1.0, 1.2])
+def test_budget_meets_the_target(ratio: float, beta: float) -> None:
+    pm = _pm()
+    g = torch.Generator().manual_seed(1)
+    att = [torch.rand(pm.units_per_layer, generator=g, dtype=torch.float64) for _ in range(pm.n_layers)]
+    mlp = [torch.rand(pm.neurons_per_layer, generator=g, dtype=torch.float64) for _ in range(pm.n_layers)]
+    alloc = allocate(att, mlp, pm, ratio, beta, cap=0.95)
+    kept = sum(alloc.kept_units) * pm.attn_per_unit + sum(alloc.kept_neurons) * pm.mlp_per_neuron
+    assert 1 - kept / pm.total == pytest.approx(ratio, abs=pm.attn_per_unit / pm.total + 1e-12)
+    assert alloc.planned_ratio == pytest.approx(ratio, abs=pm.attn_per_unit / pm.total + 1e-12)
+    n_mlp, _ = split_budget(pm, ratio, beta)
+    assert sum(alloc.kept_neurons) == n_mlp
+
+
+def test_cap_holds_and_excess_is_redistributed() -> None:
+    r = cap_and_redistribute([0.95, 0.9, 0.1, 0.2, 0.3], cap=0.8)
+    assert max(r) <= 0.8 + 1e-12
+    assert sum(r) == pytest.approx(0.95 + 0.9 + 0.1 + 0.2 + 0.3)
+    assert r[3] / r[2] == pytest.approx(2.0, rel=0.3)  # proportional shares (until others hit the cap)
+    pm = _pm()
+    att = [torch.full((pm.units_per_layer,), v, dtype=torch.float64) for v in (1.0, 1.0, 1.0, 1e-9)]
+    mlp = [torch.full((pm.neurons_per_layer,), v, dtype=torch.float64) for v in (1.0, 1.0, 1.0, 1e-9)]
+    alloc = allocate(att, mlp, pm, 0.3, cap=0.5)
+    assert max(max(a, m) for a, m in alloc.layer_ratios) <= 0.5 + 1e-9
+
+
+def test_bad_budget_inputs_are_clear_errors() -> None:
+    pm = _pm()
+    with pytest.raises(IntraSliceError, match="no room for attention"):
+        split_budget(pm, 0.3, mlp_bias=-1.5)
+    with pytest.raises(IntraSliceError, match="removes more than every MLP neuron"):
+        split_budget(pm, 0.6, mlp_bias=2.0)
+    att = [torch.ones(pm.units_per_layer)] * pm.n_layers
+    mlp = [torch.ones(pm.neurons_per_layer)] * pm.n_layers
+    with pytest.raises(IntraSliceError, match="cap 0.3 is below the target ratio 0.5"):
+        allocate(att, mlp, pm, 0.5, cap=0.3)
+
+
+def test_uniform_reproduces_the_core_exactly() -> None:
+    a, b = make_tiny("llama-gqa"), make_tiny("llama-gqa")
+    alloc, record = estimate_allocation(a, 0.3, "uniform")
+    assert record["layer_ratios"] == [[0.3, 0.3]] * 2
+    core = prune(a, calib_tokens(), PruneConfig(ratio=0.3), progress=False)
+    uni = prune(b, calib_tokens(), PruneConfig(ratio=0.3, layer_ratios=alloc.layer_ratios), progress=False)
+    assert core.model.config.layers == uni.model.config.layers
+    for (k1, v1), (k2, v2) in zip(core.model.state_dict().items(), uni.model.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("mode", ["global", "global_pca"])
+def test_global_modes_hit_the_real_target(mode: str, tmp_path: Path) -> None:
+    model = make_tiny("llama-gqa")
+    tokens = calib_tokens(8, 24)
+    alloc, record = estimate_allocation(model, 0.4, mode, tokens, group_size=4, progress=False)
+    assert len(record["importance"]["attention"]) == 2 and record["gradient_samples"] == 8
+    result = prune(model, tokens, PruneConfig(ratio=0.4, layer_ratios=alloc.layer_ratios), progress=False)
+    assert result.reduction()["decoder_linear"] == pytest.approx(0.4, abs=0.02)
+    # The record reloads and re-budgets without gradients; a mismatched model is refused.
+    path = tmp_path / "intraslice.json"
+    path.write_text(json.dumps({"allocation": record}))
+    fresh = make_tiny("llama-gqa")
+    saved = load_ratios_file(str(path), fresh.config)
+    again, rec2 = estimate_allocation(fresh, 0.4, mode, saved=saved)
+    assert again.layer_ratios == alloc.layer_ratios and rec2["reused_from_file"]
+    other, _ = estimate_allocation(fresh, 0.2, mode, saved=saved)
+    assert other.planned_ratio == pytest.approx(0.2, abs=0.02)
+    with pytest.raises(IntraSliceError, match="another model"):
+        load_ratios_file(str(path), make_tiny("llama-mha").config)
