@@ -114,7 +114,7 @@ def test_bad_budget_inputs_are_clear_errors() -> None:
         split_budget(pm, 0.6, mlp_bias=2.0)
     att = [torch.ones(pm.units_per_layer)] * pm.n_layers
     mlp = [torch.ones(pm.neurons_per_layer)] * pm.n_layers
-    with pytest.raises(IntraSliceError, match="cap 0.3 is below the target ratio 0.5"):
+    with pytest.raises(IntraSliceError, match=r"cap 0\.3 is below the target ratio 0\.5"):
         allocate(att, mlp, pm, 0.5, cap=0.3)
 
 
