@@ -73,6 +73,36 @@ def test_cli_prune_end_to_end(capsys, tiny_model_dir: Path, calib_file: Path, tm
     assert {"dense", "pruned"} <= set(report["perplexity"])
     assert len(report["layers"]) == 2 and "total" in report["timings_s"]
     assert "decoder linear" in stdout and "whole model" in stdout
+    assert report["allocation"]["mode"] == "global_pca" and len(report["allocation"]["layer_ratios"]) == 2
+    assert report["reduction"]["decoder_linear"] == pytest.approx(0.3, abs=0.03)
+    assert (out / "allocation.png").stat().st_size > 1000
+    # Reuse the importances at another ratio: no gradients recomputed.
+    out2 = tmp_path / "pruned2"
+    code, stdout, err = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        str(tiny_model_dir),
+        "--ratio",
+        "0.2",
+        "--calib",
+        str(calib_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--out",
+        str(out2),
+        "--ratios",
+        str(out / "intraslice.json"),
+        "--no-eval",
+        "--no-progress",
+    )
+    assert code == 0, err
+    rep2 = json.loads((out2 / "intraslice.json").read_text())
+    assert rep2["allocation"]["reused_from_file"] and rep2["allocation"]["target_ratio"] == 0.2
+    code, stdout, err = run_cli(capsys, "report", str(out2), "--out", str(tmp_path / "plot.png"))
+    assert code == 0 and (tmp_path / "plot.png").is_file(), err
     # The saved model evaluates through the CLI too.
     code, stdout, err = run_cli(
         capsys,
@@ -233,3 +263,56 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "old.txt").read_text() == "old"
     atomic_directory(tmp_path / "out", lambda d: (d / "new.txt").write_text("new"), overwrite=True)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--max-layer-ratio", "0.2"], "cap 0.2 is below the target ratio 0.3"),
+        (["--mlp-bias", "-3"], "no room for attention"),
+        (["--units-per-head", "3"], "does not divide head_dim 16"),
+    ],
+)
+def test_allocation_errors(capsys, tiny_model_dir: Path, calib_file: Path, tmp_path: Path, extra, needle) -> None:
+    code, _, err = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        str(tiny_model_dir),
+        "--calib",
+        str(calib_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-eval",
+        "--no-progress",
+        *extra,
+    )
+    assert_user_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_ratios_file_for_another_model(capsys, tiny_model_dir: Path, calib_file: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps({"allocation": {"layer_ratios": [[0.1, 0.1]] * 5, "dims": {"n_layers": 5}}}))
+    code, _, err = run_cli(
+        capsys,
+        "prune",
+        "--model",
+        str(tiny_model_dir),
+        "--calib",
+        str(calib_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-eval",
+        "--ratios",
+        str(bad),
+    )
+    assert_user_error(code, err, "for another model")

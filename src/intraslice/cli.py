@@ -52,10 +52,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per layer pass")
     p.add_argument("--damp", type=float, default=0.01, help="ridge λ as a fraction of mean(diag H)")
     p.add_argument("--min-head-width", type=float, default=0.75, help="minimum kept head width as a fraction of h")
+    p.add_argument(
+        "--allocation",
+        choices=("uniform", "global", "global_pca"),
+        default="global_pca",
+        help="per-layer ratios: the same everywhere, or from mask gradients (plain or PCA-rotated)",
+    )
+    p.add_argument("--units-per-head", type=int, default=1, help="attention units per head f (global modes)")
+    p.add_argument("--mlp-bias", type=float, default=1.0, help="β: share of the reduction taken by the MLP")
+    p.add_argument("--max-layer-ratio", type=float, default=0.8, help="per-layer ratio cap (excess redistributed)")
+    p.add_argument("--group-size", type=int, default=8, help="calibration samples per gradient group")
+    p.add_argument("--grad-samples", type=int, default=None, help="use only the first N windows for the gradients")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing for the gradients")
+    p.add_argument(
+        "--ratios",
+        default=None,
+        help="intraslice.json of an earlier run: reuse its importances (no gradients recomputed)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the dense/pruned perplexity")
     p.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows for the perplexity (default 8)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (P1: 2048, P2: 4096)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="plot the per-layer keep ratios of a pruned model directory")
+    r.add_argument("directory")
+    r.add_argument("--out", default=None, help="PNG path (default: DIRECTORY/allocation.png)")
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True)
@@ -103,6 +124,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .config import PruneConfig, check_ratio
     from .data import calibration_windows
     from .eval.ppl import perplexity
+    from .importance import estimate_allocation, load_ratios_file
     from .models import load_model, parse_dtype
     from .saving import check_output_dir, save_pruned
 
@@ -132,8 +154,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"dense perplexity: {ppl['dense']['ppl']:.3f} ({ppl['dense']['windows']} windows)", flush=True)
         model.to("cpu")
 
+    saved = load_ratios_file(args.ratios, model.config) if args.ratios else None
+    t = time.perf_counter()
+    alloc, alloc_record = estimate_allocation(
+        model,
+        args.ratio,
+        args.allocation,
+        tokens=calib.tokens[: args.grad_samples] if args.grad_samples else calib.tokens,
+        units_per_head=args.units_per_head,
+        mlp_bias=args.mlp_bias,
+        cap=args.max_layer_ratio,
+        group_size=args.group_size,
+        device=device,
+        checkpointing=args.grad_checkpointing,
+        progress=progress,
+        saved=saved,
+    )
+    model.to("cpu")
+    timings["allocation"] = time.perf_counter() - t
+    if args.allocation != "uniform":
+        print(f"allocation {args.allocation}: planned ratio {alloc.planned_ratio:.4f} in {timings['allocation']:.1f}s")
     cfg = PruneConfig(
-        ratio=args.ratio, damp=args.damp, min_head_width=args.min_head_width, batch_size=args.batch_size, device=device
+        ratio=args.ratio,
+        layer_ratios=None if args.allocation == "uniform" else alloc.layer_ratios,
+        damp=args.damp,
+        min_head_width=args.min_head_width,
+        batch_size=args.batch_size,
+        device=device,
     )
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -153,7 +200,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "versions": _versions(),
         "source_model": src.name,
         "method": "intraslice",
-        "allocation": "uniform",
+        "allocation": alloc_record,
         "command": sys.argv,
         "calibration": calib.describe(),
         "config": cfg.to_dict(),
@@ -168,6 +215,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .saving import write_report
 
     write_report(out, report)
+    try:
+        from .report import PLOT_FILE, plot_allocation
+
+        plot_allocation(report, out / PLOT_FILE)
+    except IntraSliceError as exc:  # matplotlib missing: the model is saved, only the plot is skipped
+        print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
     _print_summary(report, out)
     return 0
 
@@ -222,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prune":
             return cmd_prune(args)
+        if args.command == "report":
+            from .report import report_directory
+
+            print(f"wrote {report_directory(args.directory, args.out)}")
+            return 0
         if args.command == "eval" and args.eval_command == "ppl":
             return cmd_eval_ppl(args)
     except IntraSliceError as exc:
