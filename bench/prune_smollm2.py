@@ -16,62 +16,17 @@ import copy
 import json
 import os
 import platform
-import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import ROOT, PeakRSS, dense_forward_seconds, update_benchmarks_md
 
 from intraslice import PruneConfig, calibration_windows, load_model, prune
 from intraslice.cli import _versions
 from intraslice.data import tokenize, wikitext2_test_text
 from intraslice.eval.ppl import perplexity
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class PeakRSS:
-    """Peak resident set size (MB) while the block runs, sampled from /proc every 20 ms."""
-
-    def __init__(self) -> None:
-        self.peak = 0.0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss_mb() -> float:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-        return 0.0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss_mb())
-            time.sleep(0.02)
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.rss_mb()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss_mb())
-
-
-@torch.no_grad()
-def dense_forward_seconds(model: Any, tokens: torch.Tensor) -> float:
-    """One dense forward pass (logits included) over every calibration window, batch 1."""
-    model(input_ids=tokens[:1, :64])  # warm-up
-    t0 = time.perf_counter()
-    for row in tokens:
-        model(input_ids=row.view(1, -1), use_cache=False)
-    return time.perf_counter() - t0
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -87,18 +42,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['prune_over_dense_forward']:.1f}x | {r['peak_rss_mb']:.0f} MB |"
         )
     return head + "\n".join(lines) + "\n"
-
-
-def update_benchmarks_md(section: str, body: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    block = f"{start}\n{body}{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
