@@ -33,6 +33,25 @@ def assert_user_error(code: int, err: str, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+def tiny_prune(model_dir: Path, calib: Path | str, out: Path, *extra: str) -> list[str]:
+    """``intraslice prune`` arguments for the tiny model with a small calibration set."""
+    return [
+        "prune",
+        "--model",
+        str(model_dir),
+        "--calib",
+        str(calib),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
 @pytest.fixture
 def calib_file(tmp_path: Path) -> Path:
     p = tmp_path / "calib.txt"
@@ -42,29 +61,8 @@ def calib_file(tmp_path: Path) -> Path:
 
 def test_cli_prune_end_to_end(capsys, tiny_model_dir: Path, calib_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "pruned"
-    code, stdout, err = run_cli(
-        capsys,
-        "prune",
-        "--model",
-        str(tiny_model_dir),
-        "--ratio",
-        "0.3",
-        "--calib",
-        str(calib_file),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--out",
-        str(out),
-        "--eval-windows",
-        "1",
-        "--eval-seqlen",
-        "64",
-        "--no-progress",
-        "--device",
-        "cpu",
-    )
+    extra = ("--ratio", "0.3", "--eval-windows", "1", "--eval-seqlen", "64", "--device", "cpu")
+    code, stdout, err = run_cli(capsys, *tiny_prune(tiny_model_dir, calib_file, out, *extra))
     assert code == 0, err
     report = json.loads((out / "intraslice.json").read_text())
     assert report["params_after"]["decoder_linear"] < report["params_before"]["decoder_linear"]
@@ -78,26 +76,8 @@ def test_cli_prune_end_to_end(capsys, tiny_model_dir: Path, calib_file: Path, tm
     assert (out / "allocation.png").stat().st_size > 1000
     # Reuse the importances at another ratio: no gradients recomputed.
     out2 = tmp_path / "pruned2"
-    code, stdout, err = run_cli(
-        capsys,
-        "prune",
-        "--model",
-        str(tiny_model_dir),
-        "--ratio",
-        "0.2",
-        "--calib",
-        str(calib_file),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--out",
-        str(out2),
-        "--ratios",
-        str(out / "intraslice.json"),
-        "--no-eval",
-        "--no-progress",
-    )
+    extra = ("--ratio", "0.2", "--ratios", str(out / "intraslice.json"), "--no-eval")
+    code, stdout, err = run_cli(capsys, *tiny_prune(tiny_model_dir, calib_file, out2, *extra))
     assert code == 0, err
     rep2 = json.loads((out2 / "intraslice.json").read_text())
     assert rep2["allocation"]["reused_from_file"] and rep2["allocation"]["target_ratio"] == 0.2
@@ -274,23 +254,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
     ],
 )
 def test_allocation_errors(capsys, tiny_model_dir: Path, calib_file: Path, tmp_path: Path, extra, needle) -> None:
-    code, _, err = run_cli(
-        capsys,
-        "prune",
-        "--model",
-        str(tiny_model_dir),
-        "--calib",
-        str(calib_file),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--out",
-        str(tmp_path / "o"),
-        "--no-eval",
-        "--no-progress",
-        *extra,
-    )
+    code, _, err = run_cli(capsys, *tiny_prune(tiny_model_dir, calib_file, tmp_path / "o", "--no-eval", *extra))
     assert_user_error(code, err, needle)
     assert not (tmp_path / "o").exists()
 
@@ -298,21 +262,6 @@ def test_allocation_errors(capsys, tiny_model_dir: Path, calib_file: Path, tmp_p
 def test_ratios_file_for_another_model(capsys, tiny_model_dir: Path, calib_file: Path, tmp_path: Path) -> None:
     bad = tmp_path / "r.json"
     bad.write_text(json.dumps({"allocation": {"layer_ratios": [[0.1, 0.1]] * 5, "dims": {"n_layers": 5}}}))
-    code, _, err = run_cli(
-        capsys,
-        "prune",
-        "--model",
-        str(tiny_model_dir),
-        "--calib",
-        str(calib_file),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--out",
-        str(tmp_path / "o"),
-        "--no-eval",
-        "--ratios",
-        str(bad),
-    )
+    args = tiny_prune(tiny_model_dir, calib_file, tmp_path / "o", "--no-eval", "--ratios", str(bad))
+    code, _, err = run_cli(capsys, *args)
     assert_user_error(code, err, "for another model")

@@ -268,10 +268,19 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
+    """Warnings on one line, without the source line that Python prints by default."""
+    if issubclass(category, (DeprecationWarning, FutureWarning)):
+        return
+    prefix = "" if category is UserWarning else f"{category.__name__}: "
+    print(f"intraslice: warning: {prefix}{message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.showwarning = _show_warning
     try:
         if args.command == "prune":
             return cmd_prune(args)
