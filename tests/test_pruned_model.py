@@ -160,3 +160,19 @@ def test_parameter_counts_use_the_mapping(arch_name: str) -> None:
     from intraslice.params import decoder_linear_params
 
     assert decoder_linear_params(model) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_precision_models_prune_with_float64_statistics(dtype: torch.dtype, tmp_path: Path) -> None:
+    """Statistics and solves run in float64 whatever the model dtype; the result keeps the dtype."""
+    from .conftest import make_tiny
+
+    model = make_tiny("qwen2", dtype=dtype)
+    result = prune(model, calib_tokens(), PruneConfig(ratio=0.3), progress=False)
+    assert all(p.dtype == dtype for p in result.model.parameters())
+    ids = calib_tokens(2, 16, seed=4)
+    out = logits(result.model, ids)
+    assert torch.isfinite(out).all()
+    saved = save_pruned(result.model, None, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    assert reloaded.dtype == dtype and torch.equal(logits(reloaded, ids), out)

@@ -63,3 +63,8 @@ def test_prune_smollm2_ratio_02(smollm2, test_ids, tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
     assert json.loads((out / "intraslice.json").read_text())["params_after"] == result.params_after
+    prompt = test_ids[:32].view(1, -1)
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 2}
+    assert torch.equal(
+        reloaded.generate(prompt, use_cache=True, **kw), reloaded.generate(prompt, use_cache=False, **kw)
+    )
