@@ -323,6 +323,106 @@ def _bias(lin: nn.Linear) -> torch.Tensor | None:
     return lin.bias.data if lin.bias is not None else None
 
 
+def _prune_attention(
+    runner: LayerRunner,
+    arch: ArchSpec,
+    dims: dict[str, int],
+    inps: torch.Tensor,
+    att_ratio: float,
+    cfg: PruneConfig,
+    pruned_config: IntraSliceConfig,
+    li: int,
+    timings: dict[str, float],
+) -> tuple[dict[str, Any], float | None]:
+    """Passes A and B, the attention math, and the swap to a smaller attention module."""
+    layer, dtype = runner.layer, next(runner.layer.parameters()).dtype
+    n_h, n_kv, h = dims["n_heads"], dims["n_kv"], dims["head_dim"]
+    t = time.perf_counter()
+    h_dense, mu, dense_x = _attention_stats(runner, arch, dims, inps, li)
+    keep = n_h * h - round(n_h * h * att_ratio)
+    q_proj, k_proj, v_proj, o_proj = arch.qkvo(layer)
+    w_o = o_proj.weight.data.cpu()
+    plan = plan_attention(h_dense, mu.cpu(), w_o, n_h, n_kv, h, max(keep, 2), cfg.min_head_width)
+    h_t, cross = _pruned_attention_stats(runner, arch, plan, inps, dense_x, li)
+    del dense_x
+    timings["attention_stats"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    comp = compress_attention(
+        plan,
+        h_t.cpu(),
+        cross.cpu(),
+        q_proj.weight.data.cpu(),
+        k_proj.weight.data.cpu(),
+        v_proj.weight.data.cpu(),
+        w_o,
+        b_q=_cpu(_bias(q_proj)),
+        b_k=_cpu(_bias(k_proj)),
+        b_v=_cpu(_bias(v_proj)),
+        damp=cfg.damp,
+        h_dense=h_dense.cpu() if cfg.diagnostics else None,
+    )
+    spec = {
+        "num_heads": len(plan.kept_heads),
+        "num_kv_heads": len(plan.kept_kv),
+        "head_dim": plan.width,
+        "kv_index": plan.kv_index(),
+        "rope_pairs": [plan.pairs[kv] for kv in plan.kept_kv],
+        "intermediate_size": dims["m"],
+    }
+    pruned_config.layers[li] = spec
+    attn = IntraSliceAttention(pruned_config, li, spec).to(device=cfg.device, dtype=dtype)
+    attn.q_proj = _linear(comp.w_q, comp.b_q, dtype, cfg.device)
+    attn.k_proj = _linear(comp.w_k, comp.b_k, dtype, cfg.device)
+    attn.v_proj = _linear(comp.w_v, comp.b_v, dtype, cfg.device)
+    attn.o_proj = _linear(comp.w_o, _bias(o_proj), dtype, cfg.device)
+    arch.set_attention(layer, attn)
+    timings["attention_math"] += time.perf_counter() - t
+    return spec, comp.rel_error
+
+
+def _mlp_keep(
+    arch: ArchSpec, layer: nn.Module, m: int, mlp_ratio: float, planned: float, carry: float, cfg: PruneConfig
+) -> int:
+    """MLP channels to keep: the planned ratio, or (exact budget) whatever makes the layer hit its plan."""
+    if not cfg.exact_budget:
+        return mlp_keep_count(m, mlp_ratio, cfg.mlp_multiple)
+    down = arch.gate_up_down(layer)[2]
+    att_actual = sum(_numel(x) for x in arch.qkvo(layer))
+    mlp_dense = sum(_numel(x) for x in arch.gate_up_down(layer))
+    per_neuron = (mlp_dense - _numel_bias(down)) / m
+    want = (planned - att_actual - carry - _numel_bias(down)) / per_neuron
+    return mlp_keep_count(m, 1.0 - min(max(want, 0.0), m) / m, cfg.mlp_multiple)
+
+
+def _prune_mlp(
+    runner: LayerRunner,
+    arch: ArchSpec,
+    inps: torch.Tensor,
+    keep: int,
+    cfg: PruneConfig,
+    li: int,
+    timings: dict[str, float],
+) -> tuple[list[torch.Tensor], float | None]:
+    """Pass C, the MLP math, and the swap to smaller MLP linears; returns the mid residuals."""
+    layer, dtype = runner.layer, next(runner.layer.parameters()).dtype
+    t = time.perf_counter()
+    h_z, mids = _mlp_stats(runner, arch, inps, li)
+    timings["mlp_stats"] += time.perf_counter() - t
+    t = time.perf_counter()
+    gate, up, down = arch.gate_up_down(layer)
+    mc = compress_mlp(h_z.cpu(), down.weight.data.cpu(), keep, cfg.damp)
+    kept = mc.kept.to(gate.weight.device)
+    arch.set_mlp_linears(
+        layer,
+        _linear(gate.weight.data[kept], _sel(gate, kept), dtype, cfg.device),
+        _linear(up.weight.data[kept], _sel(up, kept), dtype, cfg.device),
+        _linear(mc.w_down, _bias(down), dtype, cfg.device),
+    )
+    timings["mlp_math"] += time.perf_counter() - t
+    return mids, mc.rel_error
+
+
 @torch.no_grad()
 def prune_layers(
     model: nn.Module,
@@ -334,19 +434,12 @@ def prune_layers(
     """Prune every decoder layer of ``model`` in place (modules are swapped for smaller ones)."""
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
-    n_layers = dims["n_layers"]
+    n_layers, m = dims["n_layers"], dims["m"]
     cfg.validate(n_layers)
     ratios = cfg.ratios_for(n_layers)
     outcome = PruneOutcome(config=pruned_config)
     carry = 0.0  # parameters the earlier layers kept beyond (+) or below (-) their plan
-    timings = {
-        "capture": 0.0,
-        "attention_stats": 0.0,
-        "attention_math": 0.0,
-        "mlp_stats": 0.0,
-        "mlp_math": 0.0,
-        "propagate": 0.0,
-    }
+    timings = dict.fromkeys(("capture", "attention_stats", "attention_math", "mlp_stats", "mlp_math", "propagate"), 0.0)
     pruned_config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
 
     t0 = time.perf_counter()
@@ -358,88 +451,20 @@ def prune_layers(
     bar = tqdm(range(n_layers), desc="pruning layers", unit="layer", disable=not progress)
     for li in bar:
         t_layer = time.perf_counter()
-        layer = layers[li]
-        layer.to(cfg.device)
-        dtype = next(layer.parameters()).dtype
+        layer = layers[li].to(cfg.device)
         runner = LayerRunner(layer, kwargs, captured_bs, cfg)
         att_ratio, mlp_ratio = ratios[li]
         att_dense = sum(_numel(x) for x in arch.qkvo(layer))
         mlp_dense = sum(_numel(x) for x in arch.gate_up_down(layer))
         planned = att_dense * (1.0 - att_ratio) + mlp_dense * (1.0 - mlp_ratio)
-        n_h, n_kv, h, m = dims["n_heads"], dims["n_kv"], dims["head_dim"], dims["m"]
 
-        # --- attention -----------------------------------------------------------
-        t = time.perf_counter()
-        h_dense, mu, dense_x = _attention_stats(runner, arch, dims, inps, li)
-        keep = n_h * h - round(n_h * h * att_ratio)
-        q_proj, k_proj, v_proj, o_proj = arch.qkvo(layer)
-        plan = plan_attention(
-            h_dense, mu.cpu(), o_proj.weight.data.cpu(), n_h, n_kv, h, max(keep, 2), cfg.min_head_width
-        )
-        h_t, cross = _pruned_attention_stats(runner, arch, plan, inps, dense_x, li)
-        del dense_x
-        timings["attention_stats"] += time.perf_counter() - t
-        t = time.perf_counter()
-        comp = compress_attention(
-            plan,
-            h_t.cpu(),
-            cross.cpu(),
-            q_proj.weight.data.cpu(),
-            k_proj.weight.data.cpu(),
-            v_proj.weight.data.cpu(),
-            o_proj.weight.data.cpu(),
-            b_q=_cpu(_bias(q_proj)),
-            b_k=_cpu(_bias(k_proj)),
-            b_v=_cpu(_bias(v_proj)),
-            damp=cfg.damp,
-            h_dense=h_dense.cpu() if cfg.diagnostics else None,
-        )
-        spec = {
-            "num_heads": len(plan.kept_heads),
-            "num_kv_heads": len(plan.kept_kv),
-            "head_dim": plan.width,
-            "kv_index": plan.kv_index(),
-            "rope_pairs": [plan.pairs[kv] for kv in plan.kept_kv],
-            "intermediate_size": m,
-        }
-        pruned_config.layers[li] = spec
-        attn = IntraSliceAttention(pruned_config, li, spec).to(device=cfg.device, dtype=dtype)
-        attn.q_proj, attn.k_proj = (
-            _linear(comp.w_q, comp.b_q, dtype, cfg.device),
-            _linear(comp.w_k, comp.b_k, dtype, cfg.device),
-        )
-        attn.v_proj = _linear(comp.w_v, comp.b_v, dtype, cfg.device)
-        attn.o_proj = _linear(comp.w_o, _bias(o_proj), dtype, cfg.device)
-        arch.set_attention(layer, attn)
-        timings["attention_math"] += time.perf_counter() - t
+        spec, att_err = _prune_attention(runner, arch, dims, inps, att_ratio, cfg, pruned_config, li, timings)
+        keep = _mlp_keep(arch, layer, m, mlp_ratio, planned, carry, cfg)
+        mids, mlp_err = _prune_mlp(runner, arch, inps, keep, cfg, li, timings)
+        spec["intermediate_size"] = keep
+        carry += sum(_numel(x) for x in (*arch.qkvo(layer), *arch.gate_up_down(layer))) - planned
 
-        # --- MLP -----------------------------------------------------------------
-        t = time.perf_counter()
-        h_z, mids = _mlp_stats(runner, arch, inps, li)
-        timings["mlp_stats"] += time.perf_counter() - t
-        t = time.perf_counter()
-        gate, up, down = arch.gate_up_down(layer)
-        if cfg.exact_budget:
-            att_actual = sum(_numel(x) for x in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-            per_neuron = (mlp_dense - _numel_bias(down)) / m
-            want = (planned - att_actual - carry - _numel_bias(down)) / per_neuron
-            k = mlp_keep_count(m, 1.0 - min(max(want, 0.0), m) / m, cfg.mlp_multiple)
-        else:
-            k = mlp_keep_count(m, mlp_ratio, cfg.mlp_multiple)
-        mc = compress_mlp(h_z.cpu(), down.weight.data.cpu(), k, cfg.damp)
-        kept = mc.kept.to(gate.weight.device)
-        arch.set_mlp_linears(
-            layer,
-            _linear(gate.weight.data[kept], _sel(gate, kept), dtype, cfg.device),
-            _linear(up.weight.data[kept], _sel(up, kept), dtype, cfg.device),
-            _linear(mc.w_down, _bias(down), dtype, cfg.device),
-        )
-        spec["intermediate_size"] = k
-        kept_now = sum(_numel(x) for x in arch.qkvo(layer)) + sum(_numel(x) for x in arch.gate_up_down(layer))
-        carry += kept_now - planned
-        timings["mlp_math"] += time.perf_counter() - t
-
-        # --- outputs for the next layer -----------------------------------------------
+        # Finish the layer from the residual after attention: its outputs feed the next layer.
         t = time.perf_counter()
         inps = torch.cat([arch.mlp_block(layer, mid.to(cfg.device)).to(cfg.offload_device) for mid in mids])
         del mids
@@ -454,13 +479,13 @@ def prune_layers(
                 spec["num_heads"],
                 spec["num_kv_heads"],
                 spec["head_dim"],
-                k,
-                comp.rel_error,
-                mc.rel_error,
+                keep,
+                att_err,
+                mlp_err,
                 time.perf_counter() - t_layer,
             )
         )
-        bar.set_postfix(heads=spec["num_heads"], r=spec["head_dim"], mlp=k)
+        bar.set_postfix(heads=spec["num_heads"], r=spec["head_dim"], mlp=keep)
     outcome.timings = timings
     return outcome
 
