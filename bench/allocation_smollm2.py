@@ -134,9 +134,10 @@ def main() -> None:
         + "\n".join(lines)
         + "\n\nReproduce: `python bench/allocation_smollm2.py --ratios "
         + " ".join(f"{r:g}" for r in args.ratios)
+        + (" --modes " + " ".join(args.modes) if tuple(args.modes) != MODES else "")
         + f" --nsamples {n} --seqlen {t} --calib {args.calib} --eval-windows {args.eval_windows}"
         + f" --units-per-head {args.units_per_head} --mlp-bias {args.mlp_bias} --cap {args.cap}"
-        + (f" --tag {args.tag}" if args.tag else "")
+        + (f" --tag={args.tag}" if args.tag else "")
         + "`\n"
     )
     update_benchmarks_md(f"allocation-smollm2{args.tag}", body)

