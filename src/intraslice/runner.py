@@ -166,15 +166,10 @@ class LayerRunner:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
 
-    def run(self, inps: torch.Tensor, keep_outputs: bool = False) -> torch.Tensor | None:
-        outs = [] if keep_outputs else None
-        for batch in _batches(inps, self.cfg.batch_size):
-            kw = _fit_batch(self.kwargs, self.captured_bs, batch.shape[0])
-            out = self.layer(batch.to(self.device), **kw)
-            out = out[0] if isinstance(out, tuple) else out
-            if outs is not None:
-                outs.append(out.to(self.cfg.offload_device))
-        return torch.cat(outs) if outs is not None else None
+    def run(self, inps: torch.Tensor) -> None:
+        """Run the whole layer over every batch (for the statistics its hooks collect)."""
+        for batch, kw in self.each_batch(inps):
+            self.layer(batch, **kw)
 
     def each_batch(self, inps: torch.Tensor) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         for batch in _batches(inps, self.cfg.batch_size):
