@@ -152,21 +152,7 @@ def test_unknown_architecture(capsys, tmp_path: Path) -> None:
 def test_too_few_calibration_tokens(capsys, tiny_model_dir: Path, tmp_path: Path) -> None:
     small = tmp_path / "small.txt"
     small.write_text("only a few words here", encoding="utf-8")
-    code, _, err = run_cli(
-        capsys,
-        "prune",
-        "--model",
-        str(tiny_model_dir),
-        "--calib",
-        str(small),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--out",
-        str(tmp_path / "o"),
-        "--no-eval",
-    )
+    code, _, err = run_cli(capsys, *tiny_prune(tiny_model_dir, small, tmp_path / "o", "--no-eval"))
     assert_user_error(code, err, "fewer than the 4 asked for")
     assert not (tmp_path / "o").exists()
 
@@ -178,17 +164,7 @@ def test_unknown_calibration_source_and_test_split(capsys, tiny_model_dir: Path,
     assert_user_error(code, err, "unknown calibration source 'nope'")
     test_split = tmp_path / "wiki.test.raw"
     test_split.write_text(TEXT)
-    code, _, err = run_cli(
-        capsys,
-        "prune",
-        "--model",
-        str(tiny_model_dir),
-        "--calib",
-        str(test_split),
-        "--out",
-        str(tmp_path / "o"),
-        "--no-eval",
-    )
+    code, _, err = run_cli(capsys, *tiny_prune(tiny_model_dir, test_split, tmp_path / "o", "--no-eval"))
     assert_user_error(code, err, "test split")
 
 

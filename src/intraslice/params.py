@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .arch import get_arch
+from .arch import ArchSpec, get_arch
 
 
 def whole_model_params(model: nn.Module) -> int:
@@ -14,8 +14,16 @@ def whole_model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _numel(lin: nn.Module) -> int:
-    return sum(p.numel() for p in lin.parameters(recurse=False))
+def module_params(module: nn.Module) -> int:
+    """Parameters owned directly by a module (a linear's weight and bias)."""
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def layer_linear_params(arch: ArchSpec, layer: nn.Module) -> tuple[int, int]:
+    """(attention, MLP) linear parameters of one decoder layer: q/k/v/o and gate/up/down."""
+    attention = sum(module_params(m) for m in arch.qkvo(layer))
+    mlp = sum(module_params(m) for m in arch.gate_up_down(layer))
+    return attention, mlp
 
 
 def decoder_linear_params(model: nn.Module, arch_config: Any | None = None) -> int:
@@ -27,8 +35,7 @@ def decoder_linear_params(model: nn.Module, arch_config: Any | None = None) -> i
     arch = get_arch(arch_config if arch_config is not None else model.config.model_type)
     total = 0
     for layer in arch.decoder_layers(model):
-        total += sum(_numel(m) for m in arch.qkvo(layer))
-        total += sum(_numel(m) for m in arch.gate_up_down(layer))
+        total += sum(layer_linear_params(arch, layer))
     return total
 
 

@@ -25,6 +25,8 @@ from .arch import ArchSpec, get_arch
 from .config import PruneConfig
 from .errors import NonFiniteError
 from .modeling import IntraSliceAttention, IntraSliceConfig
+from .modeling.modeling_intraslice import rotate_half
+from .params import layer_linear_params
 
 
 class _StopForward(Exception):
@@ -151,9 +153,7 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """rotate_half RoPE on (B, T, heads, h) with (B|1, T, h) tables."""
     cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+    return x * cos + rotate_half(x) * sin
 
 
 class LayerRunner:
@@ -383,8 +383,7 @@ def _mlp_keep(
     if not cfg.exact_budget:
         return mlp_keep_count(m, mlp_ratio, cfg.mlp_multiple)
     down = arch.gate_up_down(layer)[2]
-    att_actual = sum(_numel(x) for x in arch.qkvo(layer))
-    mlp_dense = sum(_numel(x) for x in arch.gate_up_down(layer))
+    att_actual, mlp_dense = layer_linear_params(arch, layer)
     per_neuron = (mlp_dense - _numel_bias(down)) / m
     want = (planned - att_actual - carry - _numel_bias(down)) / per_neuron
     return mlp_keep_count(m, 1.0 - min(max(want, 0.0), m) / m, cfg.mlp_multiple)
@@ -449,15 +448,14 @@ def prune_layers(
         layer = layers[li].to(cfg.device)
         runner = LayerRunner(layer, kwargs, captured_bs, cfg)
         att_ratio, mlp_ratio = ratios[li]
-        att_dense = sum(_numel(x) for x in arch.qkvo(layer))
-        mlp_dense = sum(_numel(x) for x in arch.gate_up_down(layer))
+        att_dense, mlp_dense = layer_linear_params(arch, layer)
         planned = att_dense * (1.0 - att_ratio) + mlp_dense * (1.0 - mlp_ratio)
 
         spec, att_err = _prune_attention(runner, arch, dims, inps, att_ratio, cfg, pruned_config, li, timings)
         keep = _mlp_keep(arch, layer, m, mlp_ratio, planned, carry, cfg)
         mids, mlp_err = _prune_mlp(runner, arch, inps, keep, cfg, li, timings)
         spec["intermediate_size"] = keep
-        carry += sum(_numel(x) for x in (*arch.qkvo(layer), *arch.gate_up_down(layer))) - planned
+        carry += sum(layer_linear_params(arch, layer)) - planned
 
         # Finish the layer from the residual after attention: its outputs feed the next layer.
         t = time.perf_counter()
@@ -483,10 +481,6 @@ def prune_layers(
         bar.set_postfix(heads=spec["num_heads"], r=spec["head_dim"], mlp=keep)
     outcome.timings = timings
     return outcome
-
-
-def _numel(lin: nn.Module) -> int:
-    return sum(p.numel() for p in lin.parameters(recurse=False))
 
 
 def _numel_bias(lin: nn.Linear) -> int:
