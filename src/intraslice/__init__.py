@@ -17,7 +17,7 @@ from .api import PruneResult, build_pruned_model, prune
 from .config import PruneConfig
 from .data import CalibrationSet, calibration_windows
 from .errors import IntraSliceError, NonFiniteError
-from .modeling import IntraSliceConfig, IntraSliceForCausalLM
+from .modeling import IntraSliceConfig, IntraSliceForCausalLM, SliceGPTConfig, SliceGPTForCausalLM
 from .models import load_model
 from .saving import save_pruned
 
@@ -36,14 +36,18 @@ def register_auto_classes() -> None:
         return
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        AutoConfig.register("intraslice", IntraSliceConfig)
-        AutoModelForCausalLM.register(IntraSliceConfig, IntraSliceForCausalLM)
-    except ValueError:  # already registered by another import path
-        pass
-    # Saved configs carry auto_map so trust_remote_code=True works without this package.
-    IntraSliceConfig.register_for_auto_class()
-    IntraSliceForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    for model_type, config_cls, model_cls in (
+        ("intraslice", IntraSliceConfig, IntraSliceForCausalLM),
+        ("slicegpt", SliceGPTConfig, SliceGPTForCausalLM),
+    ):
+        try:
+            AutoConfig.register(model_type, config_cls)
+            AutoModelForCausalLM.register(config_cls, model_cls)
+        except ValueError:  # already registered by another import path
+            pass
+        # Saved configs carry auto_map so trust_remote_code=True works without this package.
+        config_cls.register_for_auto_class()
+        model_cls.register_for_auto_class("AutoModelForCausalLM")
     _REGISTERED = True
 
 
@@ -57,6 +61,8 @@ __all__ = [
     "NonFiniteError",
     "PruneConfig",
     "PruneResult",
+    "SliceGPTConfig",
+    "SliceGPTForCausalLM",
     "__version__",
     "build_pruned_model",
     "calibration_windows",

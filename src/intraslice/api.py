@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from .arch import get_arch
+from .baselines.channel import prune_attention_channels, prune_mlp_channels
+from .baselines.slicegpt import slice_layers, slicegpt_config
 from .config import PruneConfig
 from .errors import IntraSliceError
-from .modeling import IntraSliceConfig, IntraSliceForCausalLM
+from .modeling import IntraSliceConfig, IntraSliceForCausalLM, SliceGPTForCausalLM
 from .params import param_report
 from .runner import prune_layers
 
@@ -26,6 +28,8 @@ class PruneResult:
     params_after: dict[str, int]
     layers: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
+    #: The method's name and its own facts (SliceGPT: the residual width found for the ratio).
+    method: dict[str, Any] = field(default_factory=dict)
 
     def reduction(self) -> dict[str, float]:
         return {k: 1.0 - self.params_after[k] / self.params_before[k] for k in self.params_before}
@@ -35,6 +39,7 @@ class PruneResult:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "reduction": self.reduction(),
+            "method": self.method,
             "layers": self.layers,
             "timings_s": self.timings,
         }
@@ -46,7 +51,7 @@ def prune(
     config: PruneConfig | None = None,
     progress: bool = True,
 ) -> PruneResult:
-    """Prune a Hugging Face causal LM with IntraSlice and return an ``IntraSliceForCausalLM``.
+    """Prune a Hugging Face causal LM (IntraSlice, or a baseline named by ``config.method``).
 
     ``calibration`` is an int64 tensor of token windows (nsamples, seqlen). The source
     ``model`` is consumed: its decoder layers are replaced in place by smaller modules
@@ -61,10 +66,23 @@ def prune(
         raise IntraSliceError(f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}")
     t0 = time.perf_counter()
     before = param_report(model)
-    pruned_config = IntraSliceConfig(**arch.pruned_config_kwargs(model.config))
     model.eval()
-    outcome = prune_layers(model, calibration, config, pruned_config, progress=progress)
-    pruned = build_pruned_model(model, pruned_config)
+    extra: dict[str, Any] = {"method": config.method}
+    model_cls: type[IntraSliceForCausalLM] = IntraSliceForCausalLM
+    if config.method == "slicegpt":
+        pruned_config, info = slicegpt_config(model, config.ratio, config.slice_dim)
+        extra.update(info)
+        outcome = slice_layers(model, calibration, config, pruned_config, progress=progress)
+        model_cls = SliceGPTForCausalLM
+    else:
+        pruned_config = IntraSliceConfig(**arch.pruned_config_kwargs(model.config))
+        steps: dict[str, Any] = {}
+        if config.method == "channel":
+            pruned_config.o_proj_bias = pruned_config.o_proj_bias or config.bias_compensation
+            pruned_config.down_proj_bias = config.bias_compensation
+            steps = {"attention_step": prune_attention_channels, "mlp_step": prune_mlp_channels}
+        outcome = prune_layers(model, calibration, config, pruned_config, progress=progress, **steps)
+    pruned = build_pruned_model(model, pruned_config, model_cls)
     timings = dict(outcome.timings)
     timings["total"] = time.perf_counter() - t0
     return PruneResult(
@@ -73,13 +91,16 @@ def prune(
         params_after=param_report(pruned),
         layers=[asdict(r) for r in outcome.layers],
         timings=timings,
+        method=extra,
     )
 
 
-def build_pruned_model(source: nn.Module, pruned_config: IntraSliceConfig) -> IntraSliceForCausalLM:
-    """Move the (pruned-in-place) source weights into an ``IntraSliceForCausalLM``."""
+def build_pruned_model(
+    source: nn.Module, pruned_config: IntraSliceConfig, model_cls: type[IntraSliceForCausalLM] = IntraSliceForCausalLM
+) -> IntraSliceForCausalLM:
+    """Move the (pruned-in-place) source weights into the compressed model class."""
     with torch.device("meta"):
-        model = IntraSliceForCausalLM(pruned_config)
+        model = model_cls(pruned_config)
     state = source.state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (pruned_config.tie_word_embeddings and k == "lm_head.weight")]

@@ -8,6 +8,7 @@ from typing import Any
 from .errors import IntraSliceError
 
 MAX_RATIO = 0.95
+METHODS = ("intraslice", "slicegpt", "channel")
 
 
 @dataclass
@@ -20,6 +21,9 @@ class PruneConfig:
     ``(attention_ratio, mlp_ratio)`` pair per layer.
     """
 
+    #: "intraslice" (the method), or a baseline: "slicegpt", "channel". Whatever the method,
+    #: ``ratio`` is the fraction of *real* decoder linear parameters removed.
+    method: str = "intraslice"
     ratio: float = 0.3
     layer_ratios: list[tuple[float, float]] | None = None
     damp: float = 0.01
@@ -33,8 +37,16 @@ class PruneConfig:
     #: difference between its planned and its actual attention size (head widths round to
     #: even numbers, KV heads survive) plus the rounding carried over from earlier layers.
     exact_budget: bool = True
+    #: Channel baseline: fold the mean of removed channels into o_proj/down_proj biases (FLAP).
+    bias_compensation: bool = True
+    #: SliceGPT baseline: an explicit residual width instead of the one found for ``ratio``.
+    slice_dim: int | None = None
 
     def validate(self, n_layers: int) -> None:
+        if self.method not in METHODS:
+            raise IntraSliceError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method == "slicegpt" and self.layer_ratios is not None:
+            raise IntraSliceError("the slicegpt baseline slices every layer alike: use the uniform allocation")
         check_ratio(self.ratio, "ratio")
         if self.layer_ratios is not None:
             if len(self.layer_ratios) != n_layers:

@@ -20,9 +20,13 @@ def module_params(module: nn.Module) -> int:
 
 
 def layer_linear_params(arch: ArchSpec, layer: nn.Module) -> tuple[int, int]:
-    """(attention, MLP) linear parameters of one decoder layer: q/k/v/o and gate/up/down."""
-    attention = sum(module_params(m) for m in arch.qkvo(layer))
-    mlp = sum(module_params(m) for m in arch.gate_up_down(layer))
+    """(attention, MLP) linear parameters of one decoder layer: q/k/v/o and gate/up/down.
+
+    SliceGPT's shortcut matrices, where present, count with the block they bypass.
+    """
+    att_short, mlp_short = arch.shortcuts(layer)
+    attention = sum(module_params(m) for m in (*arch.qkvo(layer), att_short) if m is not None)
+    mlp = sum(module_params(m) for m in (*arch.gate_up_down(layer), mlp_short) if m is not None)
     return attention, mlp
 
 

@@ -424,8 +424,16 @@ def prune_layers(
     cfg: PruneConfig,
     pruned_config: IntraSliceConfig,
     progress: bool = True,
+    attention_step: Callable[..., tuple[dict[str, Any], float | None]] | None = None,
+    mlp_step: Callable[..., tuple[list[torch.Tensor], float | None]] | None = None,
 ) -> PruneOutcome:
-    """Prune every decoder layer of ``model`` in place (modules are swapped for smaller ones)."""
+    """Prune every decoder layer of ``model`` in place (modules are swapped for smaller ones).
+
+    ``attention_step`` and ``mlp_step`` default to IntraSlice (method.md sections 2 and 3);
+    the channel baseline passes its own, so that both share the data flow and the budget.
+    """
+    attention_step = attention_step or _prune_attention
+    mlp_step = mlp_step or _prune_mlp
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
     n_layers, m = dims["n_layers"], dims["m"]
@@ -451,9 +459,9 @@ def prune_layers(
         att_dense, mlp_dense = layer_linear_params(arch, layer)
         planned = att_dense * (1.0 - att_ratio) + mlp_dense * (1.0 - mlp_ratio)
 
-        spec, att_err = _prune_attention(runner, arch, dims, inps, att_ratio, cfg, pruned_config, li, timings)
+        spec, att_err = attention_step(runner, arch, dims, inps, att_ratio, cfg, pruned_config, li, timings)
         keep = _mlp_keep(arch, layer, m, mlp_ratio, planned, carry, cfg)
-        mids, mlp_err = _prune_mlp(runner, arch, inps, keep, cfg, li, timings)
+        mids, mlp_err = mlp_step(runner, arch, inps, keep, cfg, li, timings)
         spec["intermediate_size"] = keep
         carry += sum(layer_linear_params(arch, layer)) - planned
 

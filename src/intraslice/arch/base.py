@@ -42,6 +42,10 @@ class ArchSpec:
     down_proj: str = "down_proj"
     input_norm: str = "input_layernorm"
     post_attn_norm: str = "post_attention_layernorm"
+    #: Residual shortcut matrices inside each layer (SliceGPT-sliced models only); counted
+    #: with the attention and MLP linears because they cost the same per token.
+    attn_shortcut: str | None = None
+    mlp_shortcut: str | None = None
     #: RoPE layout: "rotate_half" pairs dims j and j + head_dim/2 (HF Llama convention).
     rope_layout: str = "rotate_half"
     #: Whether q/k/v, o and the MLP linears carry biases, read from the HF config.
@@ -86,6 +90,10 @@ class ArchSpec:
         setattr(m, self.down_proj, down)
         if hasattr(m, "intermediate_size"):
             m.intermediate_size = gate.out_features
+
+    def shortcuts(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+        """(attention, MLP) shortcut linears of a layer, or None where the layout has none."""
+        return tuple(self._get(layer, name) if name else None for name in (self.attn_shortcut, self.mlp_shortcut))
 
     def mlp_input_module(self, layer: nn.Module) -> nn.Module:
         """The module whose input is the residual stream right after the attention block."""

@@ -47,6 +47,7 @@ class IntraSliceConfig(PretrainedConfig):
         attention_bias: bool = False,
         o_proj_bias: bool = False,
         mlp_bias: bool = False,
+        down_proj_bias: bool = False,
         tie_word_embeddings: bool = False,
         layers: list[dict[str, Any]] | None = None,
         source_model_type: str | None = None,
@@ -71,6 +72,7 @@ class IntraSliceConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.o_proj_bias = o_proj_bias
         self.mlp_bias = mlp_bias
+        self.down_proj_bias = down_proj_bias
         self.source_model_type = source_model_type
         self.use_cache = use_cache
         if layers is None:

@@ -122,7 +122,14 @@ class IntraSliceAttention(nn.Module):
     pruned layer by layer.
     """
 
-    def __init__(self, config: IntraSliceConfig, layer_idx: int, spec: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: IntraSliceConfig,
+        layer_idx: int,
+        spec: dict[str, Any] | None = None,
+        in_dim: int | None = None,
+        out_dim: int | None = None,
+    ) -> None:
         super().__init__()
         spec = spec if spec is not None else config.layers[layer_idx]
         self.config = config
@@ -133,11 +140,12 @@ class IntraSliceAttention(nn.Module):
         self.head_dim = int(spec["head_dim"])
         if self.head_dim % 2 or self.num_heads < 1 or self.num_kv_heads < 1:
             raise ValueError(f"layer {layer_idx}: invalid attention shape {spec}")
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=config.o_proj_bias)
+        # in_dim/out_dim differ from hidden_size only in a sliced residual stream (SliceGPT baseline).
+        d_in, d_out = in_dim or config.hidden_size, out_dim or config.hidden_size
+        self.q_proj = nn.Linear(d_in, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d_out, bias=config.o_proj_bias)
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = 0.0
 
@@ -207,14 +215,21 @@ class IntraSliceAttention(nn.Module):
 
 
 class IntraSliceMLP(nn.Module):
-    """Gated MLP (gate/up/down) with this layer's own width."""
+    """Gated MLP (gate/up/down) with this layer's own width.
 
-    def __init__(self, config: IntraSliceConfig, width: int) -> None:
+    ``down_proj_bias`` adds a bias to ``down_proj`` alone: the channel baseline folds the
+    mean contribution of removed channels into it (FLAP's bias compensation).
+    """
+
+    def __init__(
+        self, config: IntraSliceConfig, width: int, in_dim: int | None = None, out_dim: int | None = None
+    ) -> None:
         super().__init__()
-        d = config.hidden_size
-        self.gate_proj = nn.Linear(d, width, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(d, width, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(width, d, bias=config.mlp_bias)
+        d_in, d_out = in_dim or config.hidden_size, out_dim or config.hidden_size
+        down_bias = config.mlp_bias or getattr(config, "down_proj_bias", False)
+        self.gate_proj = nn.Linear(d_in, width, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(d_in, width, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(width, d_out, bias=down_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,10 +297,15 @@ class IntraSliceModel(IntraSlicePreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(IntraSliceDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = IntraSliceRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = IntraSliceRotaryEmbedding(config)
         self.post_init()
+
+    @staticmethod
+    def make_layer(config: IntraSliceConfig, layer_idx: int) -> nn.Module:
+        """One decoder layer; a subclass with another layer layout overrides this."""
+        return IntraSliceDecoderLayer(config, layer_idx)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -342,10 +362,14 @@ class IntraSliceForCausalLM(IntraSlicePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: IntraSliceConfig) -> None:
         super().__init__(config)
-        self.model = IntraSliceModel(config)
+        self.model = self.make_model(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @staticmethod
+    def make_model(config: IntraSliceConfig) -> nn.Module:
+        return IntraSliceModel(config)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
