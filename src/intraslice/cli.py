@@ -1,7 +1,10 @@
 """The ``intraslice`` command line.
 
     intraslice prune [--model ID_OR_DIR] [--gguf-file F] --ratio 0.3 --out DIR ...
+    intraslice prune ... --method slicegpt|channel --target-params 0.3 | --target-speedup 1.3
     intraslice eval ppl [--model DIR] [--seqlen 2048] [--windows N]
+    intraslice eval zeroshot [--model DIR] [--tasks piqa,arc_easy,...] [--limit N] [--data-dir D]
+    intraslice bench speed --model dense --model DIR ... [--prefill 128 512 2048]
 
 User errors print one line (``intraslice: error: ...``) and exit with status 2, with no
 traceback and no partial output directory.
@@ -38,7 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save the physically smaller result")
     _add_model_args(p)
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of decoder linear parameters to remove [0, 0.95]")
+    p.add_argument(
+        "--ratio", type=float, default=None, help="fraction of decoder linear parameters to remove [0, 0.95] (0.3)"
+    )
+    p.add_argument(
+        "--method",
+        choices=("intraslice", "slicegpt", "channel"),
+        default="intraslice",
+        help="intraslice (default) or a baseline: slicegpt (rotate+slice), channel (FLAP/Wanda-sp heads+channels)",
+    )
+    p.add_argument(
+        "--target-params",
+        default=None,
+        help="instead of --ratio: a fraction to remove (0.3, 30%%) or a count to keep (90M), of --target-of",
+    )
+    p.add_argument("--target-of", choices=("decoder", "model"), default="decoder", help="scope of --target-params")
+    p.add_argument(
+        "--target-speedup",
+        type=float,
+        default=None,
+        help="instead of --ratio: smallest reduction whose shapes reach this prefill speedup here (e.g. 1.3)",
+    )
+    p.add_argument("--speed-seqlen", type=int, default=512, help="prefill length timed for --target-speedup")
+    p.add_argument("--slice-dim", type=int, default=None, help="slicegpt: explicit residual width (overrides ratio)")
+    p.add_argument(
+        "--no-bias-compensation", action="store_true", help="channel: no FLAP bias compensation (Wanda-sp scores)"
+    )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument(
@@ -55,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allocation",
         choices=("uniform", "global", "global_pca"),
-        default="global_pca",
-        help="per-layer ratios: the same everywhere, or from mask gradients (plain or PCA-rotated)",
+        default=None,
+        help="per-layer ratios: the same everywhere, or from mask gradients (plain or PCA-rotated); "
+        "default global_pca for intraslice, uniform for the baselines",
     )
     p.add_argument("--units-per-head", type=int, default=1, help="attention units per head f (global modes)")
     p.add_argument("--mlp-bias", type=float, default=1.0, help="β: share of the reduction taken by the MLP")
@@ -78,6 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("directory")
     r.add_argument("--out", default=None, help="PNG path (default: DIRECTORY/allocation.png)")
 
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    sp = bsub.add_parser("speed", help="prefill throughput and decode latency of several models, interleaved")
+    sp.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a model to time (repeatable); 'dense' is the built-in SmolLM2; the first is the reference "
+        "for speedups (put the source model first)",
+    )
+    sp.add_argument("--gguf-file", default=None, help="GGUF file name for a --model given as a directory or repo")
+    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    sp.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    sp.add_argument("--prefill", type=int, nargs="*", default=[128, 512, 2048], help="prefill lengths (tokens)")
+    sp.add_argument("--decode", type=int, nargs="*", default=[128, 512, 2048], help="KV-cache lengths for decode")
+    sp.add_argument("--batch-size", type=int, default=1)
+    sp.add_argument("--repeats", type=int, default=5, help="timed repeats per setting (median reported)")
+    sp.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
+    sp.add_argument("--decode-steps", type=int, default=16, help="tokens generated per decode repeat")
+    sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sp.add_argument("--json", default=None, help="write the results to this JSON file")
+
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True)
     pp = esub.add_parser("ppl", help="WikiText-2 test perplexity (P1: --seqlen 2048, P2: --seqlen 4096)")
@@ -86,6 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--windows", type=int, default=None, help="evaluate the first N windows only")
     pp.add_argument("--json", default=None, help="also write the result to this JSON file")
     pp.add_argument("--no-progress", action="store_true")
+    zs = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness (offline data bundled)")
+    _add_model_args(zs)
+    zs.add_argument(
+        "--tasks",
+        default="piqa,arc_easy,arc_challenge,winogrande,boolq,openbookqa,hellaswag",
+        help="comma-separated: piqa, arc_easy, arc_challenge, winogrande, boolq, openbookqa, hellaswag, copa",
+    )
+    zs.add_argument("--limit", type=int, default=None, help="a seeded random subset of N documents per task")
+    zs.add_argument("--seed", type=int, default=1234, help="seed of the --limit subsets")
+    zs.add_argument("--batch-size", type=int, default=16, help="batch of lm-eval's own path (--no-prefix-sharing)")
+    zs.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory of {task}.jsonl files (query/choices/gold); default $INTRASLICE_ZEROSHOT_DATA, "
+        "else the bundled copies",
+    )
+    zs.add_argument(
+        "--source", choices=("local", "hub"), default="local", help="local JSONL (default) or lm-eval's own tasks"
+    )
+    zs.add_argument("--no-prefix-sharing", action="store_true", help="lm-eval's plain batched forward passes")
+    zs.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    zs.add_argument("--json", default=None, help="also write the result to this JSON file")
+    zs.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -126,9 +201,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .eval.ppl import perplexity
     from .importance import estimate_allocation, load_ratios_file
     from .models import load_model, parse_dtype
+    from .params import param_report, parse_target_params, ratio_for_target
     from .saving import check_output_dir, save_pruned
 
-    check_ratio(args.ratio)
+    goals = [g for g in ("ratio", "target_params", "target_speedup") if getattr(args, g) is not None]
+    if len(goals) > 1:
+        raise IntraSliceError("give one of --ratio, --target-params, --target-speedup")
+    if args.ratio is not None:
+        check_ratio(args.ratio)
+    if args.allocation is None:
+        args.allocation = "global_pca" if args.method == "intraslice" else "uniform"
+    if args.method == "slicegpt" and args.allocation != "uniform":
+        raise IntraSliceError("--method slicegpt slices every layer alike: use --allocation uniform")
+    if args.target_speedup is not None and args.method != "intraslice":
+        raise IntraSliceError("--target-speedup is implemented for --method intraslice")
+    target = parse_target_params(args.target_params) if args.target_params is not None else None
     parse_dtype(args.dtype)
     check_output_dir(args.out, args.overwrite)
     device = _device(args.device)
@@ -140,6 +227,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     timings["load"] = time.perf_counter() - t
     model = src.model.to(device) if not args.no_eval else src.model
     print(f"loaded {src.name} ({model.config.model_type}, {model.dtype}) in {timings['load']:.1f}s", flush=True)
+
+    goal: dict[str, Any] = {"ratio": args.ratio}
+    if target is not None:
+        args.ratio = ratio_for_target(target, args.target_of, param_report(model))
+        check_ratio(args.ratio, "the decoder ratio for --target-params")
+        goal = {"target_params": args.target_params, "target_of": args.target_of, "ratio": args.ratio}
+        print(f"--target-params {args.target_params} of the {args.target_of}: decoder ratio {args.ratio:.4f}")
+    elif args.target_speedup is not None:
+        from .speed import ratio_for_speedup
+
+        print(f"searching the ratio for a {args.target_speedup}x prefill speedup ({args.speed_seqlen} tokens)")
+        t = time.perf_counter()
+        model.to(device)
+        args.ratio, probes = ratio_for_speedup(
+            model, args.target_speedup, args.speed_seqlen, min_head_width=args.min_head_width, log=print
+        )
+        timings["speed_search"] = time.perf_counter() - t
+        goal = {"target_speedup": args.target_speedup, "speed_seqlen": args.speed_seqlen, "ratio": args.ratio}
+        goal["probes"] = probes
+        print(f"ratio {args.ratio} reaches {args.target_speedup}x on candidate shapes")
+    elif args.ratio is None:
+        args.ratio = 0.3
+        goal["ratio"] = 0.3
 
     t = time.perf_counter()
     calib = calibration_windows(src.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
@@ -155,6 +265,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model.to("cpu")
 
     saved = load_ratios_file(args.ratios, model.config) if args.ratios else None
+    dense_model = None
+    if args.target_speedup is not None:  # the dense reference for the final speed check
+        import copy
+
+        dense_model = copy.deepcopy(model).to("cpu")
     t = time.perf_counter()
     alloc, alloc_record = estimate_allocation(
         model,
@@ -175,7 +290,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.allocation != "uniform":
         print(f"allocation {args.allocation}: planned ratio {alloc.planned_ratio:.4f} in {timings['allocation']:.1f}s")
     cfg = PruneConfig(
+        method=args.method,
         ratio=args.ratio,
+        bias_compensation=not args.no_bias_compensation,
+        slice_dim=args.slice_dim,
         layer_ratios=None if args.allocation == "uniform" else alloc.layer_ratios,
         damp=args.damp,
         min_head_width=args.min_head_width,
@@ -194,12 +312,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ppl["pruned"] = perplexity(pruned, src.tokenizer, args.eval_seqlen, args.eval_windows, progress=progress)
         timings["eval_pruned"] = time.perf_counter() - t
         pruned.to("cpu")
+    if dense_model is not None:
+        from .speed import benchmark_speed
+
+        t = time.perf_counter()
+        pair = [("dense", dense_model.to(device)), ("pruned", pruned.to(device))]
+        speed = benchmark_speed(pair, [args.speed_seqlen], [], repeats=5, warmup=1).to_dict()
+        goal["measured_prefill_speedup"] = speed["models"]["pruned"]["prefill"][str(args.speed_seqlen)]["speedup"]
+        timings["speed_check"] = time.perf_counter() - t
+        print(f"measured prefill speedup of the pruned model: {goal['measured_prefill_speedup']:.3f}x")
+        if goal["measured_prefill_speedup"] < args.target_speedup:
+            warnings.warn(
+                f"the pruned model reaches {goal['measured_prefill_speedup']:.2f}x, below the "
+                f"{args.target_speedup}x target (the allocation changed the shapes the search timed)",
+                stacklevel=1,
+            )
+        pruned.to("cpu")
+        del dense_model, pair
 
     report = {
         "intraslice_version": _versions()["intraslice"],
         "versions": _versions(),
         "source_model": src.name,
-        "method": "intraslice",
+        "goal": goal,
         "allocation": alloc_record,
         "command": sys.argv,
         "calibration": calib.describe(),
@@ -228,6 +363,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _print_summary(report: dict[str, Any], out: Any) -> None:
     b, a, r = report["params_before"], report["params_after"], report["reduction"]
     print(f"\nsaved {out}")
+    method = report.get("method") or {}
+    if "slice_dim" in method:
+        widths = f"{method['slice_dim']}-{method['slice_dim_max']}"
+        print(f"SliceGPT residual width {widths} (slicing {method['slicing']:.1%})")
     print(f"{'':16}{'before':>14}{'after':>14}{'removed':>10}")
     for key, label in (("decoder_linear", "decoder linear"), ("whole_model", "whole model")):
         print(f"{label:16}{b[key]:>14,}{a[key]:>14,}{r[key]:>9.1%}")
@@ -268,6 +407,97 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .speed import benchmark_speed
+
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.model or ["dense"]
+    models = []
+    for name in names:
+        src = load_model(None if name == "dense" else name, args.gguf_file if name != "dense" else None, args.dtype)
+        models.append((name, src.model.to(device)))
+        print(f"loaded {src.name}", flush=True)
+    res = benchmark_speed(
+        models,
+        args.prefill,
+        args.decode,
+        batch=args.batch_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        decode_steps=args.decode_steps,
+        log=lambda m: print(m, flush=True),
+    ).to_dict()
+    res.update(
+        {
+            "device": device if device == "cpu" else torch.cuda.get_device_name(device),
+            "threads": torch.get_num_threads(),
+            "versions": _versions(),
+        }
+    )
+    print(f"\n{'model':40}{'linear FLOPs limit':>20}" + "".join(f"{'prefill ' + str(s):>14}" for s in args.prefill))
+    for name, m in res["models"].items():
+        cells = "".join(f"{m['prefill'][str(s)]['speedup']:>13.2f}x" for s in args.prefill)
+        print(f"{name[-40:]:40}{m['decoder_linear_flops_speedup_limit']:>19.2f}x{cells}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(res, fh, indent=2)
+    return 0
+
+
+def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    from .eval.zeroshot import evaluate, format_table, lm_eval_version, parse_tasks, resolve_data_dir
+    from .models import load_model
+    from .params import param_report
+
+    # Check the cheap things before the model loads.
+    parse_tasks(args.tasks)
+    lm_eval_version()
+    if args.source == "local":
+        resolve_data_dir(args.data_dir)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise IntraSliceError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    src = load_model(args.model, args.gguf_file, args.dtype)
+    model = src.model.to(device)
+    res = evaluate(
+        model,
+        src.tokenizer,
+        tasks=args.tasks,
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        source=args.source,
+        fast=not args.no_prefix_sharing,
+        progress=not args.no_progress,
+    )
+    res = {
+        "model": src.name,
+        "params": param_report(model),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        **res,
+        "versions": {**_versions(), "lm_eval": res["lm_eval_version"]},
+        "command": sys.argv,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(format_table(res))
+    subset = f"seeded subset of {args.limit} per task (seed {args.seed})" if args.limit else "all documents"
+    print(
+        f"lm-eval {res['lm_eval_version']}, data {res['source']}, {subset}; {res['requests']} requests in "
+        f"{res['seconds']:.1f}s ({res['requests_per_s']:.2f}/s)"
+    )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(res, fh, indent=2)
+    return 0
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
     """Warnings on one line, without the source line that Python prints by default."""
     if issubclass(category, (DeprecationWarning, FutureWarning)):
@@ -289,8 +519,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {report_directory(args.directory, args.out)}")
             return 0
+        if args.command == "bench" and args.bench_command == "speed":
+            return cmd_bench_speed(args)
         if args.command == "eval" and args.eval_command == "ppl":
             return cmd_eval_ppl(args)
+        if args.command == "eval" and args.eval_command == "zeroshot":
+            return cmd_eval_zeroshot(args)
     except IntraSliceError as exc:
         print(f"intraslice: error: {exc}", file=sys.stderr)
         return 2

@@ -45,3 +45,48 @@ def decoder_linear_params(model: nn.Module, arch_config: Any | None = None) -> i
 
 def param_report(model: nn.Module, arch_config: Any | None = None) -> dict[str, int]:
     return {"decoder_linear": decoder_linear_params(model, arch_config), "whole_model": whole_model_params(model)}
+
+
+def parse_target_params(text: str) -> tuple[str, float]:
+    """``--target-params``: a fraction to remove ("0.3", "30%") or a count to keep ("90M", "1.2B", "9e7").
+
+    Returns ("fraction", f) or ("count", n).
+    """
+    from .errors import IntraSliceError
+
+    s = str(text).strip().replace("_", "").replace(",", "")
+    try:
+        if s.endswith("%"):
+            return "fraction", float(s[:-1]) / 100.0
+        scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(s[-1:].upper())
+        value = float(s[:-1]) * scale if scale else float(s)
+    except ValueError:
+        raise IntraSliceError(
+            f"--target-params must be a fraction to remove (0.3, 30%) or a count to keep (90M, 1.2B), got {text!r}"
+        ) from None
+    if scale is None and value < 1:
+        return "fraction", value
+    return "count", value
+
+
+def ratio_for_target(target: tuple[str, float], scope: str, before: dict[str, int]) -> float:
+    """The fraction of decoder-linear parameters to remove so that ``scope`` meets ``target``.
+
+    Every method prunes only decoder linears (SliceGPT's shortcuts count among them), so a
+    whole-model target is met by removing the same *number* of decoder parameters.
+    """
+    from .errors import IntraSliceError
+
+    if scope not in ("decoder", "model"):
+        raise IntraSliceError(f"--target-of must be decoder or model, got {scope!r}")
+    dec, whole = before["decoder_linear"], before["whole_model"]
+    total = dec if scope == "decoder" else whole
+    kind, value = target
+    removed = value * total if kind == "fraction" else total - value
+    if removed < 0 or removed > dec:
+        what = "decoder linear" if scope == "decoder" else "whole model"
+        raise IntraSliceError(
+            f"--target-params {value:g} is out of reach: the {what} has {total:,} parameters, "
+            f"of which the decoder linears ({dec:,}) are all that can be removed"
+        )
+    return removed / dec
