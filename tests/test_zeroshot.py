@@ -243,3 +243,32 @@ def test_cli_end_to_end(capsys, tiny_model_dir: Path, tmp_path: Path) -> None:
     assert res["tasks"]["piqa"]["metric"] == "acc_norm" and res["tasks"]["piqa"]["n"] == 2
     assert res["requests"] == 8 and res["requests_per_s"] > 0 and res["limit"] == 2
     assert "piqa" in stdout and "seeded subset of 2" in stdout
+
+
+def test_cli_on_saved_pruned_model(capsys, tmp_path: Path) -> None:
+    """A pruned directory loads through from_pretrained and evaluates like any model."""
+    from intraslice import PruneConfig, prune, save_pruned
+
+    tok = build_tokenizer(tmp_path / "tok")
+    pruned = prune(make_tiny("llama-gqa", dtype=torch.float32), calib_tokens(), PruneConfig(ratio=0.3), progress=False)
+    out = save_pruned(pruned.model, tok, tmp_path / "pruned", report=pruned.report())
+    data = write_data(tmp_path / "data", ["arc_easy", "winogrande"])
+    code, stdout, err = run_cli(
+        capsys, "eval", "zeroshot", "--model", str(out), "--data-dir", str(data), "--no-progress"
+    )
+    assert code == 0, err
+    assert "arc_easy" in stdout and "winogrande" in stdout and "missing: piqa" in stdout
+
+
+@pytest.mark.slow
+def test_smollm2_zeroshot_cli(capsys, tmp_path: Path) -> None:
+    """The default model (GGUF) on bundled data: a few documents, sane numbers, versions recorded."""
+    out = tmp_path / "zs.json"
+    argv = ["eval", "zeroshot", "--tasks", "arc_easy,boolq,hellaswag", "--limit", "8", "--json", str(out)]
+    code, _, err = run_cli(capsys, *argv, "--no-progress")
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["source"] == "bundled" and res["limit"] == 8 and res["model"].startswith("SmolLM2")
+    for task in ("arc_easy", "boolq", "hellaswag"):
+        assert res["tasks"][task]["n"] == 8 and 0.0 <= res["tasks"][task]["value"] <= 1.0
+    assert res["requests"] == 8 * (4 + 2 + 4)
