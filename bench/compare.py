@@ -1,0 +1,241 @@
+"""Side-by-side benchmark: IntraSlice vs SliceGPT vs channel pruning on SmolLM2-135M-Instruct.
+
+For each requested real decoder-parameter reduction, every method prunes a fresh copy of
+the same source model from the *same* calibration windows (SliceGPT's width is searched so
+that its shortcut matrices are paid for inside the budget), then P1 perplexity is measured
+on the same WikiText-2 test windows, and prefill throughput / decode latency are timed
+interleaved with the dense model (medians after warm-up). Writes results/compare-*.json,
+two plots (perplexity vs real parameter reduction, perplexity vs measured prefill speedup)
+and a table in BENCHMARKS.md.
+
+    python bench/compare.py --ratios 0.1 0.2 0.3 0.4 0.5 --nsamples 16 --seqlen 2048 --eval-windows 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import ROOT, update_benchmarks_md
+
+from intraslice import PruneConfig, calibration_windows, load_model, prune
+from intraslice.algo.allocation import allocate, param_model
+from intraslice.arch import get_arch
+from intraslice.cli import _versions
+from intraslice.data import tokenize, wikitext2_test_text
+from intraslice.eval.ppl import perplexity
+from intraslice.importance import importances, mask_gradients
+from intraslice.speed import benchmark_speed
+
+METHODS = ("intraslice", "slicegpt", "channel")
+LABELS = {
+    "intraslice": "IntraSlice (global_pca)",
+    "slicegpt": "SliceGPT",
+    "channel": "channel (FLAP-style)",
+    "dense": "dense",
+}
+
+
+def _plot(rows: list[dict[str, Any]], dense: dict[str, Any], out: Path, prefill_len: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for kind in ("params", "speed"):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted(
+                (
+                    r["reduction"]["decoder_linear"] * 100
+                    if kind == "params"
+                    else r["speed"]["prefill"][str(prefill_len)]["speedup"],
+                    r["ppl"]["ppl"],
+                )
+                for r in rows
+                if r["method"] == method
+            )
+            ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[method])
+        ax.scatter([0 if kind == "params" else 1.0], [dense["ppl"]], color="black", zorder=5, label="dense")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"WikiText-2 P1 perplexity ({dense['windows']} windows, log scale)")
+        if kind == "params":
+            ax.set_xlabel("real decoder-linear parameters removed (%)")
+            ax.set_title("SmolLM2-135M: perplexity vs real size")
+        else:
+            ax.set_xlabel(f"measured prefill speedup over dense ({prefill_len} tokens)")
+            ax.set_title("SmolLM2-135M: perplexity vs measured speed")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"compare-smollm2-ppl-vs-{kind}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--calib", default="wikitext2")
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--prefill", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--decode", type=int, nargs="+", default=[512])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for pruning and timing")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--save-models", default=None, help="also save every pruned model under this directory")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    src = load_model()
+    calib = calibration_windows(src.tokenizer, args.calib, args.nsamples, args.seqlen, seed=0)
+    test_ids = tokenize(src.tokenizer, wikitext2_test_text().text)
+    base = src.model.to(args.device)
+    arch = get_arch(base.config)
+    pm = param_model(arch.dims(base.config), 1, arch.qkv_bias(base.config), arch.mlp_bias(base.config))
+    dense = perplexity(base, src.tokenizer, 2048, args.eval_windows, token_ids=test_ids, progress=False)
+    print(f"dense ppl {dense['ppl']:.3f}", flush=True)
+    imp = None
+    grad_seconds = 0.0
+    if "intraslice" in args.methods:
+        mg = mask_gradients(copy.deepcopy(base), calib.tokens, 8, args.device, progress=False)
+        imp = importances(mg, "global_pca", 1)
+        grad_seconds = mg.seconds
+        print(f"gradients {grad_seconds:.0f}s", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for ratio in args.ratios:
+        models: dict[str, Any] = {}
+        for method in args.methods:
+            layer_ratios = None
+            if method == "intraslice":
+                layer_ratios = allocate(*imp, pm, ratio, 1.0, 0.8).layer_ratios
+            cfg = PruneConfig(method=method, ratio=ratio, layer_ratios=layer_ratios, device=args.device)
+            t = time.perf_counter()
+            result = prune(copy.deepcopy(base).to("cpu"), calib.tokens, cfg, progress=False)
+            seconds = time.perf_counter() - t + (grad_seconds if method == "intraslice" else 0.0)
+            model = result.model.to(args.device)
+            ppl = perplexity(model, src.tokenizer, 2048, args.eval_windows, token_ids=test_ids, progress=False)
+            models[method] = model
+            rows.append(
+                {
+                    "model": src.name,
+                    "method": method,
+                    "ratio": ratio,
+                    "reduction": result.reduction(),
+                    "params_before": result.params_before,
+                    "params_after": result.params_after,
+                    "method_info": result.method,
+                    "ppl": ppl,
+                    "dense_ppl": dense,
+                    "prune_seconds": seconds,
+                    "layers": result.layers,
+                    "calibration": calib.describe(),
+                }
+            )
+            print(
+                f"ratio {ratio:.2f} {method:>10}: decoder -{rows[-1]['reduction']['decoder_linear']:.2%} "
+                f"whole -{rows[-1]['reduction']['whole_model']:.2%} ppl {ppl['ppl']:.3f} ({seconds:.0f}s)",
+                flush=True,
+            )
+            if args.save_models:
+                from intraslice import save_pruned
+
+                save_pruned(
+                    model.to("cpu"),
+                    src.tokenizer,
+                    Path(args.save_models) / f"smollm2-{method}-{ratio:.2f}",
+                    report=rows[-1],
+                    overwrite=True,
+                )
+                model.to(args.device)
+        speed = benchmark_speed(
+            [("dense", base), *models.items()],
+            args.prefill,
+            args.decode,
+            repeats=args.repeats,
+            warmup=1,
+            log=lambda m: print("  " + m, flush=True),
+        ).to_dict()
+        for row in rows[-len(args.methods) :]:
+            row["speed"] = {**speed["models"][row["method"]], "reference": speed["models"]["dense"]}
+            row["speed_setup"] = {
+                "device": args.device,
+                "threads": torch.get_num_threads(),
+                "repeats": args.repeats,
+                "warmup": 1,
+                "batch": 1,
+            }
+            row["versions"] = _versions()
+            name = f"compare-smollm2-{row['method']}-r{ratio:.2f}{args.tag}.json"
+            (out / name).write_text(json.dumps(row, indent=2) + "\n")
+        del models
+
+    summary = {
+        "dense_ppl": dense,
+        "rows": [{k: r[k] for k in ("method", "ratio", "reduction", "ppl", "prune_seconds", "speed")} for r in rows],
+    }
+    (out / f"compare-smollm2{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plots = _plot(rows, dense, out, args.prefill[-1])
+
+    n, t = calib.tokens.shape
+    p_short, p_long, dec = args.prefill[0], args.prefill[-1], args.decode[0]
+    lines = [
+        "| target | method | decoder removed | whole model removed | P1 ppl | prefill "
+        f"{p_short} | prefill {p_long} | decode @{dec} | linear-FLOPs limit | prune time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| - | dense | - | - | {dense['ppl']:.2f} | 1.00x | 1.00x | 1.00x | 1.00x | |",
+    ]
+    for r in rows:
+        s = r["speed"]
+        lines.append(
+            f"| {r['ratio']:.1f} | {r['method']} | {r['reduction']['decoder_linear']:.1%} | "
+            f"{r['reduction']['whole_model']:.1%} | {r['ppl']['ppl']:.2f} | "
+            f"{s['prefill'][str(p_short)]['speedup']:.2f}x | {s['prefill'][str(p_long)]['speedup']:.2f}x | "
+            f"{s['decode'][str(dec)]['speedup']:.2f}x | {s['decoder_linear_flops_speedup_limit']:.2f}x | "
+            f"{r['prune_seconds']:.0f} s |"
+        )
+    ref = rows[0]["speed"]["reference"]
+    body = (
+        f"SmolLM2-135M-Instruct, calibration {n} x {t} tokens from `{calib.source}` (the same windows for every "
+        f"method), P1 perplexity on the first {dense['windows']} WikiText-2 test windows. Speedups are measured "
+        f"against the dense model timed interleaved with each ratio's models (medians of {args.repeats} repeats "
+        f"after 1 warm-up, batch 1, {args.device}, {torch.get_num_threads()} threads; dense prefill "
+        f"{ref['prefill'][str(p_long)]['tokens_per_s']:.0f} tok/s at {p_long} tokens, decode "
+        f"{ref['decode'][str(dec)]['ms_per_token']:.1f} ms/token at a {dec}-token cache). The linear-FLOPs "
+        "limit is dense / pruned decoder-linear parameters (SliceGPT's shortcuts included). IntraSlice prune time "
+        "includes its mask gradients.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + "".join(f"![{p.stem}](results/{p.name})\n" for p in plots)
+        + "\nReproduce: `python bench/compare.py --ratios "
+        + " ".join(f"{r:g}" for r in args.ratios)
+        + (" --methods " + " ".join(args.methods) if tuple(args.methods) != METHODS else "")
+        + f" --nsamples {n} --seqlen {t} --eval-windows {args.eval_windows} --prefill "
+        + " ".join(map(str, args.prefill))
+        + " --decode "
+        + " ".join(map(str, args.decode))
+        + f" --repeats {args.repeats} --threads {args.threads}"
+        + (f" --tag={args.tag}" if args.tag else "")
+        + "`\n"
+    )
+    update_benchmarks_md(f"compare-smollm2{args.tag}", body)
+
+
+if __name__ == "__main__":
+    main()
