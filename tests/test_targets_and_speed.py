@@ -87,3 +87,56 @@ def test_benchmark_speed_reports_every_model_and_setting() -> None:
     assert small["decode"]["8"]["ms_per_token"] > 0 and small["prefill"]["16"]["tokens_per_s"] > 0
     with pytest.raises(IntraSliceError, match="unique"):
         benchmark_speed([("a", src), ("a", cand)], [8], [])
+
+
+def test_speed_search_picks_the_smallest_sufficient_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bisection logic, with the timer replaced by a known speed curve (no timing in tests)."""
+    import intraslice.speed as speed
+
+    probed: list[float] = []
+
+    class Fake:
+        def __init__(self, ratio: float) -> None:
+            self.ratio = ratio
+
+    def fake_candidate(_src, ratio, *_a, **_k):
+        probed.append(ratio)
+        return Fake(ratio)
+
+    def fake_benchmark(models, prefill, *_a, **_k):
+        cand = models[1][1]
+        res = speed.SpeedResult(names=["dense", "candidate"])
+        res.prefill_s = {"dense": {prefill[0]: 1.0}, "candidate": {prefill[0]: 1.0 / (1.0 + cand.ratio)}}
+        return res
+
+    monkeypatch.setattr(speed, "candidate_model", fake_candidate)
+    monkeypatch.setattr(speed, "benchmark_speed", fake_benchmark)
+    ratio, probes = speed.ratio_for_speedup(object(), 1.32, seqlen=64)
+    assert ratio == pytest.approx(0.35)  # speedup 1 + r: 0.30 gives 1.30 < 1.32, 0.35 gives 1.35
+    assert len(probes) <= 6 and all(p["ratio"] in probed for p in probes)
+    with pytest.raises(IntraSliceError, match="ask for less"):
+        speed.ratio_for_speedup(object(), 3.0, seqlen=64)
+    with pytest.raises(IntraSliceError, match="> 1"):
+        speed.ratio_for_speedup(object(), 0.9)
+
+
+def test_cli_target_speedup_records_goal_and_measurement(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+    tiny_model_dir: Path,
+    calib_file: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    import intraslice.speed as speed
+
+    monkeypatch.setattr(speed, "ratio_for_speedup", lambda *a, **k: (0.25, [{"ratio": 0.25, "prefill_speedup": 1.2}]))
+    out = tmp_path / "fast"
+    argv = tiny_prune(tiny_model_dir, calib_file, out, "--target-speedup", "1.2", "--speed-seqlen", "16", "--no-eval")
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    goal = json.loads((out / "intraslice.json").read_text())["goal"]
+    assert goal["target_speedup"] == 1.2 and goal["ratio"] == 0.25 and goal["probes"]
+    assert goal["measured_prefill_speedup"] > 0 and "measured prefill speedup" in stdout
+    argv = tiny_prune(tiny_model_dir, calib_file, tmp_path / "x", "--target-speedup", "1.2", "--method", "channel")
+    code, _, err = run_cli(capsys, *argv)
+    assert_user_error(code, err, "--target-speedup")
