@@ -133,3 +133,29 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     assert len(tok) <= VOCAB
     model.save_pretrained(d)
     return d
+
+
+def assert_loads_without_package(out: Path, ids: torch.Tensor, ref: torch.Tensor, tmp_path: Path) -> str:
+    """Load ``out`` with ``trust_remote_code=True`` in a subprocess where ``intraslice`` cannot
+    be imported, and check it reproduces ``ref`` exactly; returns the loaded class name."""
+    import os
+    import subprocess
+    import sys
+
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(ref, tmp_path / "ref.pt")
+    code = (
+        "import sys, torch\n"
+        "sys.modules['intraslice'] = None  # make the package unimportable\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+        "with torch.no_grad(): out = m(input_ids=ids).logits\n"
+        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
+        "assert torch.equal(out, ref), (out - ref).abs().max()\n"
+        "print('OK', type(m).__name__)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+    return proc.stdout.split()[-1]

@@ -3,8 +3,6 @@ counts (shortcuts included), round trips, and the real-parameter budget they are
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from intraslice.baselines.channel import ChannelStats, channel_scores, compensat
 from intraslice.baselines.slicegpt import fold_layer, residual_dims
 from intraslice.errors import IntraSliceError
 
-from .conftest import calib_tokens, make_tiny
+from .conftest import assert_loads_without_package, calib_tokens, make_tiny
 
 torch.set_num_threads(2)
 
@@ -90,22 +88,7 @@ def test_slicegpt_loads_with_trust_remote_code_without_the_package(tmp_path: Pat
     ids = calib_tokens(1, 10, seed=9)
     ref = logits(result.model, ids)
     out = save_pruned(result.model, None, tmp_path / "m")
-    torch.save(ids, tmp_path / "ids.pt")
-    torch.save(ref, tmp_path / "ref.pt")
-    code = (
-        "import sys, torch\n"
-        "sys.modules['intraslice'] = None\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
-        f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
-        "with torch.no_grad(): out = m(input_ids=ids).logits\n"
-        "assert type(m).__name__ == 'SliceGPTForCausalLM', type(m)\n"
-        "assert torch.equal(out, ref), (out - ref).abs().max()\n"
-        "print('OK')\n"
-    )
-    env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+    assert assert_loads_without_package(out, ids, ref, tmp_path) == "SliceGPTForCausalLM"
 
 
 def test_fold_layer_shortcuts_compose_to_projections() -> None:

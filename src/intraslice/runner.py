@@ -314,6 +314,22 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
     return lin
 
 
+def install_attention(
+    arch: ArchSpec,
+    layer: nn.Module,
+    pruned_config: IntraSliceConfig,
+    li: int,
+    spec: dict[str, Any],
+    weights: tuple[tuple[torch.Tensor, torch.Tensor | None], ...],
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> None:
+    """Swap into ``layer`` a physically smaller attention with (weight, bias) for q, k, v, o."""
+    attn = IntraSliceAttention(pruned_config, li, spec).to(device=device, dtype=dtype)
+    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = (_linear(w, b, dtype, device) for w, b in weights)
+    arch.set_attention(layer, attn)
+
+
 def _bias(lin: nn.Linear) -> torch.Tensor | None:
     return lin.bias.data if lin.bias is not None else None
 
@@ -366,12 +382,8 @@ def _prune_attention(
         "intermediate_size": dims["m"],
     }
     pruned_config.layers[li] = spec
-    attn = IntraSliceAttention(pruned_config, li, spec).to(device=cfg.device, dtype=dtype)
-    attn.q_proj = _linear(comp.w_q, comp.b_q, dtype, cfg.device)
-    attn.k_proj = _linear(comp.w_k, comp.b_k, dtype, cfg.device)
-    attn.v_proj = _linear(comp.w_v, comp.b_v, dtype, cfg.device)
-    attn.o_proj = _linear(comp.w_o, _bias(o_proj), dtype, cfg.device)
-    arch.set_attention(layer, attn)
+    weights = ((comp.w_q, comp.b_q), (comp.w_k, comp.b_k), (comp.w_v, comp.b_v), (comp.w_o, _bias(o_proj)))
+    install_attention(arch, layer, pruned_config, li, spec, weights, dtype, cfg.device)
     timings["attention_math"] += time.perf_counter() - t
     return spec, comp.rel_error
 

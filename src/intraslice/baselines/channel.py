@@ -26,8 +26,8 @@ from torch import nn
 
 from ..arch import ArchSpec
 from ..config import PruneConfig
-from ..modeling import IntraSliceAttention, IntraSliceConfig
-from ..runner import LayerRunner, _hooks, _linear, check_finite
+from ..modeling import IntraSliceConfig
+from ..runner import LayerRunner, _hooks, _linear, check_finite, install_attention
 
 # -- pure math ----------------------------------------------------------------------------
 
@@ -169,12 +169,13 @@ def prune_attention_channels(
     def bias_rows(lin: nn.Linear, idx: torch.Tensor) -> torch.Tensor | None:
         return lin.bias.data.cpu()[idx] if lin.bias is not None else None
 
-    attn = IntraSliceAttention(pruned_config, li, spec).to(device=cfg.device, dtype=dtype)
-    attn.q_proj = _linear(q_proj.weight.data.cpu()[q_rows], bias_rows(q_proj, q_rows), dtype, cfg.device)
-    attn.k_proj = _linear(k_proj.weight.data.cpu()[kv_rows], bias_rows(k_proj, kv_rows), dtype, cfg.device)
-    attn.v_proj = _linear(v_proj.weight.data.cpu()[kv_rows], bias_rows(v_proj, kv_rows), dtype, cfg.device)
-    attn.o_proj = _linear(w_o[:, q_rows], o_bias, dtype, cfg.device)
-    arch.set_attention(layer, attn)
+    weights = (
+        (q_proj.weight.data.cpu()[q_rows], bias_rows(q_proj, q_rows)),
+        (k_proj.weight.data.cpu()[kv_rows], bias_rows(k_proj, kv_rows)),
+        (v_proj.weight.data.cpu()[kv_rows], bias_rows(v_proj, kv_rows)),
+        (w_o[:, q_rows], o_bias),
+    )
+    install_attention(arch, layer, pruned_config, li, spec, weights, dtype, cfg.device)
     timings["attention_math"] += time.perf_counter() - t
     return spec, None
 
