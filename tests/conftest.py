@@ -12,12 +12,17 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
+from transformers.models.phi3 import modeling_phi3
 from transformers.models.qwen2 import modeling_qwen2
 
 import intraslice  # noqa: F401  (registers the auto classes)
@@ -36,7 +41,8 @@ def _rmsnorm_keep_float64(self: torch.nn.Module, hidden_states: torch.Tensor) ->
 
 @pytest.fixture(autouse=True, scope="session")
 def float64_reference_norms() -> None:
-    for mod in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm):
+    norms = (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm)
+    for mod in (*norms, modeling_phi3.Phi3RMSNorm):
         if not hasattr(mod, "_orig_forward"):
             mod._orig_forward = mod.forward
             mod.forward = _rmsnorm_keep_float64
@@ -66,6 +72,32 @@ ARCHS = {
         Qwen2Config,
         Qwen2ForCausalLM,
         dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    ),
+    "phi3": (
+        Phi3Config,
+        Phi3ForCausalLM,
+        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16, pad_token_id=0),
+    ),
+    "phi3-gqa-partial": (
+        Phi3Config,
+        Phi3ForCausalLM,
+        dict(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+        ),
+    ),
+    "phi": (
+        PhiConfig,
+        PhiForCausalLM,
+        dict(
+            hidden_size=80,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4},
+        ),
     ),
 }
 

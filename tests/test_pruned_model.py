@@ -25,17 +25,20 @@ def closed_form_params(model: IntraSliceForCausalLM) -> dict[str, int]:
     """Parameter count from the config alone (what the shapes must add up to)."""
     c = model.config
     d = c.hidden_size
+    mats = 3 if c.mlp_gated else 2
     dec = 0
     for spec in c.layers:
         n, kv, r, m = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"], spec["intermediate_size"]
-        dec += 2 * d * n * r + 2 * d * kv * r + 3 * d * m
+        dec += 2 * d * n * r + 2 * d * kv * r + mats * d * m
         if c.attention_bias:
             dec += n * r + 2 * kv * r
         if c.o_proj_bias:
             dec += d
         if c.mlp_bias:
-            dec += 2 * m + d
-    whole = dec + c.vocab_size * d + (2 * c.num_hidden_layers + 1) * d
+            dec += (mats - 1) * m + d
+    norm = 2 * d if c.norm_type == "layer" else d
+    norms = (1 if c.parallel_block else 2) * c.num_hidden_layers + 1
+    whole = dec + c.vocab_size * d + norms * norm + (c.vocab_size if c.lm_head_bias else 0)
     if not c.tie_word_embeddings:
         whole += c.vocab_size * d
     return {"decoder_linear": dec, "whole_model": whole}
@@ -66,7 +69,8 @@ def test_pruned_shapes_params_roundtrip_generation(arch_name: str, tiny_copy, ra
         assert a.k_proj.weight.shape == (kv * r, cfg.hidden_size)
         assert a.v_proj.weight.shape == (kv * r, cfg.hidden_size)
         assert a.o_proj.weight.shape == (cfg.hidden_size, n * r)
-        assert layer.mlp.gate_proj.weight.shape == (m, cfg.hidden_size)
+        assert layer.mlp.up_proj.weight.shape == (m, cfg.hidden_size)
+        assert not cfg.mlp_gated or layer.mlp.gate_proj.weight.shape == (m, cfg.hidden_size)
         assert layer.mlp.down_proj.weight.shape == (cfg.hidden_size, m)
         assert m % 8 == 0 and r % 2 == 0
         assert len(spec["kv_index"]) == n and max(spec["kv_index"]) < kv
@@ -133,7 +137,9 @@ def test_parameter_counts_use_the_mapping(arch_name: str) -> None:
     dims = arch.dims(model.config)
     d, n, kv, h, m, L = dims["d"], dims["n_heads"], dims["n_kv"], dims["head_dim"], dims["m"], dims["n_layers"]
     bias = (n * h + 2 * kv * h) if arch.qkv_bias(model.config) else 0
-    expected = L * (2 * d * n * h + 2 * d * kv * h + 3 * d * m + bias)
+    bias += d if arch.o_bias(model.config) else 0
+    bias += (arch.mlp_matrices - 1) * m + d if arch.mlp_bias(model.config) else 0
+    expected = L * (2 * d * n * h + 2 * d * kv * h + arch.mlp_matrices * d * m + bias)
     from intraslice.params import decoder_linear_params
 
     assert decoder_linear_params(model) == expected

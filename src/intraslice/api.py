@@ -62,6 +62,7 @@ def prune(
         raise IntraSliceError("this model is already pruned by intraslice; prune the source model instead")
     arch = get_arch(model.config)
     config.validate(arch.dims(model.config)["n_layers"])
+    arch.prepare_model(model)
     if calibration.dim() != 2 or calibration.shape[0] < 1:
         raise IntraSliceError(f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}")
     t0 = time.perf_counter()
@@ -102,6 +103,8 @@ def build_pruned_model(
     with torch.device("meta"):
         model = model_cls(pruned_config)
     state = source.state_dict()
+    for old, new in get_arch(source.config).state_renames:
+        state = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (pruned_config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

@@ -58,6 +58,7 @@ def mask_gradients(
     if group_size < 1:
         raise IntraSliceError(f"--group-size must be >= 1, got {group_size}")
     arch = get_arch(model.config)
+    arch.prepare_model(model)
     dims = arch.dims(model.config)
     n_l, n_h, h, m = dims["n_layers"], dims["n_heads"], dims["head_dim"], dims["m"]
     n = tokens.shape[0]
@@ -179,7 +180,9 @@ def estimate_allocation(
         raise IntraSliceError(f"unknown allocation {mode!r}: use one of {', '.join(MODES)}")
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
-    pm = param_model(dims, units_per_head, arch.qkv_bias(model.config), arch.mlp_bias(model.config))
+    pm = param_model(
+        dims, units_per_head, arch.qkv_bias(model.config), arch.mlp_bias(model.config), arch.mlp_matrices
+    )
     record: dict[str, Any] = {
         "mode": mode,
         "units_per_head": units_per_head,

@@ -37,6 +37,7 @@ def decoder_linear_params(model: nn.Module, arch_config: Any | None = None) -> i
     ``IntraSliceForCausalLM`` (Llama-style names).
     """
     arch = get_arch(arch_config if arch_config is not None else model.config.model_type)
+    arch.prepare_model(model)  # fused layouts (Phi-3) are split first, exactly and in place
     total = 0
     for layer in arch.decoder_layers(model):
         total += sum(layer_linear_params(arch, layer))

@@ -418,11 +418,11 @@ def _prune_mlp(
     t = time.perf_counter()
     gate, up, down = arch.gate_up_down(layer)
     mc = compress_mlp(h_z.cpu(), down.weight.data.cpu(), keep, cfg.damp)
-    kept = mc.kept.to(gate.weight.device)
+    kept = mc.kept
     arch.set_mlp_linears(
         layer,
-        _linear(gate.weight.data[kept], _sel(gate, kept), dtype, cfg.device),
-        _linear(up.weight.data[kept], _sel(up, kept), dtype, cfg.device),
+        _rows(gate, kept, dtype, cfg.device),
+        _rows(up, kept, dtype, cfg.device),
         _linear(mc.w_down, _bias(down), dtype, cfg.device),
     )
     timings["mlp_math"] += time.perf_counter() - t
@@ -478,8 +478,12 @@ def prune_layers(
         carry += sum(layer_linear_params(arch, layer)) - planned
 
         # Finish the layer from the residual after attention: its outputs feed the next layer.
+        # A parallel block's MLP reads the layer input, not that residual: run the whole layer.
         t = time.perf_counter()
-        inps = torch.cat([arch.mlp_block(layer, mid.to(cfg.device)).to(cfg.offload_device) for mid in mids])
+        if arch.parallel_block:
+            inps = torch.cat([layer(b, **kw).to(cfg.offload_device) for b, kw in runner.each_batch(inps)])
+        else:
+            inps = torch.cat([arch.mlp_block(layer, mid.to(cfg.device)).to(cfg.offload_device) for mid in mids])
         del mids
         check_finite(inps, "the outputs", li)
         timings["propagate"] += time.perf_counter() - t
@@ -511,5 +515,10 @@ def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.cpu() if t is not None else None
 
 
-def _sel(lin: nn.Linear, idx: torch.Tensor) -> torch.Tensor | None:
-    return lin.bias.data[idx] if lin.bias is not None else None
+def _rows(lin: nn.Linear | None, idx: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> nn.Linear | None:
+    """A new linear with the rows ``idx`` of ``lin`` (and of its bias); None stays None."""
+    if lin is None:
+        return None
+    idx = idx.to(lin.weight.device)
+    bias = lin.bias.data[idx] if lin.bias is not None else None
+    return _linear(lin.weight.data[idx], bias, dtype, device)

@@ -39,12 +39,15 @@ class ParamModel:
         )
 
 
-def param_model(dims: dict[str, int], f: int = 1, qkv_bias: bool = False, mlp_bias: bool = False) -> ParamModel:
+def param_model(
+    dims: dict[str, int], f: int = 1, qkv_bias: bool = False, mlp_bias: bool = False, mlp_matrices: int = 3
+) -> ParamModel:
+    """Parameters per attention unit and per MLP neuron (``mlp_matrices``: 3 gated, 2 plain)."""
     d, n_h, n_kv, h, m = dims["d"], dims["n_heads"], dims["n_kv"], dims["head_dim"], dims["m"]
     per_head = 2 * d * h + 2 * (n_kv / n_h) * d * h
     if qkv_bias:
         per_head += h + 2 * (n_kv / n_h) * h
-    per_neuron = 3 * d + (2 if mlp_bias else 0)
+    per_neuron = mlp_matrices * d + (mlp_matrices - 1 if mlp_bias else 0)
     return ParamModel(dims["n_layers"], n_h * f, m, per_head / f, per_neuron)
 
 

@@ -42,6 +42,18 @@ class ArchSpec:
     down_proj: str = "down_proj"
     input_norm: str = "input_layernorm"
     post_attn_norm: str = "post_attention_layernorm"
+    #: Attention and MLP read the same norm and add to the residual together (Phi-2, GPT-J).
+    parallel_block: bool = False
+    #: Gated MLP (gate/up/down) or a plain one (up/down, e.g. Phi-2's fc1/fc2): gate_proj None.
+    mlp_gated: bool = True
+    #: "rms" (RMSNorm) or "layer" (LayerNorm with bias); kept as is in the pruned model.
+    norm_type: str = "rms"
+    #: Converts a loaded model, in place and exactly, into the module layout the pruning code
+    #: reads (separate q/k/v and gate/up linears, RoPE dims in rotate_half pairs); None if
+    #: the Hugging Face layout already is that. Must be idempotent.
+    prepare: Callable[[nn.Module, ArchSpec], None] | None = None
+    #: Source state-dict prefixes renamed for the pruned model (e.g. Phi's final_layernorm).
+    state_renames: tuple[tuple[str, str], ...] = ()
     #: Residual shortcut matrices inside each layer (SliceGPT-sliced models only); counted
     #: with the attention and MLP linears because they cost the same per token.
     attn_shortcut: str | None = None
@@ -52,6 +64,7 @@ class ArchSpec:
     qkv_bias: Callable[[Any], bool] = field(default=lambda c: bool(getattr(c, "attention_bias", False)))
     o_bias: Callable[[Any], bool] = field(default=lambda c: bool(getattr(c, "attention_bias", False)))
     mlp_bias: Callable[[Any], bool] = field(default=lambda c: bool(getattr(c, "mlp_bias", False)))
+    lm_head_bias: Callable[[Any], bool] = field(default=lambda c: False)
 
     # -- module access -------------------------------------------------------------
     @staticmethod
@@ -79,17 +92,25 @@ class ArchSpec:
     def mlp_module(self, layer: nn.Module) -> nn.Module:
         return self._get(layer, self.mlp)
 
-    def gate_up_down(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    def gate_up_down(self, layer: nn.Module) -> tuple[nn.Linear | None, nn.Linear, nn.Linear]:
         m = self.mlp_module(layer)
-        return self._get(m, self.gate_proj), self._get(m, self.up_proj), self._get(m, self.down_proj)
+        # A pruned model of a plain-MLP family has no gate even under the generic mapping.
+        gate = getattr(m, self.gate_proj, None) if self.mlp_gated else None
+        return gate, self._get(m, self.up_proj), self._get(m, self.down_proj)
 
-    def set_mlp_linears(self, layer: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
+    def set_mlp_linears(self, layer: nn.Module, gate: nn.Linear | None, up: nn.Linear, down: nn.Linear) -> None:
         m = self.mlp_module(layer)
-        setattr(m, self.gate_proj, gate)
+        if gate is not None:
+            setattr(m, self.gate_proj, gate)
         setattr(m, self.up_proj, up)
         setattr(m, self.down_proj, down)
         if hasattr(m, "intermediate_size"):
-            m.intermediate_size = gate.out_features
+            m.intermediate_size = up.out_features
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Bring a freshly loaded model into the layout the pruning code reads (idempotent)."""
+        if self.prepare is not None:
+            self.prepare(model, self)
 
     def shortcuts(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         """(attention, MLP) shortcut linears of a layer, or None where the layout has none."""
@@ -98,6 +119,11 @@ class ArchSpec:
     def mlp_input_module(self, layer: nn.Module) -> nn.Module:
         """The module whose input is the residual stream right after the attention block."""
         return self._get(layer, self.post_attn_norm)
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices per MLP channel (3 gated, 2 plain): what one removed channel saves."""
+        return 3 if self.mlp_gated else 2
 
     def mlp_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Second half of a pre-norm decoder layer: ``h + mlp(norm(h))``.
@@ -139,11 +165,15 @@ class ArchSpec:
             "intermediate_size": dims["m"],
             "hidden_act": str(config.hidden_act),
             "max_position_embeddings": int(config.max_position_embeddings),
-            "rms_norm_eps": float(config.rms_norm_eps),
+            "rms_norm_eps": float(config.layer_norm_eps if self.norm_type == "layer" else config.rms_norm_eps),
             "rope_parameters": dict(rope),
             "attention_bias": self.qkv_bias(config),
             "o_proj_bias": self.o_bias(config),
             "mlp_bias": self.mlp_bias(config),
+            "mlp_gated": self.mlp_gated,
+            "parallel_block": self.parallel_block,
+            "norm_type": self.norm_type,
+            "lm_head_bias": self.lm_head_bias(config),
             "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
             "source_model_type": str(config.model_type),
             "pad_token_id": getattr(config, "pad_token_id", None),

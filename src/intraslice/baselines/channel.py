@@ -27,7 +27,7 @@ from torch import nn
 from ..arch import ArchSpec
 from ..config import PruneConfig
 from ..modeling import IntraSliceConfig
-from ..runner import LayerRunner, _hooks, _linear, check_finite, install_attention
+from ..runner import LayerRunner, _hooks, _linear, _rows, check_finite, install_attention
 
 # -- pure math ----------------------------------------------------------------------------
 
@@ -207,13 +207,10 @@ def prune_mlp_channels(
     if cfg.bias_compensation:
         d_bias = compensation_bias(w_d, d_bias, stats, removed)
 
-    def sel(lin: nn.Linear) -> torch.Tensor | None:
-        return lin.bias.data.cpu()[kept] if lin.bias is not None else None
-
     arch.set_mlp_linears(
         layer,
-        _linear(gate.weight.data.cpu()[kept], sel(gate), dtype, cfg.device),
-        _linear(up.weight.data.cpu()[kept], sel(up), dtype, cfg.device),
+        _rows(gate, kept, dtype, cfg.device),
+        _rows(up, kept, dtype, cfg.device),
         _linear(w_d[:, kept], d_bias, dtype, cfg.device),
     )
     timings["mlp_math"] += time.perf_counter() - t

@@ -289,6 +289,11 @@ def slice_layers(
 def slicegpt_config(model: nn.Module, ratio: float, dim: int | None = None) -> tuple[SliceGPTConfig, dict[str, Any]]:
     """The sliced model's config for a real decoder-parameter ``ratio`` (or an explicit width)."""
     arch = get_arch(model.config)
+    if arch.parallel_block or arch.norm_type != "rms" or not arch.mlp_gated:
+        raise IntraSliceError(
+            f"the slicegpt baseline handles sequential RMSNorm blocks with a gated MLP; {arch.name} has "
+            "parallel blocks / LayerNorm (SliceGPT would first fold LayerNorm's centring into the linears)"
+        )
     dims = arch.dims(model.config)
     biases = {
         "qkv": arch.qkv_bias(model.config),

@@ -6,9 +6,15 @@ every saved model so that ``trust_remote_code=True`` loads the model without the
 
 The residual stream is never touched by IntraSlice, so the global shapes (vocabulary,
 hidden size, number of layers, norms, RoPE parameters) are those of the source model.
-What changes is *inside* each decoder layer, and every such shape lives in ``layers``:
+What changes is *inside* each decoder layer, and every such shape lives in ``layers``.
+Layout flags describe the source family: ``mlp_gated`` (gate/up/down, or up/down as
+Phi-2's fc1/fc2), ``parallel_block`` (attention and MLP read one norm, Phi-2),
+``norm_type`` ("rms" or "layer": LayerNorm with bias), ``lm_head_bias``. With a partial
+rotary embedding (``rope_parameters["partial_rotary_factor"]`` < 1) the frequencies past the
+rotary part are zero: the non-rotating q/k dims are pairs that never rotate.
 
 ``layers[l]`` is a dict with
+
     ``num_heads``          query heads kept in this layer
     ``num_kv_heads``       KV heads kept in this layer
     ``head_dim``           common width r of the kept heads (Q/K and V/O)
@@ -48,6 +54,10 @@ class IntraSliceConfig(PretrainedConfig):
         o_proj_bias: bool = False,
         mlp_bias: bool = False,
         down_proj_bias: bool = False,
+        mlp_gated: bool = True,
+        parallel_block: bool = False,
+        norm_type: str = "rms",
+        lm_head_bias: bool = False,
         tie_word_embeddings: bool = False,
         layers: list[dict[str, Any]] | None = None,
         source_model_type: str | None = None,
@@ -73,6 +83,10 @@ class IntraSliceConfig(PretrainedConfig):
         self.o_proj_bias = o_proj_bias
         self.mlp_bias = mlp_bias
         self.down_proj_bias = down_proj_bias
+        self.mlp_gated = mlp_gated
+        self.parallel_block = parallel_block
+        self.norm_type = norm_type
+        self.lm_head_bias = lm_head_bias
         self.source_model_type = source_model_type
         self.use_cache = use_cache
         if layers is None:

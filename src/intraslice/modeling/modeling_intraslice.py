@@ -58,16 +58,22 @@ class IntraSliceRotaryEmbedding(nn.Module):
 
     def __init__(self, config: IntraSliceConfig) -> None:
         super().__init__()
+        self.register_buffer("inv_freq", self.frequencies(config), persistent=False)
+
+    def frequencies(self, config: IntraSliceConfig) -> torch.Tensor:
+        """head_dim/2 frequencies; with a partial rotary embedding the tail is zero (no rotation)."""
         rope_type = config.rope_parameters.get("rope_type", "default")
+        partial = float(config.rope_parameters.get("partial_rotary_factor", 1.0) or 1.0)
         if rope_type == "default":
             base = float(config.rope_parameters["rope_theta"])
-            dim = config.head_dim
+            dim = int(config.head_dim * partial)
             exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
             inv_freq = 1.0 / (base**exponents)
             self.attention_scaling = 1.0
         else:
             inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        pad = config.head_dim // 2 - inv_freq.shape[0]
+        return torch.cat([inv_freq, inv_freq.new_zeros(pad)]) if pad > 0 else inv_freq
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +221,8 @@ class IntraSliceAttention(nn.Module):
 
 
 class IntraSliceMLP(nn.Module):
-    """Gated MLP (gate/up/down) with this layer's own width.
+    """Gated MLP (gate/up/down), or plain (up/down) when ``config.mlp_gated`` is False, with
+    this layer's own width.
 
     ``down_proj_bias`` adds a bias to ``down_proj`` alone: the channel baseline folds the
     mean contribution of removed channels into it (FLAP's bias compensation).
@@ -227,13 +234,24 @@ class IntraSliceMLP(nn.Module):
         super().__init__()
         d_in, d_out = in_dim or config.hidden_size, out_dim or config.hidden_size
         down_bias = config.mlp_bias or getattr(config, "down_proj_bias", False)
-        self.gate_proj = nn.Linear(d_in, width, bias=config.mlp_bias)
+        self.gated = getattr(config, "mlp_gated", True)
+        if self.gated:
+            self.gate_proj = nn.Linear(d_in, width, bias=config.mlp_bias)
         self.up_proj = nn.Linear(d_in, width, bias=config.mlp_bias)
         self.down_proj = nn.Linear(width, d_out, bias=down_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.down_proj(self.act_fn(self.up_proj(x)))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_norm(config: IntraSliceConfig) -> nn.Module:
+    """The source family's norm: RMSNorm, or LayerNorm with bias (Phi-2)."""
+    if getattr(config, "norm_type", "rms") == "layer":
+        return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return IntraSliceRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
 class IntraSliceDecoderLayer(nn.Module):
@@ -242,8 +260,11 @@ class IntraSliceDecoderLayer(nn.Module):
         spec = config.layers[layer_idx]
         self.self_attn = IntraSliceAttention(config, layer_idx)
         self.mlp = IntraSliceMLP(config, int(spec["intermediate_size"]))
-        self.input_layernorm = IntraSliceRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = IntraSliceRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = make_norm(config)
+        # A parallel block (Phi-2) feeds one norm to both attention and MLP.
+        self.parallel = getattr(config, "parallel_block", False)
+        if not self.parallel:
+            self.post_attention_layernorm = make_norm(config)
 
     def forward(
         self,
@@ -254,13 +275,16 @@ class IntraSliceDecoderLayer(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         residual = hidden_states
+        normed = self.input_layernorm(hidden_states)
         attn, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
+            normed,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             cache=cache,
             **kwargs,
         )
+        if self.parallel:
+            return residual + attn + self.mlp(normed)
         hidden_states = residual + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -289,7 +313,7 @@ class IntraSlicePreTrainedModel(PreTrainedModel):
             module.kv_index.copy_(torch.tensor(spec["kv_index"], dtype=torch.long))
             module.rope_pairs.copy_(torch.tensor(spec["rope_pairs"], dtype=torch.long))
         elif isinstance(module, IntraSliceRotaryEmbedding):
-            module.inv_freq.copy_(IntraSliceRotaryEmbedding(self.config).inv_freq)
+            module.inv_freq.copy_(module.frequencies(self.config))
 
 
 class IntraSliceModel(IntraSlicePreTrainedModel):
@@ -298,7 +322,7 @@ class IntraSliceModel(IntraSlicePreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(self.make_layer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = IntraSliceRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = make_norm(config)
         self.rotary_emb = IntraSliceRotaryEmbedding(config)
         self.post_init()
 
@@ -364,7 +388,7 @@ class IntraSliceForCausalLM(IntraSlicePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = self.make_model(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=getattr(config, "lm_head_bias", False))
         self.post_init()
 
     @staticmethod
