@@ -173,16 +173,33 @@ class IntraSliceAttention(nn.Module):
         # keys/values are gathered per query head (the cache still stores KV heads only).
         self.num_key_value_groups = counts[0] if uniform else 1
         self._gather_kv = not uniform
+        # Fast paths: every KV head kept every frequency (no gather at all), or equal groups
+        # (query heads rotate with their KV head's tables by broadcasting, not by a gather).
+        all_pairs = list(range(config.head_dim // 2))
+        self._full_rope = self.head_dim == config.head_dim and all(ps == all_pairs for ps in pair_lists)
+        self._groups = counts[0] if uniform else None
 
-    def _rope_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _apply_rope(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on (B, heads, T, r) q/k with each KV head's own kept frequencies."""
+        if self._full_rope:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         half = cos.shape[-1] // 2
         idx = self.rope_pairs.to(cos.device)  # (n_kv, r/2)
         cos_kv = cos[..., :half][..., idx]  # (B, T, n_kv, r/2)
         sin_kv = sin[..., :half][..., idx]
         cos_kv = torch.cat((cos_kv, cos_kv), dim=-1).transpose(1, 2)  # (B, n_kv, T, r)
         sin_kv = torch.cat((sin_kv, sin_kv), dim=-1).transpose(1, 2)
+        k = k * cos_kv + rotate_half(k) * sin_kv
+        if self._groups is not None:
+            b, _, t, r = q.shape
+            qg = q.view(b, self.num_kv_heads, self._groups, t, r)
+            c, s_ = cos_kv.unsqueeze(2), sin_kv.unsqueeze(2)
+            return (qg * c + rotate_half(qg) * s_).view(b, self.num_heads, t, r), k
         q_idx = self.kv_index.to(cos.device)
-        return cos_kv[:, q_idx], sin_kv[:, q_idx], cos_kv, sin_kv
+        return q * cos_kv[:, q_idx] + rotate_half(q) * sin_kv[:, q_idx], k
 
     def forward(
         self,
@@ -202,9 +219,7 @@ class IntraSliceAttention(nn.Module):
         k = self.k_proj(hidden_states).view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
-        cos_q, sin_q, cos_k, sin_k = self._rope_tables(*position_embeddings)
-        q = q * cos_q + rotate_half(q) * sin_q
-        k = k * cos_k + rotate_half(k) * sin_k
+        q, k = self._apply_rope(q, k, *position_embeddings)
 
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
