@@ -97,10 +97,19 @@ def main() -> None:
     ap.add_argument("--save-models", default=None, help="also save every pruned model under this directory")
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--retime",
+        action="store_true",
+        help="prune nothing: re-time the models saved by an earlier --save-models run (on a quiet machine) "
+        "and rewrite the results, plots and table",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.retime:
+        retime(args, out)
+        return
 
     src = load_model()
     calib = calibration_windows(src.tokenizer, args.calib, args.nsamples, args.seqlen, seed=0)
@@ -164,28 +173,67 @@ def main() -> None:
                     overwrite=True,
                 )
                 model.to(args.device)
-        speed = benchmark_speed(
-            [("dense", base), *models.items()],
-            args.prefill,
-            args.decode,
-            repeats=args.repeats,
-            warmup=1,
-            log=lambda m: print("  " + m, flush=True),
-        ).to_dict()
-        for row in rows[-len(args.methods) :]:
-            row["speed"] = {**speed["models"][row["method"]], "reference": speed["models"]["dense"]}
-            row["speed_setup"] = {
-                "device": args.device,
-                "threads": torch.get_num_threads(),
-                "repeats": args.repeats,
-                "warmup": 1,
-                "batch": 1,
-            }
-            row["versions"] = _versions()
-            name = f"compare-smollm2-{row['method']}-r{ratio:.2f}{args.tag}.json"
-            (out / name).write_text(json.dumps(row, indent=2) + "\n")
+        time_group(args, out, base, models, rows[-len(args.methods) :])
         del models
+    write_report(args, out, rows, dense, calib.tokens.shape, calib.source)
 
+
+def time_group(args: argparse.Namespace, out: Path, base: Any, models: dict[str, Any], rows: list[dict]) -> None:
+    """Time one ratio's models interleaved with the dense model; store the speeds in their rows."""
+    speed = benchmark_speed(
+        [("dense", base), *models.items()],
+        args.prefill,
+        args.decode,
+        repeats=args.repeats,
+        warmup=1,
+        log=lambda m: print("  " + m, flush=True),
+    ).to_dict()
+    for row in rows:
+        row["speed"] = {**speed["models"][row["method"]], "reference": speed["models"]["dense"]}
+        row["speed_setup"] = {
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+            "warmup": 1,
+            "batch": 1,
+        }
+        row["versions"] = _versions()
+        name = f"compare-smollm2-{row['method']}-r{row['ratio']:.2f}{args.tag}.json"
+        (out / name).write_text(json.dumps(row, indent=2) + "\n")
+
+
+def retime(args: argparse.Namespace, out: Path) -> None:
+    """Re-time saved models without pruning again (timings need a machine with nothing else running)."""
+    if not args.save_models:
+        raise SystemExit("--retime needs --save-models DIR (where the earlier run saved the models)")
+    base = load_model().model.to(args.device)
+    rows: list[dict[str, Any]] = []
+    for ratio in args.ratios:
+        group = []
+        for method in args.methods:
+            group.append(json.loads((out / f"compare-smollm2-{method}-r{ratio:.2f}{args.tag}.json").read_text()))
+        models = {
+            r["method"]: load_model(str(Path(args.save_models) / f"smollm2-{r['method']}-{ratio:.2f}")).model.to(
+                args.device
+            )
+            for r in group
+        }
+        print(f"ratio {ratio:.2f}", flush=True)
+        time_group(args, out, base, models, group)
+        rows.extend(group)
+        del models
+    calib = rows[0]["calibration"]
+    write_report(args, out, rows, rows[0]["dense_ppl"], (calib["nsamples"], calib["seqlen"]), calib["source"])
+
+
+def write_report(
+    args: argparse.Namespace,
+    out: Path,
+    rows: list[dict[str, Any]],
+    dense: dict[str, Any],
+    calib_shape: tuple[int, int],
+    calib_source: str,
+) -> None:
     summary = {
         "dense_ppl": dense,
         "rows": [{k: r[k] for k in ("method", "ratio", "reduction", "ppl", "prune_seconds", "speed")} for r in rows],
@@ -193,7 +241,7 @@ def main() -> None:
     (out / f"compare-smollm2{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots = _plot(rows, dense, out, args.prefill[-1])
 
-    n, t = calib.tokens.shape
+    n, t = calib_shape
     p_short, p_long, dec = args.prefill[0], args.prefill[-1], args.decode[0]
     lines = [
         "| target | method | decoder removed | whole model removed | P1 ppl | prefill "
@@ -212,7 +260,7 @@ def main() -> None:
         )
     ref = rows[0]["speed"]["reference"]
     body = (
-        f"SmolLM2-135M-Instruct, calibration {n} x {t} tokens from `{calib.source}` (the same windows for every "
+        f"SmolLM2-135M-Instruct, calibration {n} x {t} tokens from `{calib_source}` (the same windows for every "
         f"method), P1 perplexity on the first {dense['windows']} WikiText-2 test windows. Speedups are measured "
         f"against the dense model timed interleaved with each ratio's models (medians of {args.repeats} repeats "
         f"after 1 warm-up, batch 1, {args.device}, {torch.get_num_threads()} threads; dense prefill "
@@ -232,7 +280,7 @@ def main() -> None:
         + " ".join(map(str, args.decode))
         + f" --repeats {args.repeats} --threads {args.threads}"
         + (f" --tag={args.tag}" if args.tag else "")
-        + "`\n"
+        + " --save-models DIR`; timings alone: the same command with `--retime`\n"
     )
     update_benchmarks_md(f"compare-smollm2{args.tag}", body)
 
