@@ -155,7 +155,11 @@ class ArchSpec:
         rope = getattr(config, "rope_parameters", None)
         if not rope:
             rope = {"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 10000.0))}
+        extra = {}
+        if getattr(config, "original_max_position_embeddings", None):  # read by longrope/yarn initialisers
+            extra["original_max_position_embeddings"] = int(config.original_max_position_embeddings)
         return {
+            **extra,
             "vocab_size": int(config.vocab_size),
             "hidden_size": dims["d"],
             "num_hidden_layers": dims["n_layers"],
