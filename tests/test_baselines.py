@@ -188,3 +188,20 @@ def test_new_architectures_land_on_the_budget(arch_name: str, method: str) -> No
     model = make_tiny(arch_name)
     result = prune(model, calib_tokens(), PruneConfig(method=method, ratio=0.3, mlp_multiple=1), progress=False)
     assert abs(result.reduction()["decoder_linear"] - 0.3) < 0.01, result.reduction()
+
+
+@pytest.mark.parametrize("arch_name", ["phi3", "phi3-gqa-partial", "phi"])
+def test_prepare_converts_layouts_exactly(arch_name: str) -> None:
+    """Fused projections split, partial rotary re-paired: the converted source model is the same function."""
+    from intraslice.arch import get_arch
+    from intraslice.arch.convert import rotate_half_permutation
+
+    model = make_tiny(arch_name)
+    ids = calib_tokens(2, 20, seed=3)
+    ref = logits(model, ids)
+    arch = get_arch(model.config)
+    arch.prepare_model(model)
+    arch.prepare_model(model)  # idempotent
+    assert hasattr(arch.attention(arch.decoder_layers(model)[0]), "q_proj")
+    torch.testing.assert_close(logits(model, ids), ref, atol=1e-12, rtol=0)
+    assert rotate_half_permutation(8, 4).tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
