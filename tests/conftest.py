@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,11 @@ from transformers.models.qwen2 import modeling_qwen2
 import intraslice  # noqa: F401  (registers the auto classes)
 
 VOCAB = 320
+
+# Tests never use the network. With `datasets` installed (lm-eval, in the dev extra, pulls
+# it in) the WikiText-2 loaders would otherwise retry the hub for ~30 s per call offline.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _rmsnorm_keep_float64(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
