@@ -272,3 +272,10 @@ def test_smollm2_zeroshot_cli(capsys, tmp_path: Path) -> None:
     for task in ("arc_easy", "boolq", "hellaswag"):
         assert res["tasks"][task]["n"] == 8 and 0.0 <= res["tasks"][task]["value"] <= 1.0
     assert res["requests"] == 8 * (4 + 2 + 4)
+
+
+def test_hub_source_offline_is_a_clear_error(tiny_lm) -> None:
+    """--source hub runs lm-eval's own tasks; offline (as in the tests) that is one clear error."""
+    model, tok = tiny_lm
+    with pytest.raises(IntraSliceError, match=r"could not load the zero-shot tasks from hub.*--source local"):
+        zs.evaluate(model, tok, tasks="piqa", source="hub", progress=False)
