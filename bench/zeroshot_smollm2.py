@@ -97,6 +97,14 @@ def run_one(model: str, args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def method_of(r: dict[str, Any]) -> dict[str, Any]:
+    """Method name (and SliceGPT's width): reports hold either a name or a dict with details."""
+    m = r.get("method")
+    if isinstance(m, dict):
+        return {"method": m.get("method", "?"), "slice_dim": m.get("slice_dim")}
+    return {"method": m}
+
+
 def boolq_note(args: argparse.Namespace) -> str:
     """BoolQ at this scale mostly measures a yes/no bias: give the always-yes accuracy."""
     docs = load_task_dataset("boolq")["test"]
@@ -125,9 +133,12 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ]
     dense_ppl = next((d for r in results if (d := r.get("dense_ppl"))), None)
     for r in results:
+        r = {**r, **method_of(r)}
         if r["method"] == "dense" and dense_ppl:
             r = {**r, "ppl": dense_ppl["ppl"], "ppl_windows": dense_ppl["windows"]}
-        name = r["label"] if r["method"] == "dense" else f"{r['method']} {r.get('ratio')}"
+        name = f"{r['method']} {r.get('ratio')}"
+        if r.get("slice_dim"):
+            name += f" (slice dim {r['slice_dim']})"
         if r["method"] == "dense":
             name = "dense SmolLM2-135M"
         params = r["params"]["whole_model"] / 1e6
@@ -146,7 +157,10 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "P1 perplexity: from the pruned models' reports (first N WikiText-2 test windows, N in "
         "brackets; the dense value from the same windows). Raw results: `results/zeroshot-smollm2-*.json`.",
         "",
-        "Reproduce (each pruned model from `intraslice prune --ratio R --nsamples 32 --seqlen 2048 --out DIR`):",
+        "Pruned models: `intraslice prune --ratio R --nsamples 32 --seqlen 2048 --out DIR` (global_pca "
+        "allocation); SliceGPT: `intraslice prune --method slicegpt --target-params 0.3 --nsamples 32 "
+        "--seqlen 2048 --out DIR`, the same 30% decoder reduction counting its shortcut matrices, hence equal "
+        "real parameters. Calibration: bundled WikiText-2 validation (offline), seed 0, for all. Reproduce:",
         "",
         "    " + " ".join(["python bench/zeroshot_smollm2.py", *args.argv]),
         "",
