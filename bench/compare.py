@@ -51,16 +51,16 @@ def _plot(rows: list[dict[str, Any]], dense: dict[str, Any], out: Path, prefill_
     for kind in ("params", "speed"):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted(
+            pts = [  # in ratio order: a noisy speed reading must not reorder the line
                 (
                     r["reduction"]["decoder_linear"] * 100
                     if kind == "params"
                     else r["speed"]["prefill"][str(prefill_len)]["speedup"],
                     r["ppl"]["ppl"],
                 )
-                for r in rows
+                for r in sorted(rows, key=lambda r: r["ratio"])
                 if r["method"] == method
-            )
+            ]
             ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[method])
         ax.scatter([0 if kind == "params" else 1.0], [dense["ppl"]], color="black", zorder=5, label="dense")
         ax.set_yscale("log")
