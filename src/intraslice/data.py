@@ -67,6 +67,29 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+_HUB_REACHABLE: bool | None = None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub (or ``$HF_ENDPOINT``), remembered for the process.
+
+    Why: offline, ``datasets`` retries with backoff for ~40 s per call before failing; a
+    machine without a route to the hub should fall back to the bundled data at once.
+    """
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+                _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
 def _from_hub(*args: Any, **kwargs: Any) -> Any | None:
     """A ``datasets.load_dataset`` call, or None if datasets is missing or the hub unreachable."""
     if _offline():
@@ -74,6 +97,9 @@ def _from_hub(*args: Any, **kwargs: Any) -> Any | None:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
+        return None
+    if not _hub_reachable():
+        warnings.warn(f"the Hugging Face hub is unreachable: using the bundled copy of {args[0]}", stacklevel=3)
         return None
     try:
         return datasets.load_dataset(*args, **kwargs)
