@@ -159,3 +159,18 @@ def test_low_precision_models_prune_with_float64_statistics(dtype: torch.dtype, 
     saved = save_pruned(result.model, None, tmp_path / "m")
     reloaded = AutoModelForCausalLM.from_pretrained(saved)
     assert reloaded.dtype == dtype and torch.equal(logits(reloaded, ids), out)
+
+
+def test_decode_with_unequal_kv_groups_attends_group_by_group() -> None:
+    """Decode steps with unequal KV groups take the per-group path (no cache copy) and match the full forward."""
+    from .conftest import make_tiny
+
+    result = prune(make_tiny("llama-gqa"), calib_tokens(), PruneConfig(ratio=0.6, min_head_width=0.5), progress=False)
+    model = result.model
+    assert any(layer.self_attn._gather_kv and layer.self_attn._group_runs for layer in model.model.layers)
+    ids = calib_tokens(1, 20, seed=5)
+    full = logits(model, ids)
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :10], use_cache=True).cache
+        steps = [model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(10, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], atol=1e-10, rtol=0)

@@ -120,6 +120,16 @@ def eager_attention_forward(
     return out, weights
 
 
+class _GroupView:
+    """What an attention kernel reads from its module, for one KV group of ``n`` query heads."""
+
+    def __init__(self, n: int, config: IntraSliceConfig) -> None:
+        self.num_key_value_groups = n
+        self.is_causal = True
+        self.training = False
+        self.config = config
+
+
 class IntraSliceAttention(nn.Module):
     """Attention with per-layer shapes and per-KV-head RoPE frequency subsets.
 
@@ -178,6 +188,14 @@ class IntraSliceAttention(nn.Module):
         all_pairs = list(range(config.head_dim // 2))
         self._full_rope = self.head_dim == config.head_dim and all(ps == all_pairs for ps in pair_lists)
         self._groups = counts[0] if uniform else None
+        # Unequal but contiguous groups: a decode step attends group by group (each group one
+        # KV head, the kernels' GQA path) instead of copying the whole cache per query head.
+        self._group_runs: list[tuple[int, int, Any]] = []
+        if not uniform and kv_list == sorted(kv_list):
+            start = 0
+            for n in counts:
+                self._group_runs.append((start, n, _GroupView(n, config)))
+                start += n
 
     def _apply_rope(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -223,14 +241,32 @@ class IntraSliceAttention(nn.Module):
 
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if self._gather_kv:
-            k, v = k[:, self.kv_index], v[:, self.kv_index]
 
         impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
         attention_interface: Callable = eager_attention_forward
         if impl != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-        out, weights = attention_interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        if self._gather_kv and q_len == 1 and self._group_runs:
+            outs = [
+                attention_interface(
+                    proxy,
+                    q[:, start : start + n],
+                    k[:, j : j + 1],
+                    v[:, j : j + 1],
+                    attention_mask,
+                    dropout=0.0,
+                    scaling=self.scaling,
+                    **kwargs,
+                )[0]
+                for j, (start, n, proxy) in enumerate(self._group_runs)
+            ]
+            out, weights = torch.cat(outs, dim=2), None
+        else:
+            if self._gather_kv:
+                k, v = k[:, self.kv_index], v[:, self.kv_index]
+            out, weights = attention_interface(
+                self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+            )
         out = out.reshape(bsz, q_len, self.num_heads * self.head_dim).contiguous()
         return self.o_proj(out), weights
 
