@@ -401,9 +401,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         f"perplexity {res['ppl']:.4f} on {res['windows']}/{res['windows_total']} windows of {res['seqlen']} "
         f"tokens ({res['source']})"
     )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(res, fh, indent=2)
+    _write_json(args.json, res)
     return 0
 
 
@@ -441,9 +439,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     for name, m in res["models"].items():
         cells = "".join(f"{m['prefill'][str(s)]['speedup']:>13.2f}x" for s in args.prefill)
         print(f"{name[-40:]:40}{m['decoder_linear_flops_speedup_limit']:>19.2f}x{cells}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(res, fh, indent=2)
+    _write_json(args.json, res)
     return 0
 
 
@@ -492,10 +488,15 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
         f"lm-eval {res['lm_eval_version']}, data {res['source']}, {subset}; {res['requests']} requests in "
         f"{res['seconds']:.1f}s ({res['requests_per_s']:.2f}/s)"
     )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(res, fh, indent=2)
+    _write_json(args.json, res)
     return 0
+
+
+def _write_json(path: str | None, obj: dict[str, Any]) -> None:
+    """``--json FILE`` of the eval and bench commands."""
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kwargs: Any) -> None:
