@@ -180,9 +180,7 @@ def estimate_allocation(
         raise IntraSliceError(f"unknown allocation {mode!r}: use one of {', '.join(MODES)}")
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
-    pm = param_model(
-        dims, units_per_head, arch.qkv_bias(model.config), arch.mlp_bias(model.config), arch.mlp_matrices
-    )
+    pm = param_model(dims, units_per_head, arch.qkv_bias(model.config), arch.mlp_bias(model.config), arch.mlp_matrices)
     record: dict[str, Any] = {
         "mode": mode,
         "units_per_head": units_per_head,
