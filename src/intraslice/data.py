@@ -98,8 +98,10 @@ def _from_hub(*args: Any, **kwargs: Any) -> Any | None:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
         return None
+    first_probe = _HUB_REACHABLE is None
     if not _hub_reachable():
-        warnings.warn(f"the Hugging Face hub is unreachable: using the bundled copy of {args[0]}", stacklevel=3)
+        if first_probe:  # said once per process; each fallback still says what it falls back to
+            warnings.warn("the Hugging Face hub is unreachable: using bundled data", stacklevel=3)
         return None
     try:
         return datasets.load_dataset(*args, **kwargs)
