@@ -40,7 +40,7 @@ from ..errors import IntraSliceError
 from ..modeling import SliceGPTConfig
 from ..modeling.modeling_slicegpt import SliceGPTDecoderLayer
 from ..params import layer_linear_params
-from ..runner import LayerReport, LayerRunner, PruneOutcome, capture_layer0_inputs, check_finite
+from ..runner import LayerReport, LayerRunner, PruneOutcome, _gram, capture_layer0_inputs, check_finite
 
 # -- pure math ----------------------------------------------------------------------------
 
@@ -157,12 +157,6 @@ def _project(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     return ((x.to(torch.float64) @ b) @ b.T).to(x.dtype)
 
 
-def _gram_acc(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    g = x.T @ x
-    return g if acc is None else acc + g
-
-
 def _source_weights(arch: ArchSpec, layer: nn.Module) -> dict[str, torch.Tensor | None]:
     q, k, v, o = arch.qkvo(layer)
     gate, up, down = arch.gate_up_down(layer)
@@ -232,7 +226,7 @@ def slice_layers(
         h_mid: torch.Tensor | None = None
         for batch, kw in runner.each_batch(inps):
             mid = runner.input_of(arch.mlp_input_module(layer), batch, kw)
-            h_mid = _gram_acc(h_mid, mid)
+            h_mid = _gram(mid) if h_mid is None else h_mid + _gram(mid)
             mids.append(mid.to(cfg.offload_device))
         check_finite(h_mid, "the residual signal after attention", li)
         basis_mid = pca_basis(h_mid, rd[2 * li + 1])
@@ -243,7 +237,7 @@ def slice_layers(
         h_out: torch.Tensor | None = None
         for mid in mids:
             out = arch.mlp_block(layer, _project(mid.to(cfg.device), basis_mid))
-            h_out = _gram_acc(h_out, out)
+            h_out = _gram(out) if h_out is None else h_out + _gram(out)
             outs.append(out.to(cfg.offload_device))
         del mids
         check_finite(h_out, "the outputs", li)
