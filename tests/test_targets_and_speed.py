@@ -66,9 +66,11 @@ def test_cli_goal_conflicts_are_user_errors(capsys, tiny_model_dir: Path, calib_
     assert not any(p.name in {"x", "y", "z"} for p in tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
-def test_candidate_shapes_match_the_ratio(ratio: float) -> None:
-    src = make_tiny("llama-gqa", dtype=torch.float32)
+@pytest.mark.parametrize(
+    ("arch_name", "ratio"), [("llama-gqa", 0.1), ("llama-gqa", 0.3), ("llama-gqa", 0.5), ("phi", 0.3)]
+)
+def test_candidate_shapes_match_the_ratio(arch_name: str, ratio: float) -> None:
+    src = make_tiny(arch_name, dtype=torch.float32)
     cand = candidate_model(src, ratio, mlp_multiple=1)
     before, after = param_report(src)["decoder_linear"], param_report(cand)["decoder_linear"]
     assert 1 - after / before == pytest.approx(ratio, abs=0.02)

@@ -173,14 +173,17 @@ def benchmark_speed(
 
 
 def predicted_layer_spec(
-    dims: dict[str, int], ratio: float, min_head_width: float, mlp_multiple: int
+    dims: dict[str, int], ratio: float, min_head_width: float, mlp_multiple: int, mlp_matrices: int = 3
 ) -> dict[str, Any]:
     """Data-free guess of the uniform-allocation shapes of one layer at ``ratio``.
 
     Mirrors the attention planner's rules (even common width, at least ``min_head_width``
     of h, whole heads deleted below that) and the runner's exact budget (the MLP absorbs
-    what the attention rounding leaves), without calibration data.
+    what the attention rounding leaves), without calibration data. ``mlp_matrices`` is 3
+    for a gated MLP, 2 for a plain one.
     """
+    from .baselines.channel import kept_head_layout
+
     n_h, n_kv, h, d, m = dims["n_heads"], dims["n_kv"], dims["head_dim"], dims["d"], dims["m"]
     keep = max(2, n_h * h - round(n_h * h * ratio))
     width = min(h, keep // n_h) // 2 * 2
@@ -189,22 +192,15 @@ def predicted_layer_spec(
         width = floor
     heads = max(1, min(n_h, keep // width))
     g = n_h // n_kv
-    kept = sorted(range(n_h), key=lambda i: (i % g, i))[:heads]  # spread deletions over KV groups
-    kept.sort()
-    kept_kv = sorted({i // g for i in kept})
+    kept = sorted(sorted(range(n_h), key=lambda i: (i % g, i))[:heads])  # spread deletions over KV groups
+    layout = kept_head_layout(kept, n_h, n_kv, width)
+    kept_kv = layout.pop("kept_kv")
     att_dense = d * h * (2 * n_h + 2 * n_kv)
     att = d * width * (2 * heads + 2 * len(kept_kv))
-    planned = (att_dense + 3 * d * m) * (1.0 - ratio)
-    mlp_w = max(0.0, (planned - att) / (3 * d))
+    planned = (att_dense + mlp_matrices * d * m) * (1.0 - ratio)
+    mlp_w = max(0.0, (planned - att) / (mlp_matrices * d))
     inter = mlp_keep_count(m, 1.0 - min(mlp_w, m) / m, mlp_multiple)
-    return {
-        "num_heads": heads,
-        "num_kv_heads": len(kept_kv),
-        "head_dim": width,
-        "kv_index": [kept_kv.index(i // g) for i in kept],
-        "rope_pairs": [list(range(width // 2)) for _ in kept_kv],
-        "intermediate_size": inter,
-    }
+    return {**layout, "intermediate_size": inter}
 
 
 def candidate_model(source: nn.Module, ratio: float, min_head_width: float = 0.75, mlp_multiple: int = 8) -> nn.Module:
@@ -214,7 +210,7 @@ def candidate_model(source: nn.Module, ratio: float, min_head_width: float = 0.7
     arch = get_arch(source.config)
     dims = arch.dims(source.config)
     kwargs = arch.pruned_config_kwargs(source.config)
-    spec = predicted_layer_spec(dims, ratio, min_head_width, mlp_multiple)
+    spec = predicted_layer_spec(dims, ratio, min_head_width, mlp_multiple, arch.mlp_matrices)
     config = IntraSliceConfig(**kwargs, layers=[dict(spec) for _ in range(dims["n_layers"])])
     config._attn_implementation = getattr(source.config, "_attn_implementation", None) or "sdpa"
     dtype = next(source.parameters()).dtype
