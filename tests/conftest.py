@@ -175,7 +175,7 @@ def tiny_model_dir(tmp_path: Path) -> Path:
 
 def assert_loads_without_package(out: Path, ids: torch.Tensor, ref: torch.Tensor, tmp_path: Path) -> str:
     """Load ``out`` with ``trust_remote_code=True`` in a subprocess where ``intraslice`` cannot
-    be imported, and check it reproduces ``ref`` exactly; returns the loaded class name."""
+    be imported, and check it reproduces ``ref`` to float64 rounding; returns the loaded class name."""
     import os
     import subprocess
     import sys
@@ -190,7 +190,8 @@ def assert_loads_without_package(out: Path, ids: torch.Tensor, ref: torch.Tensor
         f"ids = torch.load({str(tmp_path / 'ids.pt')!r}); ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
         "with torch.no_grad(): out = m(input_ids=ids).logits\n"
         "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
-        "assert torch.equal(out, ref), (out - ref).abs().max()\n"
+        # Another process may pick other BLAS kernels under load: equal to rounding, not bitwise.
+        "assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9), (out - ref).abs().max()\n"
         "print('OK', type(m).__name__)\n"
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}

@@ -10,13 +10,15 @@ import torch
 from torch import nn
 
 from .arch import get_arch
-from .baselines.channel import prune_attention_channels, prune_mlp_channels
-from .baselines.slicegpt import slice_layers, slicegpt_config
+from .baselines.channel import channel_method
+from .baselines.slicegpt import SliceGPTMethod, slicegpt_config
 from .config import PruneConfig
 from .errors import IntraSliceError
+from .methods.intraslice import intraslice_method
 from .modeling import IntraSliceConfig, IntraSliceForCausalLM, SliceGPTForCausalLM
 from .params import param_report
-from .runner import prune_layers
+from .pipeline import ModelLayers, run_layers
+from .pipeline.sequential import LayerMethod
 
 
 @dataclass
@@ -69,20 +71,12 @@ def prune(
     before = param_report(model)
     model.eval()
     extra: dict[str, Any] = {"method": config.method}
-    model_cls: type[IntraSliceForCausalLM] = IntraSliceForCausalLM
-    if config.method == "slicegpt":
-        pruned_config, info = slicegpt_config(model, config.ratio, config.slice_dim)
-        extra.update(info)
-        outcome = slice_layers(model, calibration, config, pruned_config, progress=progress)
-        model_cls = SliceGPTForCausalLM
-    else:
-        pruned_config = IntraSliceConfig(**arch.pruned_config_kwargs(model.config))
-        steps: dict[str, Any] = {}
-        if config.method == "channel":
-            pruned_config.o_proj_bias = pruned_config.o_proj_bias or config.bias_compensation
-            pruned_config.down_proj_bias = config.bias_compensation
-            steps = {"attention_step": prune_attention_channels, "mlp_step": prune_mlp_channels}
-        outcome = prune_layers(model, calibration, config, pruned_config, progress=progress, **steps)
+    method, pruned_config, model_cls, info = make_method(model, config)
+    extra.update(info)
+    policy = config.policy()
+    extra["devices"] = policy.describe()
+    desc = "slicing layers (SliceGPT)" if config.method == "slicegpt" else "pruning layers"
+    outcome = run_layers(ModelLayers(model, policy), calibration, method, policy, config.batch_size, progress, desc)
     pruned = build_pruned_model(model, pruned_config, model_cls)
     timings = dict(outcome.timings)
     timings["total"] = time.perf_counter() - t0
@@ -94,6 +88,25 @@ def prune(
         timings=timings,
         method=extra,
     )
+
+
+def make_method(
+    model: nn.Module, config: PruneConfig
+) -> tuple[LayerMethod, IntraSliceConfig, type[IntraSliceForCausalLM], dict[str, Any]]:
+    """The layer method for ``config.method``, the pruned model's config (filled in as the
+    layers are compressed) and its model class."""
+    arch = get_arch(model.config)
+    if config.method == "slicegpt":
+        sliced, info = slicegpt_config(model, config.ratio, config.slice_dim)
+        sliced._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        return SliceGPTMethod(sliced), sliced, SliceGPTForCausalLM, info
+    pruned_config = IntraSliceConfig(**arch.pruned_config_kwargs(model.config))
+    pruned_config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if config.method == "channel":
+        pruned_config.o_proj_bias = pruned_config.o_proj_bias or config.bias_compensation
+        pruned_config.down_proj_bias = config.bias_compensation
+        return channel_method(config, pruned_config), pruned_config, IntraSliceForCausalLM, {}
+    return intraslice_method(config, pruned_config), pruned_config, IntraSliceForCausalLM, {}
 
 
 def build_pruned_model(

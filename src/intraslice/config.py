@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import IntraSliceError
+from .pipeline.devices import DevicePolicy
 
 MAX_RATIO = 0.95
 METHODS = ("intraslice", "slicegpt", "channel")
@@ -30,8 +31,15 @@ class PruneConfig:
     min_head_width: float = 0.75
     mlp_multiple: int = 8
     batch_size: int = 4
+    #: Compute device ("cpu", "cuda", "cuda:1"): where the layer in work runs.
     device: str = "cpu"
-    offload_device: str = "cpu"
+    #: Where calibration activations wait between passes: auto, device, cpu (pinned on
+    #: CUDA) or disk (``offload_dir``); see :class:`intraslice.pipeline.DevicePolicy`.
+    activations: str = "auto"
+    #: Where the float64 eigendecompositions and solves run: auto (the compute device on a
+    #: GPU, else the CPU), cpu, or device.
+    math_device: str = "auto"
+    offload_dir: str | None = None
     diagnostics: bool = True
     #: Hit the target *real* decoder-parameter reduction: each layer's MLP width absorbs the
     #: difference between its planned and its actual attention size (head widths round to
@@ -62,6 +70,10 @@ class PruneConfig:
             raise IntraSliceError(f"damp must be >= 0, got {self.damp}")
         if self.batch_size < 1:
             raise IntraSliceError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def policy(self) -> DevicePolicy:
+        """The device policy of this run (every device move goes through it)."""
+        return DevicePolicy(self.device, self.activations, self.math_device, self.offload_dir)
 
     def ratios_for(self, n_layers: int) -> list[tuple[float, float]]:
         if self.layer_ratios is not None:

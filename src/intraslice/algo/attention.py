@@ -58,7 +58,7 @@ def channel_scores(h_diag: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
 
 def head_spectra(h: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     """Step B: per-head eigenvalues of the diagonal blocks of H, decreasing, normalised to sum 1."""
-    out = torch.zeros(n_heads, head_dim, dtype=torch.float64)
+    out = torch.zeros(n_heads, head_dim, dtype=torch.float64, device=h.device)
     for i in range(n_heads):
         blk = h[i * head_dim : (i + 1) * head_dim, i * head_dim : (i + 1) * head_dim]
         vals = eigh_desc(blk)[0].clamp_min(0)
@@ -86,12 +86,12 @@ def select_heads(
         raise ValueError(f"channel budget {keep} outside (0, {total}]")
     if keep == total:
         return list(range(n_heads)), head_dim
-    per_head_channels = torch.zeros(n_heads, dtype=torch.long)
+    per_head_channels = torch.zeros(n_heads, dtype=torch.long, device=scores.device)
     top = torch.topk(scores, keep).indices
     per_head_channels.index_add_(0, top // head_dim, torch.ones_like(top))
     head_mass = scores.view(n_heads, head_dim).sum(1)
     s_mat = spectra * head_mass[:, None]  # S[i, k]
-    cum = torch.cat([torch.zeros(n_heads, 1, dtype=torch.float64), s_mat.cumsum(1)], dim=1)
+    cum = torch.cat([torch.zeros(n_heads, 1, dtype=torch.float64, device=s_mat.device), s_mat.cumsum(1)], dim=1)
 
     def width(n_rem: int) -> int:
         return min(head_dim, keep // n_rem)
@@ -253,12 +253,12 @@ def compress_attention(
     # E. per-KV-group PCA basis of the pruned attention output.
     bases: dict[int, torch.Tensor] = {}
     for kv in kept_kv:
-        blk = torch.zeros(h, h, dtype=f64)
+        blk = torch.zeros(h, h, dtype=f64, device=h_tilde.device)
         for i in kept:
             if i // g == kv:
                 blk += h_tilde[i * h : (i + 1) * h, i * h : (i + 1) * h]
         bases[kv] = eigh_desc(blk)[1][:, :r]
-    c = torch.zeros(plan.n_heads * h, n_keep * r, dtype=f64)
+    c = torch.zeros(plan.n_heads * h, n_keep * r, dtype=f64, device=h_tilde.device)
     for a, i in enumerate(kept):
         c[i * h : (i + 1) * h, a * r : (a + 1) * r] = bases[i // g]
 
@@ -266,7 +266,7 @@ def compress_attention(
     yty = c.T @ h_tilde.to(f64) @ c
     ytx = c.T @ cross.to(f64)
     lam = damping(yty, damp)
-    eye = torch.eye(n_keep * r, dtype=f64)
+    eye = torch.eye(n_keep * r, dtype=f64, device=h_tilde.device)
     b = solve_spd(yty + lam * eye, ytx + lam * c.T)
     w_o64 = w_o.to(f64)
     new_o = w_o64 @ b.T

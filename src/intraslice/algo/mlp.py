@@ -49,8 +49,8 @@ def compress_mlp(h: torch.Tensor, w_down: torch.Tensor, keep: int, damp: float =
     lam = damping(h, damp)
     h_kk = h[kept][:, kept]
     rhs = h[kept].clone()  # S^T H  (keep x m)
-    rhs[torch.arange(keep), kept] += lam  # + λ S^T
-    r = solve_spd(h_kk + lam * torch.eye(keep, dtype=f64), rhs)  # (keep, m)
+    rhs[torch.arange(keep, device=h.device), kept] += lam  # + λ S^T
+    r = solve_spd(h_kk + lam * torch.eye(keep, dtype=f64, device=h.device), rhs)  # (keep, m)
     new_down = w @ r.T
     # ||Z W^T - Z S R W^T||^2 = tr(D H D^T), D = W - W R^T S^T.
     d = w.clone()

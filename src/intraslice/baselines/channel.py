@@ -17,17 +17,19 @@ statistics on the dense model in one pass; the sequential version is the stronge
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..arch import ArchSpec
 from ..config import PruneConfig
+from ..methods.layerwise import AttentionDone, LayerwiseMethod, MLPDone
 from ..modeling import IntraSliceConfig
-from ..runner import LayerRunner, _hooks, _linear, _rows, check_finite, install_attention
+from ..pipeline.devices import ActivationStore
+from ..pipeline.hooks import hooks
+from ..pipeline.modules import bias_of, install_attention, new_linear, row_linear
+from ..pipeline.sequential import LayerContext
 
 # -- pure math ----------------------------------------------------------------------------
 
@@ -42,13 +44,18 @@ class ChannelStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        self.total += x.sum(0).to(self.total.device)
-        self.squares += x.pow(2).sum(0).to(self.squares.device)
+        self.total += x.sum(0)
+        self.squares += x.pow(2).sum(0)
         self.count += x.shape[0]
 
     @classmethod
-    def zeros(cls, n: int) -> ChannelStats:
-        return cls(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64))
+    def zeros(cls, n: int, device: torch.device | str = "cpu") -> ChannelStats:
+        z = torch.zeros(n, dtype=torch.float64, device=device)
+        return cls(z, z.clone())
+
+    def map(self, fn: Any) -> ChannelStats:
+        """The same moments with ``fn`` applied to each tensor (the pipeline's device move)."""
+        return ChannelStats(fn(self.total), fn(self.squares), self.count)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -74,7 +81,7 @@ def compensation_bias(
 ) -> torch.Tensor:
     """The output bias that restores the mean contribution of removed input channels."""
     w = weight.to(torch.float64)
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.to(torch.float64)
     return b + w[:, removed] @ stats.mean[removed]
 
 
@@ -100,118 +107,115 @@ def kept_head_layout(kept: list[int], n_heads: int, n_kv: int, head_dim: int) ->
     }
 
 
-# -- plumbing (same signatures as the IntraSlice steps in ``runner``) ---------------------
+# -- the two block steps on the sequential pipeline ----------------------------------------
 
 
 def _input_stats(
-    runner: LayerRunner, inps: torch.Tensor, module: nn.Module, mid_module: nn.Module | None = None
-) -> tuple[ChannelStats, list[torch.Tensor]]:
+    ctx: LayerContext, module: nn.Module, mid_module: nn.Module | None = None
+) -> tuple[ChannelStats, ActivationStore | None]:
     """Moments of ``module``'s input. With ``mid_module`` the whole layer runs and that
     module's inputs (the residual after attention) are kept; otherwise the layer stops at
     ``module``."""
-    stats = ChannelStats.zeros(module.in_features)
-    mids: list[torch.Tensor] = []
+    stats = ChannelStats.zeros(module.in_features, ctx.device)
     if mid_module is None:
-        for batch, kw in runner.each_batch(inps):
-            stats.add(runner.input_of(module, batch, kw))
-        return stats, mids
+        for batch, kw in ctx.batches():
+            stats.add(ctx.input_of(module, batch, kw))
+        return stats, None
+    mids = ctx.store("mids")
 
     def on_in(_m: nn.Module, args: tuple) -> None:
         stats.add(args[0])
 
     def on_mid(_m: nn.Module, args: tuple) -> None:
-        mids.append(args[0].to(runner.cfg.offload_device))
+        mids.append(args[0])
 
-    with _hooks((module, on_in, True), (mid_module, on_mid, True)):
-        runner.run(inps)
+    with hooks((module, on_in, True), (mid_module, on_mid, True)):
+        ctx.run()
     return stats, mids
 
 
-def prune_attention_channels(
-    runner: LayerRunner,
-    arch: ArchSpec,
-    dims: dict[str, int],
-    inps: torch.Tensor,
-    att_ratio: float,
-    cfg: PruneConfig,
-    pruned_config: IntraSliceConfig,
-    li: int,
-    timings: dict[str, float],
-) -> tuple[dict[str, Any], float | None]:
+def _rows_of(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[idx]
+
+
+class ChannelAttentionStep:
     """Delete the lowest-scoring whole heads of one layer (optionally bias-compensated)."""
-    layer, dtype = runner.layer, next(runner.layer.parameters()).dtype
-    n_h, n_kv, h = dims["n_heads"], dims["n_kv"], dims["head_dim"]
-    q_proj, k_proj, v_proj, o_proj = arch.qkvo(layer)
-    t = time.perf_counter()
-    stats, _ = _input_stats(runner, inps, o_proj)
-    check_finite(stats.squares, "the o_proj input statistics", li)
-    timings["attention_stats"] += time.perf_counter() - t
 
-    t = time.perf_counter()
-    compensate = cfg.bias_compensation
-    w_o = o_proj.weight.data.cpu()
-    head_score = channel_scores(w_o, stats, compensate).view(n_h, h).sum(1)
-    n_drop = heads_to_remove(n_h, n_kv, att_ratio)
-    kept = sorted(torch.argsort(head_score, descending=True)[: n_h - n_drop].tolist())
-    layout = kept_head_layout(kept, n_h, n_kv, h)
-    kept_kv = layout.pop("kept_kv")
-    spec = {**layout, "intermediate_size": dims["m"]}
-    pruned_config.layers[li] = spec
+    def __init__(self, cfg: PruneConfig) -> None:
+        self.cfg = cfg
 
-    rows = lambda heads: torch.cat([torch.arange(i * h, (i + 1) * h) for i in heads])  # noqa: E731
-    q_rows, kv_rows = rows(kept), rows(kept_kv)
-    removed = torch.ones(n_h * h, dtype=torch.bool)
-    removed[q_rows] = False
-    o_bias = o_proj.bias.data.cpu() if o_proj.bias is not None else None
-    if compensate:
-        o_bias = compensation_bias(w_o, o_bias, stats, removed)
+    def collect(self, ctx: LayerContext, att_ratio: float) -> ChannelStats:
+        stats, _ = _input_stats(ctx, ctx.arch.qkvo(ctx.layer)[3])
+        ctx.check_finite(stats.squares, "the o_proj input statistics")
+        return stats
 
-    def bias_rows(lin: nn.Linear, idx: torch.Tensor) -> torch.Tensor | None:
-        return lin.bias.data.cpu()[idx] if lin.bias is not None else None
+    def compress(
+        self, ctx: LayerContext, stats: ChannelStats, att_ratio: float, pruned: IntraSliceConfig
+    ) -> AttentionDone:
+        n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
+        q_proj, k_proj, v_proj, o_proj = ctx.arch.qkvo(ctx.layer)
+        stats = stats.map(ctx.math)
+        compensate = self.cfg.bias_compensation
+        w_o = ctx.math(o_proj.weight)
+        head_score = channel_scores(w_o, stats, compensate).view(n_h, h).sum(1)
+        n_drop = heads_to_remove(n_h, n_kv, att_ratio)
+        kept = sorted(torch.argsort(head_score, descending=True)[: n_h - n_drop].tolist())
+        layout = kept_head_layout(kept, n_h, n_kv, h)
+        kept_kv = layout.pop("kept_kv")
+        spec = {**layout, "intermediate_size": ctx.dims["m"]}
+        pruned.layers[ctx.index] = spec
 
-    weights = (
-        (q_proj.weight.data.cpu()[q_rows], bias_rows(q_proj, q_rows)),
-        (k_proj.weight.data.cpu()[kv_rows], bias_rows(k_proj, kv_rows)),
-        (v_proj.weight.data.cpu()[kv_rows], bias_rows(v_proj, kv_rows)),
-        (w_o[:, q_rows], o_bias),
-    )
-    install_attention(arch, layer, pruned_config, li, spec, weights, dtype, cfg.device)
-    timings["attention_math"] += time.perf_counter() - t
-    return spec, None
+        rows = lambda heads: torch.cat([torch.arange(i * h, (i + 1) * h) for i in heads])  # noqa: E731
+        q_rows, kv_rows = rows(kept), rows(kept_kv)
+        removed = torch.ones(n_h * h, dtype=torch.bool)
+        removed[q_rows] = False
+        o_bias = ctx.math(bias_of(o_proj))
+        if compensate:
+            o_bias = compensation_bias(w_o, o_bias, stats, removed)
+        qkv = ((q_proj, q_rows), (k_proj, kv_rows), (v_proj, kv_rows))
+        weights = (
+            *((ctx.math(lin.weight)[idx], _rows_of(ctx.math(bias_of(lin)), idx)) for lin, idx in qkv),
+            (w_o[:, q_rows], o_bias),
+        )
+        install_attention(ctx.arch, ctx.layer, pruned, ctx.index, spec, weights, ctx.dtype, ctx.device)
+        return AttentionDone(spec, None)
 
 
-def prune_mlp_channels(
-    runner: LayerRunner,
-    arch: ArchSpec,
-    inps: torch.Tensor,
-    keep: int,
-    cfg: PruneConfig,
-    li: int,
-    timings: dict[str, float],
-) -> tuple[list[torch.Tensor], float | None]:
-    """Keep the ``keep`` highest-scoring MLP channels; returns the residuals after attention."""
-    layer, dtype = runner.layer, next(runner.layer.parameters()).dtype
-    gate, up, down = arch.gate_up_down(layer)
-    t = time.perf_counter()
-    stats, mids = _input_stats(runner, inps, down, arch.mlp_input_module(layer))
-    check_finite(stats.squares, "the down_proj input statistics", li)
-    timings["mlp_stats"] += time.perf_counter() - t
+class ChannelMLPStep:
+    """Keep the ``keep`` highest-scoring MLP channels (optionally bias-compensated)."""
 
-    t = time.perf_counter()
-    w_d = down.weight.data.cpu()
-    score = channel_scores(w_d, stats, cfg.bias_compensation)
-    kept = torch.sort(torch.argsort(score, descending=True)[:keep]).values
-    removed = torch.ones(w_d.shape[1], dtype=torch.bool)
-    removed[kept] = False
-    d_bias = down.bias.data.cpu() if down.bias is not None else None
-    if cfg.bias_compensation:
-        d_bias = compensation_bias(w_d, d_bias, stats, removed)
+    def __init__(self, cfg: PruneConfig) -> None:
+        self.cfg = cfg
 
-    arch.set_mlp_linears(
-        layer,
-        _rows(gate, kept, dtype, cfg.device),
-        _rows(up, kept, dtype, cfg.device),
-        _linear(w_d[:, kept], d_bias, dtype, cfg.device),
-    )
-    timings["mlp_math"] += time.perf_counter() - t
-    return mids, None
+    def collect(self, ctx: LayerContext) -> tuple[ChannelStats, ActivationStore]:
+        down = ctx.arch.gate_up_down(ctx.layer)[2]
+        stats, mids = _input_stats(ctx, down, ctx.arch.mlp_input_module(ctx.layer))
+        ctx.check_finite(stats.squares, "the down_proj input statistics")
+        assert mids is not None
+        return stats, mids
+
+    def compress(self, ctx: LayerContext, collected: tuple[ChannelStats, ActivationStore], keep: int) -> MLPDone:
+        stats, mids = collected
+        stats = stats.map(ctx.math)
+        gate, up, down = ctx.arch.gate_up_down(ctx.layer)
+        w_d = ctx.math(down.weight)
+        score = channel_scores(w_d, stats, self.cfg.bias_compensation)
+        kept = torch.sort(torch.argsort(score, descending=True)[:keep]).values
+        removed = torch.ones(w_d.shape[1], dtype=torch.bool, device=w_d.device)
+        removed[kept] = False
+        d_bias = ctx.math(bias_of(down))
+        if self.cfg.bias_compensation:
+            d_bias = compensation_bias(w_d, d_bias, stats, removed)
+        kept_host = ctx.policy.to_host(kept)
+        dtype, device = ctx.dtype, ctx.device
+        ctx.arch.set_mlp_linears(
+            ctx.layer,
+            row_linear(gate, kept_host, dtype, device),
+            row_linear(up, kept_host, dtype, device),
+            new_linear(w_d[:, kept], d_bias, dtype, device),
+        )
+        return MLPDone(mids, None)
+
+
+def channel_method(cfg: PruneConfig, pruned: IntraSliceConfig) -> LayerwiseMethod:
+    return LayerwiseMethod("channel", cfg, pruned, ChannelAttentionStep(cfg), ChannelMLPStep(cfg))

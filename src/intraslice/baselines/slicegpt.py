@@ -26,21 +26,19 @@ Choices (documented, not the paper's defaults in every case):
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..algo.linalg import eigh_desc
 from ..arch import ArchSpec, get_arch
-from ..config import PruneConfig
 from ..errors import IntraSliceError
 from ..modeling import SliceGPTConfig
 from ..modeling.modeling_slicegpt import SliceGPTDecoderLayer
 from ..params import layer_linear_params
-from ..runner import LayerReport, LayerRunner, PruneOutcome, _gram, capture_layer0_inputs, check_finite
+from ..pipeline.hooks import gram
+from ..pipeline.sequential import LayerContext, LayerReport, LayerResult
 
 # -- pure math ----------------------------------------------------------------------------
 
@@ -153,24 +151,23 @@ def _project(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     """x B B^T: the signal the sliced model carries, expressed in the source basis."""
     if basis is None:
         return x
-    b = basis.to(x.device)
-    return ((x.to(torch.float64) @ b) @ b.T).to(x.dtype)
+    return ((x.to(torch.float64) @ basis) @ basis.T).to(x.dtype)
 
 
-def _source_weights(arch: ArchSpec, layer: nn.Module) -> dict[str, torch.Tensor | None]:
-    q, k, v, o = arch.qkvo(layer)
-    gate, up, down = arch.gate_up_down(layer)
+def _source_weights(ctx: LayerContext) -> dict[str, torch.Tensor | None]:
+    q, k, v, o = ctx.arch.qkvo(ctx.layer)
+    gate, up, down = ctx.arch.gate_up_down(ctx.layer)
     w: dict[str, torch.Tensor | None] = {}
     for name, lin in (("q", q), ("k", k), ("v", v), ("o", o), ("gate", gate), ("up", up), ("down", down)):
-        w[name] = lin.weight.data.cpu()
-        w[f"{name}_bias"] = lin.bias.data.cpu() if lin.bias is not None else None
+        w[name] = ctx.math(lin.weight)
+        w[f"{name}_bias"] = ctx.math(lin.bias)
     return w
 
 
 def _sliced_layer(
-    config: SliceGPTConfig, li: int, folded: dict[str, torch.Tensor | None], dtype: torch.dtype
+    config: SliceGPTConfig, li: int, folded: dict[str, torch.Tensor | None], dtype: torch.dtype, device: torch.device
 ) -> SliceGPTDecoderLayer:
-    layer = SliceGPTDecoderLayer(config, li).to(dtype)
+    layer = SliceGPTDecoderLayer(config, li).to(device=device, dtype=dtype)
     attn, mlp = layer.self_attn, layer.mlp
     targets = {
         "q": attn.q_proj,
@@ -184,100 +181,79 @@ def _sliced_layer(
         "mlp_shortcut": layer.mlp_shortcut,
     }
     for name, lin in targets.items():
-        lin.weight.data.copy_(folded[name].to(dtype))
+        lin.weight.data.copy_(folded[name].to(device=device, dtype=dtype))
         bias = folded.get(f"{name}_bias")
         if lin.bias is not None:
-            lin.bias.data.copy_(bias.to(dtype))
+            lin.bias.data.copy_(bias.to(device=device, dtype=dtype))
     return layer
 
 
-@torch.no_grad()
-def slice_layers(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    cfg: PruneConfig,
-    config: SliceGPTConfig,
-    progress: bool = True,
-) -> PruneOutcome:
-    """Rotate and slice every decoder layer of ``model`` in place (layers are replaced)."""
-    arch = get_arch(model.config)
-    n_layers = arch.dims(model.config)["n_layers"]
-    rd = config.residual_dims
-    outcome = PruneOutcome(config=config)  # type: ignore[arg-type]
-    timings = dict.fromkeys(("capture", "attention_stats", "mlp_stats", "fold"), 0.0)
-    config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    dtype = next(model.parameters()).dtype
+class SliceGPTMethod:
+    """Rotate and slice each layer; the residual basis of one layer's output is the next's input.
 
-    t0 = time.perf_counter()
-    inps, kwargs, captured_bs = capture_layer0_inputs(model, arch, tokens, cfg)
-    timings["capture"] = time.perf_counter() - t0
-    check_finite(inps, "the inputs", 0)
-    layers = arch.decoder_layers(model)
-    basis_in: torch.Tensor | None = None
-    bar = tqdm(range(n_layers), desc="slicing layers (SliceGPT)", unit="layer", disable=not progress)
-    for li in bar:
-        t_layer = time.perf_counter()
-        layer = layers[li].to(cfg.device)
-        runner = LayerRunner(layer, kwargs, captured_bs, cfg)
+    Statistics (Grams of the residual signal) accumulate on the compute device; the PCA
+    bases are computed on the math device and brought to the compute device once per layer
+    for the projections.
+    """
+
+    name = "slicegpt"
+
+    def __init__(self, config: SliceGPTConfig) -> None:
+        self.config = config
+        self.basis_in: torch.Tensor | None = None  # on the math device
+
+    @torch.no_grad()
+    def compress(self, ctx: LayerContext) -> LayerResult:
+        li, layer, arch = ctx.index, ctx.layer, ctx.arch
+        n_layers = ctx.dims["n_layers"]
+        rd = self.config.residual_dims
         dense_att, dense_mlp = layer_linear_params(arch, layer)
 
-        t = time.perf_counter()
-        mids: list[torch.Tensor] = []
-        h_mid: torch.Tensor | None = None
-        for batch, kw in runner.each_batch(inps):
-            mid = runner.input_of(arch.mlp_input_module(layer), batch, kw)
-            h_mid = _gram(mid) if h_mid is None else h_mid + _gram(mid)
-            mids.append(mid.to(cfg.offload_device))
-        check_finite(h_mid, "the residual signal after attention", li)
-        basis_mid = pca_basis(h_mid, rd[2 * li + 1])
-        timings["attention_stats"] += time.perf_counter() - t
+        with ctx.timed("attention_stats"):
+            mids = ctx.store("mids")
+            h_mid: torch.Tensor | None = None
+            for batch, kw in ctx.batches():
+                mid = ctx.input_of(arch.mlp_input_module(layer), batch, kw)
+                h_mid = gram(mid) if h_mid is None else h_mid + gram(mid)
+                mids.append(mid)
+            ctx.check_finite(h_mid, "the residual signal after attention")
+            basis_mid = pca_basis(ctx.math(h_mid), rd[2 * li + 1])
+            mid_dev = ctx.policy.to_compute(basis_mid)
 
-        t = time.perf_counter()
-        outs: list[torch.Tensor] = []
-        h_out: torch.Tensor | None = None
-        for mid in mids:
-            out = arch.mlp_block(layer, _project(mid.to(cfg.device), basis_mid))
-            h_out = _gram(out) if h_out is None else h_out + _gram(out)
-            outs.append(out.to(cfg.offload_device))
-        del mids
-        check_finite(h_out, "the outputs", li)
-        basis_out = None if li == n_layers - 1 else pca_basis(h_out, rd[2 * li + 2])
-        inps = torch.cat([_project(o, basis_out) for o in outs])
-        del outs
-        timings["mlp_stats"] += time.perf_counter() - t
+        with ctx.timed("mlp_stats"):
+            outs = ctx.store("outputs")
+            h_out: torch.Tensor | None = None
+            for mid in mids:
+                out = arch.mlp_block(layer, _project(mid, mid_dev))
+                h_out = gram(out) if h_out is None else h_out + gram(out)
+                outs.append(out)
+            mids.clear()
+            ctx.check_finite(h_out, "the outputs")
+            basis_out = None if li == n_layers - 1 else pca_basis(ctx.math(h_out), rd[2 * li + 2])
+            out_dev = None if basis_out is None else ctx.policy.to_compute(basis_out)
+            nxt = ctx.store("outputs")
+            for o in outs:
+                nxt.append(_project(o, out_dev))
+            outs.clear()
 
-        t = time.perf_counter()
-        gamma_in = ArchSpec._get(layer, arch.input_norm).weight.data.cpu()
-        gamma_post = ArchSpec._get(layer, arch.post_attn_norm).weight.data.cpu()
-        folded = fold_layer(
-            _source_weights(arch, layer),
-            gamma_in,
-            gamma_post,
-            None if basis_in is None else basis_in.cpu(),
-            basis_mid.cpu(),
-            None if basis_out is None else basis_out.cpu(),
-        )
-        new_layer = _sliced_layer(config, li, folded, dtype).to(cfg.offload_device)
-        layers[li] = new_layer
-        basis_in = basis_out
-        timings["fold"] += time.perf_counter() - t
+        with ctx.timed("fold"):
+            gamma_in = ctx.math(ArchSpec._get(layer, arch.input_norm).weight)
+            gamma_post = ctx.math(ArchSpec._get(layer, arch.post_attn_norm).weight)
+            folded = fold_layer(_source_weights(ctx), gamma_in, gamma_post, self.basis_in, basis_mid, basis_out)
+            new_layer = _sliced_layer(self.config, li, folded, ctx.dtype, ctx.device)
+            self.basis_in = basis_out
         att, mlp = layer_linear_params(get_arch("slicegpt"), new_layer)
-        spec = config.layers[li]
-        outcome.layers.append(
-            LayerReport(
-                li,
-                1.0 - att / dense_att,
-                1.0 - mlp / dense_mlp,
-                int(spec["num_heads"]),
-                int(spec["num_kv_heads"]),
-                int(spec["head_dim"]),
-                int(spec["intermediate_size"]),
-                seconds=time.perf_counter() - t_layer,
-            )
+        spec = self.config.layers[li]
+        report = LayerReport(
+            li,
+            1.0 - att / dense_att,
+            1.0 - mlp / dense_mlp,
+            int(spec["num_heads"]),
+            int(spec["num_kv_heads"]),
+            int(spec["head_dim"]),
+            int(spec["intermediate_size"]),
         )
-        bar.set_postfix(dim=rd[2 * li + 1])
-    outcome.timings = timings
-    return outcome
+        return LayerResult(new_layer, report, nxt)
 
 
 def slicegpt_config(model: nn.Module, ratio: float, dim: int | None = None) -> tuple[SliceGPTConfig, dict[str, Any]]:

@@ -1,0 +1,209 @@
+"""IntraSlice's two block steps (method.md sections 2 and 3) on the sequential pipeline.
+
+Attention: pass A collects H = X^T X of the o_proj input and the post-RoPE |q k| means;
+the plan (heads, width, RoPE pairs) comes from those; pass B reruns the attention with the
+pruned Q/K to get H~ = X~^T X~ and X~^T X; the math then builds the V/O bases and the
+corrected o_proj. MLP: pass C collects Z^T Z of the down_proj input with this layer's
+attention already pruned (and keeps the residual after attention); the math keeps channels
+and corrects down_proj. Statistics accumulate in float64 on the compute device; the math
+receives them through ``ctx.math`` (the policy's math device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..algo.attention import AttentionPlan, compress_attention, head_channel_mask, plan_attention, qk_row_masks
+from ..algo.mlp import compress_mlp
+from ..config import PruneConfig
+from ..modeling import IntraSliceConfig
+from ..modeling.modeling_intraslice import rotate_half
+from ..pipeline.devices import ActivationStore
+from ..pipeline.hooks import gram, hooks, masked_rows
+from ..pipeline.modules import bias_of, install_attention, new_linear, row_linear
+from ..pipeline.sequential import LayerContext
+from .layerwise import AttentionDone, LayerwiseMethod, MLPDone
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rotate_half RoPE on (B, T, heads, h) with (B|1, T, h) tables."""
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class AttentionStats:
+    plan: AttentionPlan
+    h_dense: torch.Tensor  # (d_o, d_o) float64, compute device
+    h_tilde: torch.Tensor
+    cross: torch.Tensor
+
+
+@torch.no_grad()
+def dense_attention_stats(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor, ActivationStore]:
+    """Pass A: H = X^T X of the o_proj input, mu[i, j] = mean |q_ij k_g(i)j| after RoPE, and X.
+
+    X (the unpruned o_proj input) is kept per batch where the policy keeps activations:
+    pass B needs it token-aligned with the pruned attention output, and recomputing it
+    would cost a pass.
+    """
+    q_proj, k_proj, _, o_proj = ctx.arch.qkvo(ctx.layer)
+    n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
+    g = n_h // n_kv
+    d_o = n_h * h
+    h_acc = torch.zeros(d_o, d_o, dtype=torch.float64, device=ctx.device)
+    mu = torch.zeros(n_h, h, dtype=torch.float64, device=ctx.device)
+    n_tok = 0
+    xs = ctx.store("o_proj_inputs")
+    slot: dict[str, torch.Tensor] = {}
+
+    def on_q(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
+        slot["q"] = out
+
+    def on_k(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
+        slot["k"] = out
+
+    with hooks((q_proj, on_q, False), (k_proj, on_k, False)):
+        for batch, kw in ctx.batches():
+            x = ctx.input_of(o_proj, batch, kw)
+            h_acc += gram(x)
+            xs.append(x)
+            cos, sin = kw["position_embeddings"]
+            b, t, _ = slot["q"].shape
+            q = _rope(slot["q"].view(b, t, n_h, h).to(torch.float64), cos, sin)
+            k = _rope(slot["k"].view(b, t, n_kv, h).to(torch.float64), cos, sin)
+            mu += (q * k.repeat_interleave(g, dim=2)).abs().sum((0, 1))
+            n_tok += b * t
+    ctx.check_finite(h_acc, "the o_proj input covariance")
+    ctx.check_finite(mu, "the q/k statistics")
+    return h_acc, mu / max(n_tok, 1), xs
+
+
+@torch.no_grad()
+def pruned_attention_stats(
+    ctx: LayerContext, plan: AttentionPlan, dense_x: ActivationStore
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass B: H~ = X~^T X~ and X~^T X on the same tokens (X~: pruned Q/K, deleted heads zeroed)."""
+    q_proj, k_proj, _, o_proj = ctx.arch.qkvo(ctx.layer)
+    q_mask, k_mask = qk_row_masks(plan)
+    head_mask = ctx.policy.to_compute(head_channel_mask(plan))
+    d_o = plan.n_heads * plan.head_dim
+    h_t = torch.zeros(d_o, d_o, dtype=torch.float64, device=ctx.device)
+    cross = torch.zeros_like(h_t)
+    with masked_rows(q_proj, q_mask), masked_rows(k_proj, k_mask):
+        for (batch, kw), x in zip(ctx.batches(), dense_x, strict=True):
+            xt = ctx.input_of(o_proj, batch, kw).reshape(-1, d_o).to(torch.float64) * head_mask
+            h_t += xt.T @ xt
+            cross += xt.T @ x.reshape(-1, d_o).to(torch.float64)
+    ctx.check_finite(h_t, "the pruned attention output covariance")
+    return h_t, cross
+
+
+class IntraSliceAttentionStep:
+    """Head deletion, common width, RoPE pairs per KV group, V/O PCA with o_proj correction."""
+
+    def __init__(self, cfg: PruneConfig) -> None:
+        self.cfg = cfg
+
+    def collect(self, ctx: LayerContext, att_ratio: float) -> AttentionStats:
+        n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
+        h_dense, mu, dense_x = dense_attention_stats(ctx)
+        keep = n_h * h - round(n_h * h * att_ratio)
+        w_o = ctx.arch.qkvo(ctx.layer)[3].weight
+        plan = plan_attention(
+            ctx.math(h_dense), ctx.math(mu), ctx.math(w_o), n_h, n_kv, h, max(keep, 2), self.cfg.min_head_width
+        )
+        h_t, cross = pruned_attention_stats(ctx, plan, dense_x)
+        dense_x.clear()
+        return AttentionStats(plan, h_dense, h_t, cross)
+
+    def compress(
+        self, ctx: LayerContext, stats: AttentionStats, att_ratio: float, pruned: IntraSliceConfig
+    ) -> AttentionDone:
+        q_proj, k_proj, v_proj, o_proj = ctx.arch.qkvo(ctx.layer)
+        plan = stats.plan
+        comp = compress_attention(
+            plan,
+            ctx.math(stats.h_tilde),
+            ctx.math(stats.cross),
+            ctx.math(q_proj.weight),
+            ctx.math(k_proj.weight),
+            ctx.math(v_proj.weight),
+            ctx.math(o_proj.weight),
+            b_q=ctx.math(bias_of(q_proj)),
+            b_k=ctx.math(bias_of(k_proj)),
+            b_v=ctx.math(bias_of(v_proj)),
+            damp=self.cfg.damp,
+            h_dense=ctx.math(stats.h_dense) if self.cfg.diagnostics else None,
+        )
+        spec = {
+            "num_heads": len(plan.kept_heads),
+            "num_kv_heads": len(plan.kept_kv),
+            "head_dim": plan.width,
+            "kv_index": plan.kv_index(),
+            "rope_pairs": [plan.pairs[kv] for kv in plan.kept_kv],
+            "intermediate_size": ctx.dims["m"],
+        }
+        pruned.layers[ctx.index] = spec
+        weights = ((comp.w_q, comp.b_q), (comp.w_k, comp.b_k), (comp.w_v, comp.b_v), (comp.w_o, bias_of(o_proj)))
+        install_attention(ctx.arch, ctx.layer, pruned, ctx.index, spec, weights, ctx.dtype, ctx.device)
+        return AttentionDone(spec, comp.rel_error)
+
+
+@torch.no_grad()
+def mlp_input_stats(ctx: LayerContext) -> tuple[torch.Tensor, ActivationStore]:
+    """Pass C: H = Z^T Z of the down_proj input, with this layer's attention already pruned.
+
+    Also keeps the residual stream after the (pruned) attention, so that the layer's
+    outputs only need the pruned MLP block instead of the whole layer again.
+    """
+    _, _, down = ctx.arch.gate_up_down(ctx.layer)
+    acc: dict[str, torch.Tensor] = {}
+    mids = ctx.store("mids")
+
+    def on_down(_m: nn.Module, args: tuple) -> None:
+        g = gram(args[0])
+        acc["h"] = acc["h"] + g if "h" in acc else g
+
+    def on_mid(_m: nn.Module, args: tuple) -> None:
+        mids.append(args[0])
+
+    with hooks((down, on_down, True), (ctx.arch.mlp_input_module(ctx.layer), on_mid, True)):
+        ctx.run()
+    ctx.check_finite(acc["h"], "the down_proj input covariance")
+    return acc["h"], mids
+
+
+class IntraSliceMLPStep:
+    """Keep MLP channels, least-squares correction folded into down_proj."""
+
+    def __init__(self, cfg: PruneConfig) -> None:
+        self.cfg = cfg
+
+    def collect(self, ctx: LayerContext) -> tuple[torch.Tensor, ActivationStore]:
+        return mlp_input_stats(ctx)
+
+    def compress(self, ctx: LayerContext, stats: tuple[torch.Tensor, ActivationStore], keep: int) -> MLPDone:
+        h_z, mids = stats
+        gate, up, down = ctx.arch.gate_up_down(ctx.layer)
+        mc = compress_mlp(ctx.math(h_z), ctx.math(down.weight), keep, self.cfg.damp)
+        kept = ctx.policy.to_host(mc.kept)
+        dtype, device = ctx.dtype, ctx.device
+        ctx.arch.set_mlp_linears(
+            ctx.layer,
+            row_linear(gate, kept, dtype, device),
+            row_linear(up, kept, dtype, device),
+            new_linear(mc.w_down, bias_of(down), dtype, device),
+        )
+        return MLPDone(mids, mc.rel_error)
+
+
+def intraslice_method(cfg: PruneConfig, pruned: IntraSliceConfig) -> LayerwiseMethod:
+    return LayerwiseMethod("intraslice", cfg, pruned, IntraSliceAttentionStep(cfg), IntraSliceMLPStep(cfg))
+
+
+__all__: list[Any] = ["IntraSliceAttentionStep", "IntraSliceMLPStep", "intraslice_method"]
