@@ -31,6 +31,38 @@ def window_nll(model: Any, window: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
+def streamed_window_nlls(access: Any, windows: torch.Tensor, policy: Any, batch_size: int = 1) -> list[float]:
+    """Summed next-token NLL of each window, running one decoder layer at a time.
+
+    For models that do not fit the device: the windows' hidden states travel layer by
+    layer (as calibration data does when pruning), then the final norm and the LM head
+    (onloaded once) give the logits, never scored in half precision.
+    """
+    from ..pipeline.sequential import stream_forward
+
+    arch = access.arch
+    hidden = stream_forward(access, windows, policy, batch_size)
+    norm = access.onload_module(arch.final_norm)
+    head = access.onload_module(arch.lm_head)
+    out: list[float] = []
+    try:
+        for start, h in zip(range(0, windows.shape[0], batch_size), hidden.store, strict=True):
+            logits = head(norm(h))[:, :-1]
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            target = policy.to_compute(windows[start : start + h.shape[0], 1:])
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+            )
+            out.extend(float(x) for x in nll.view(h.shape[0], -1).sum(1))
+    finally:
+        hidden.store.clear()
+        access.release_module(arch.final_norm)
+        access.release_module(arch.lm_head)
+    return out
+
+
+@torch.no_grad()
 def perplexity(
     model: Any,
     tokenizer: Any,
@@ -40,8 +72,15 @@ def perplexity(
     device: str | torch.device | None = None,
     progress: bool = True,
     token_ids: torch.Tensor | None = None,
+    policy: Any | None = None,
+    stream: bool = False,
 ) -> dict[str, Any]:
-    """Perplexity over non-overlapping ``seqlen`` windows of WikiText-2 test (or ``text``)."""
+    """Perplexity over non-overlapping ``seqlen`` windows of WikiText-2 test (or ``text``).
+
+    ``stream=True`` (with a :class:`~intraslice.pipeline.DevicePolicy`) runs the model one
+    decoder layer at a time on ``policy.device`` while it stays in host memory, so a model
+    larger than the device is evaluated; otherwise the model runs where it is.
+    """
     if seqlen < 2:
         raise IntraSliceError(f"seqlen must be >= 2, got {seqlen}")
     source = "custom"
@@ -55,17 +94,28 @@ def perplexity(
     n = total if windows is None else min(int(windows), total)
     if n < 1:
         raise IntraSliceError(f"--windows must be >= 1, got {windows}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     nll, count = 0.0, 0
     t0 = time.perf_counter()
-    for w in tqdm(range(n), desc=f"ppl@{seqlen}", unit="window", disable=not progress):
-        window = token_ids[w * seqlen : (w + 1) * seqlen].view(1, -1).to(device)
-        s, c = window_nll(model, window)
-        if not math.isfinite(s):
-            raise IntraSliceError(f"non-finite loss on evaluation window {w}: the model produces NaN/Inf")
-        nll += s
-        count += c
+    if stream:
+        from ..pipeline import DevicePolicy, ModelLayers
+
+        policy = policy or DevicePolicy(str(device or "cpu"))
+        windows_ids = token_ids[: n * seqlen].view(n, seqlen)
+        sums = streamed_window_nlls(ModelLayers(model, policy), windows_ids, policy)
+        for w, s in enumerate(sums):
+            if not math.isfinite(s):
+                raise IntraSliceError(f"non-finite loss on evaluation window {w}: the model produces NaN/Inf")
+        nll, count = sum(sums), n * (seqlen - 1)
+    else:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        for w in tqdm(range(n), desc=f"ppl@{seqlen}", unit="window", disable=not progress):
+            window = token_ids[w * seqlen : (w + 1) * seqlen].view(1, -1).to(device)
+            s, c = window_nll(model, window)
+            if not math.isfinite(s):
+                raise IntraSliceError(f"non-finite loss on evaluation window {w}: the model produces NaN/Inf")
+            nll += s
+            count += c
     return {
         "ppl": math.exp(nll / count),
         "seqlen": seqlen,
@@ -73,5 +123,6 @@ def perplexity(
         "windows_total": total,
         "tokens_scored": count,
         "source": source,
+        "streamed": stream,
         "seconds": time.perf_counter() - t0,
     }

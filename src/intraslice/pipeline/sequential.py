@@ -79,6 +79,7 @@ class LayerAccess(Protocol):
 
     def onload(self, index: int) -> nn.Module: ...
     def emit(self, index: int, layer: nn.Module) -> None: ...
+    def release(self, index: int) -> None: ...
     def onload_module(self, path: str) -> nn.Module | None: ...
     def release_module(self, path: str) -> None: ...
 
@@ -100,6 +101,11 @@ class ModelLayers:
     def emit(self, index: int, layer: nn.Module) -> None:
         layers = self.arch.decoder_layers(self.model)
         layers[index] = layer if self.resident else self.policy.to_host(layer)
+
+    def release(self, index: int) -> None:
+        """Done with a layer that was only read (evaluation): back to host memory."""
+        if not self.resident:
+            self.policy.to_host(self.arch.decoder_layers(self.model)[index])
 
     def onload_module(self, path: str) -> nn.Module | None:
         try:
@@ -295,3 +301,29 @@ def run_layers(
         bar.set_postfix(heads=r.num_heads, r=r.head_dim, mlp=r.intermediate_size)
     inputs.store.clear()
     return outcome
+
+
+@torch.no_grad()
+def stream_forward(
+    access: LayerAccess,
+    tokens: torch.Tensor,
+    policy: DevicePolicy,
+    batch_size: int = 1,
+    progress: bool = False,
+    desc: str = "layers",
+) -> LayerInputs:
+    """The last decoder layer's outputs on ``tokens``, one layer on the device at a time.
+
+    The model is only read (each layer is released after use): this is how a model larger
+    than the device is evaluated. The final norm and LM head are applied by the caller.
+    """
+    inputs = capture_inputs(access, tokens, policy, batch_size)
+    n_layers = access.arch.dims(access.model.config)["n_layers"]
+    for li in tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress):
+        layer = access.onload(li)
+        ctx = LayerContext(li, layer, access.arch, {}, policy, inputs, {})
+        outputs = ctx.outputs(layer)
+        access.release(li)
+        inputs.store.clear()
+        inputs = LayerInputs(outputs, inputs.kwargs, inputs.captured_bs)
+    return inputs
