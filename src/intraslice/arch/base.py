@@ -48,9 +48,18 @@ class ArchSpec:
     mlp_gated: bool = True
     #: "rms" (RMSNorm) or "layer" (LayerNorm with bias); kept as is in the pruned model.
     norm_type: str = "rms"
-    #: Converts a loaded model, in place and exactly, into the module layout the pruning code
-    #: reads (separate q/k/v and gate/up linears, RoPE dims in rotate_half pairs); None if
-    #: the Hugging Face layout already is that. Must be idempotent.
+    #: Converts decoder layer ``i`` of a loaded model, in place and exactly, into the module
+    #: layout the pruning code reads (separate q/k/v and gate/up linears, RoPE dims in
+    #: rotate_half pairs); None if the Hugging Face layout already is that. Per layer, so a
+    #: streamed model (``checkpoint.SourceCheckpoint``) converts each layer as it is read.
+    #: Must be idempotent.
+    convert_layer: Callable[[nn.Module, ArchSpec, int], None] | None = None
+    #: The model-level part of that conversion (config checks, the rotary module of a partial
+    #: rotary embedding). Must work while the decoder layers are still on the meta device,
+    #: and be idempotent.
+    convert_globals: Callable[[nn.Module, ArchSpec], None] | None = None
+    #: A whole-model conversion for a layout that cannot be converted layer by layer (runs
+    #: after the two hooks above; a streamed model refuses it). No built-in family needs it.
     prepare: Callable[[nn.Module, ArchSpec], None] | None = None
     #: Source state-dict prefixes renamed for the pruned model (e.g. Phi's final_layernorm).
     state_renames: tuple[tuple[str, str], ...] = ()
@@ -107,8 +116,41 @@ class ArchSpec:
         if hasattr(m, "intermediate_size"):
             m.intermediate_size = up.out_features
 
+    @property
+    def needs_prepare(self) -> bool:
+        """Whether a loaded model must be converted before the pruning code can read it."""
+        return any(h is not None for h in (self.convert_layer, self.convert_globals, self.prepare))
+
+    def prepare_globals(self, model: nn.Module) -> None:
+        """The model-level conversion only (works on a skeleton whose layers are on meta)."""
+        if self.convert_globals is not None:
+            self.convert_globals(model, self)
+
+    def prepare_layer(self, model: nn.Module, index: int) -> None:
+        """Convert decoder layer ``index`` once its weights are real (idempotent).
+
+        A layer still on the meta device is left alone: there is nothing to convert yet, and
+        the streamed loader converts it when it materialises it.
+        """
+        if self.convert_layer is None:
+            if self.prepare is not None:
+                raise IntraSliceError(f"{self.name} models can only be converted whole, not layer by layer")
+            return
+        layer = self.decoder_layers(model)[index]
+        if any(p.is_meta for p in layer.parameters()):
+            return
+        self.convert_layer(model, self, index)
+
     def prepare_model(self, model: nn.Module) -> None:
-        """Bring a freshly loaded model into the layout the pruning code reads (idempotent)."""
+        """Bring a freshly loaded model into the layout the pruning code reads (idempotent).
+
+        The global part runs first, so a config check (e.g. Phi's qk_layernorm) fails
+        before any layer is touched.
+        """
+        self.prepare_globals(model)
+        if self.convert_layer is not None:
+            for index in range(len(self.decoder_layers(model))):
+                self.prepare_layer(model, index)
         if self.prepare is not None:
             self.prepare(model, self)
 

@@ -46,11 +46,25 @@ def head_rows(weight: torch.Tensor, n_heads: int, perm: torch.Tensor | None) -> 
 
 
 def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    lin.weight.data.copy_(weight)
+    """A Linear holding copies of ``weight``/``bias``.
+
+    Built on the meta device first: a random initialisation of a matrix about to be
+    overwritten costs seconds per layer at 70B scale. Copies, not views, so the pieces of a
+    fused matrix never share storage (safetensors refuses to save shared tensors).
+    """
+    with torch.device("meta"):
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format))
     if bias is not None:
-        lin.bias.data.copy_(bias)
+        lin.bias = nn.Parameter(bias.detach().clone(memory_format=torch.contiguous_format))
     return lin
+
+
+def _check_materialised(module: nn.Module, what: str) -> None:
+    """A module assembled on meta must have had every tensor replaced (else it is a bug here)."""
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{what}: tensors left on the meta device: {left}")
 
 
 def intraslice_config(model: nn.Module, arch: Any) -> Any:
@@ -84,12 +98,14 @@ def install_split_attention(
     perm = rotary_perm(cfg)
     n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     ref = q[0]
-    attn = IntraSliceAttention(cfg, li).to(device=ref.device, dtype=ref.dtype)
+    with torch.device("meta"):  # its linears are replaced below; its index buffers are built on the CPU
+        attn = IntraSliceAttention(cfg, li)
     attn.q_proj = _linear_from(head_rows(q[0], n_h, perm), None if q[1] is None else head_rows(q[1], n_h, perm))
     attn.k_proj = _linear_from(head_rows(k[0], n_kv, perm), None if k[1] is None else head_rows(k[1], n_kv, perm))
     attn.v_proj = _linear_from(*v)
     attn.o_proj = _linear_from(*o)
-    setattr(layer, attr, attn)
+    _check_materialised(attn, f"layer {li} attention")
+    setattr(layer, attr, attn.to(device=ref.device, dtype=ref.dtype))
 
 
 def install_split_mlp(
@@ -103,12 +119,14 @@ def install_split_mlp(
     """Replace ``layer.<attr>`` by an IntraSliceMLP (gated if ``gate`` is given) with these weights."""
     from ..modeling.modeling_intraslice import IntraSliceMLP
 
-    mlp = IntraSliceMLP(cfg, up[0].shape[0]).to(device=up[0].device, dtype=up[0].dtype)
+    with torch.device("meta"):  # every linear is replaced below
+        mlp = IntraSliceMLP(cfg, up[0].shape[0])
     if gate is not None:
         mlp.gate_proj = _linear_from(*gate)
     mlp.up_proj = _linear_from(*up)
     mlp.down_proj = _linear_from(*down)
-    setattr(layer, attr, mlp)
+    _check_materialised(mlp, "MLP")
+    setattr(layer, attr, mlp.to(device=up[0].device, dtype=up[0].dtype))
 
 
 def install_rotary(model: nn.Module, cfg: Any, path: str = "model.rotary_emb") -> None:
