@@ -31,7 +31,9 @@ def window_nll(model: Any, window: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def streamed_window_nlls(access: Any, windows: torch.Tensor, policy: Any, batch_size: int = 1) -> list[float]:
+def streamed_window_nlls(
+    access: Any, windows: torch.Tensor, policy: Any, batch_size: int = 1, progress: bool = False
+) -> list[float]:
     """Summed next-token NLL of each window, running one decoder layer at a time.
 
     For models that do not fit the device: the windows' hidden states travel layer by
@@ -41,7 +43,7 @@ def streamed_window_nlls(access: Any, windows: torch.Tensor, policy: Any, batch_
     from ..pipeline.sequential import stream_forward
 
     arch = access.arch
-    hidden = stream_forward(access, windows, policy, batch_size)
+    hidden = stream_forward(access, windows, policy, batch_size, progress, desc=f"ppl@{windows.shape[1]} layers")
     norm = access.onload_module(arch.final_norm)
     head = access.onload_module(arch.lm_head)
     out: list[float] = []
