@@ -1,17 +1,36 @@
 """Mask-gradient importance for the global allocation (method.md section 4) - model plumbing.
 
 All-ones multiplicative masks sit on the o_proj input and the down_proj input of every
-layer, as forward pre-hooks on the *unmodified* Hugging Face model (no copied forward
-code). For each calibration sample the causal-LM loss is back-propagated to the masks
-only: the weights are frozen and get no ``.grad``; one sample at a time (optionally with
-gradient checkpointing) keeps the memory at one sample's activations. Gradients are summed
-within groups of ``group_size`` samples. The same forward passes accumulate each head's
-o_proj-input covariance block, whose eigenvectors give the PCA basis of ``global_pca``.
+layer, as forward pre-hooks on the *unmodified* Hugging Face modules (no copied forward
+code). For each calibration sample the gradient of the causal-LM loss w.r.t. the masks is
+summed within groups of ``group_size`` samples. The forward passes also accumulate each
+head's o_proj-input covariance block, whose eigenvectors give the PCA basis of
+``global_pca``.
+
+The gradients are computed **layer by layer**, so that no whole-model autograd graph (with
+the attention matrices of every layer) ever exists and only one decoder layer needs to be
+on the compute device at a time. Per sample:
+
+1. the model's own forward runs up to decoder layer 0 (embedding, rotary embedding and the
+   attention mask, exactly as Hugging Face builds them) and is stopped there;
+2. layers 0..L-1 run forward without autograd; each layer's input is kept on the host,
+   and the o_proj-input covariance is accumulated (once per sample);
+3. final norm + LM head + loss are differentiated w.r.t. the last hidden state only;
+4. in reverse layer order, layer i is re-run from its stored input with ``requires_grad``
+   on that input and on layer i's two masks, and ``torch.autograd.grad`` gives the mask
+   gradients and the input gradient, which becomes the output gradient of layer i-1.
+
+By the chain rule this equals the whole-model backward (the re-run of a layer is the same
+computation as its forward: an all-ones mask is exact in any dtype). Every move of a
+module to or from the compute device goes through ``onload``/``offload`` so that a caller
+can stream layers from disk.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +47,18 @@ from .algo.allocation import (
     unit_importance,
 )
 from .algo.linalg import eigh_desc
-from .arch import get_arch
+from .arch import ArchSpec, get_arch
 from .errors import IntraSliceError, NonFiniteError
 
 MODES = ("uniform", "global", "global_pca")
+#: Tokens per chunk of the LM-head gradient (bounds the float32 logits to chunk x vocabulary).
+HEAD_CHUNK = 512
+
+#: ``onload(module) -> module``: bring a module (a decoder layer, the embedding, ...) onto
+#: the compute device and return the module to run (the same one, or a freshly loaded copy).
+Onload = Callable[[nn.Module], nn.Module]
+#: ``offload(module)``: release a module returned by ``onload`` once it is no longer needed.
+Offload = Callable[[nn.Module], None]
 
 
 @dataclass
@@ -46,90 +73,339 @@ class MaskGradients:
     seconds: float
 
 
+class _StopForward(Exception):
+    """Raised by the layer-0 pre-hook: the model's forward is only needed up to there."""
+
+
+def _mask_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 models, else float32: a half-precision mask gradient (a sum over
+    thousands of tokens) would lose the small differences the allocation ranks by."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x * mask`` computed in the mask's dtype, returned in ``x``'s dtype.
+
+    The product is exact (the mask is all ones), so the model computes what it computes
+    without the mask; autograd then forms the mask gradient in float32/float64.
+    """
+    return (x.to(mask.dtype) * mask).to(x.dtype)
+
+
+@contextmanager
+def _pre_hooks(*pairs: tuple[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+    """Forward pre-hooks for the duration of one layer pass (removed even on errors)."""
+    handles = [m.register_forward_pre_hook(fn) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+@contextmanager
+def _no_param_grads(module: nn.Module) -> Iterator[None]:
+    """Freeze a module's parameters and restore their flags afterwards.
+
+    Frozen weights keep autograd from saving tensors for weight gradients nobody asks for.
+    Applied per onloaded module, so a copy that ``onload`` loaded from disk is frozen too.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, req in flags:
+            p.requires_grad_(req)
+
+
+@contextmanager
+def _onloaded(module: nn.Module, onload: Onload, offload: Offload) -> Iterator[nn.Module]:
+    """The module as returned by ``onload``, frozen, and offloaded afterwards."""
+    mod = onload(module)
+    try:
+        with _no_param_grads(mod):
+            yield mod
+    finally:
+        offload(mod)
+
+
+@contextmanager
+def _swapped_in(model: nn.Module, path: str, module: nn.Module) -> Iterator[None]:
+    """Put ``module`` at ``path`` inside ``model`` while the model's own forward runs.
+
+    Only matters when ``onload`` returns a different object than the model holds.
+    """
+    owner_path, _, name = path.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    old = getattr(owner, name)
+    setattr(owner, name, module)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+def _optional(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return ArchSpec._get(model, path)
+    except AttributeError:
+        return None
+
+
+def layer0_inputs(
+    model: nn.Module, arch: ArchSpec, ids: torch.Tensor, onload: Onload, offload: Offload
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Hidden states and kwargs with which the model's forward calls decoder layer 0.
+
+    Running the model's own forward (stopped by a pre-hook on layer 0) builds the attention
+    mask, position ids and rotary tables exactly as the whole-model forward does, for any
+    architecture, without copying its code. Only the embedding and rotary modules are
+    onloaded; the decoder layers are not touched.
+    """
+    paths = [p for p in (arch.embed, arch.rotary) if _optional(model, p) is not None]
+    captured: dict[str, Any] = {}
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    with ExitStack() as stack:
+        for path in paths:
+            mod = stack.enter_context(_onloaded(ArchSpec._get(model, path), onload, offload))
+            stack.enter_context(_swapped_in(model, path, mod))
+        handle = arch.decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+        stack.callback(handle.remove)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+        except _StopForward:
+            pass
+    if "hidden" not in captured:
+        raise IntraSliceError("the model's forward never reached decoder layer 0")
+    kwargs = captured["kwargs"]
+    kwargs.pop("cache", None)
+    kwargs.pop("past_key_values", None)
+    kwargs["use_cache"] = False
+    return captured["hidden"].detach(), kwargs
+
+
+def _check_one_mask_for_all_layers(config: Any, seqlen: int) -> None:
+    """Refuse models whose layers need different attention masks at this length.
+
+    Layer 0's captured kwargs are reused for every layer; with alternating full/sliding
+    layers that is exact only when the window covers the whole sequence.
+    """
+    types = set(getattr(config, "layer_types", None) or ())
+    window = getattr(config, "sliding_window", None)
+    if len(types) > 1 and window is not None and window < seqlen:
+        raise IntraSliceError(
+            f"layers of types {sorted(types)} with a sliding window of {window} < {seqlen} tokens need different "
+            "attention masks; the layer-wise mask gradients support one mask for all layers"
+        )
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    """A decoder layer returns its hidden states, alone or first in a tuple (older HF)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def mask_gradients(
     model: nn.Module,
     tokens: torch.Tensor,
     group_size: int = 8,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     checkpointing: bool = False,
     progress: bool = True,
+    onload: Onload | None = None,
+    offload: Offload | None = None,
+    resident: bool = False,
 ) -> MaskGradients:
-    """Gradients of the causal-LM loss w.r.t. all-ones masks on o_proj and down_proj inputs."""
+    """Gradients of the causal-LM loss w.r.t. all-ones masks on o_proj and down_proj inputs.
+
+    Computed layer by layer (see the module docstring): the result equals a whole-model
+    backward, but only one decoder layer's weights and autograd graph are alive at a time.
+
+    ``onload``/``offload`` do every device move of a module (decoder layers, embedding,
+    rotary embedding, final norm, LM head); by default ``module.to(device)`` and
+    ``module.to("cpu")``, or no offload at all with ``resident=True`` (the whole model stays
+    on ``device`` afterwards, which saves the per-sample transfers when it fits).
+    ``checkpointing`` is accepted for compatibility and ignored: the layer-wise backward
+    already recomputes each layer from its stored input. The model stays in eval mode (no
+    dropout); its weights and ``requires_grad`` flags are left as they were.
+    """
+    del checkpointing  # the layer-wise backward is a per-layer recomputation already
     if group_size < 1:
         raise IntraSliceError(f"--group-size must be >= 1, got {group_size}")
+    device = torch.device(device)
+    if onload is None:
+
+        def onload(module: nn.Module) -> nn.Module:
+            return module.to(device)
+
+    if offload is None:
+
+        def offload(module: nn.Module) -> None:
+            if not resident:
+                module.to("cpu")
+
     arch = get_arch(model.config)
     arch.prepare_model(model)
+    _check_one_mask_for_all_layers(model.config, tokens.shape[1])
     dims = arch.dims(model.config)
     n_l, n_h, h, m = dims["n_layers"], dims["n_heads"], dims["head_dim"], dims["m"]
     n = tokens.shape[0]
     groups = (n + group_size - 1) // group_size
-    dtype = next(model.parameters()).dtype
-    model.to(device)
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    att_masks = [torch.ones(n_h * h, device=device, dtype=dtype, requires_grad=True) for _ in range(n_l)]
-    mlp_masks = [torch.ones(m, device=device, dtype=dtype, requires_grad=True) for _ in range(n_l)]
+    mask_dtype = _mask_dtype(next(model.parameters()).dtype)
     g_att = torch.zeros(groups, n_l, n_h, h, dtype=torch.float64)
     g_mlp = torch.zeros(groups, n_l, m, dtype=torch.float64)
     cov = torch.zeros(n_l, n_h, h, h, dtype=torch.float64, device=device)
-
-    def o_hook(li: int) -> Any:
-        def hook(_m: nn.Module, args: tuple) -> tuple:
-            x = args[0]
-            xd = x.detach().reshape(-1, n_h, h).to(torch.float64)
-            cov[li] += torch.einsum("tha,thb->hab", xd, xd)
-            return (x * att_masks[li], *args[1:])
-
-        return hook
-
-    def down_hook(li: int) -> Any:
-        def hook(_m: nn.Module, args: tuple) -> tuple:
-            return (args[0] * mlp_masks[li], *args[1:])
-
-        return hook
-
-    handles = []
-    for li, layer in enumerate(arch.decoder_layers(model)):
-        o_proj = arch.qkvo(layer)[3]
-        down = arch.gate_up_down(layer)[2]
-        handles.append(o_proj.register_forward_pre_hook(o_hook(li)))
-        handles.append(down.register_forward_pre_hook(down_hook(li)))
+    layers = arch.decoder_layers(model)
     was_training = model.training
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # HF checkpoints only in train mode; there is no dropout in these models
+    model.eval()
     t0 = time.perf_counter()
     try:
-        for s in tqdm(range(n), desc="mask gradients", unit="sample", disable=not progress):
-            ids = tokens[s : s + 1].to(device)
-            loss = causal_lm_loss(model, ids)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"NaN/Inf loss on calibration sample {s} while computing mask gradients")
-            grads = torch.autograd.grad(loss, att_masks + mlp_masks)
-            grp = s // group_size
-            for li in range(n_l):
-                g_att[grp, li] += grads[li].detach().to("cpu", torch.float64).view(n_h, h)
-                g_mlp[grp, li] += grads[n_l + li].detach().to("cpu", torch.float64)
+        with _no_param_grads(model):
+            for s in tqdm(range(n), desc="mask gradients", unit="sample", disable=not progress):
+                ids = tokens[s : s + 1].to(device)
+                hidden, kwargs = layer0_inputs(model, arch, ids, onload, offload)
+                inputs, last = _forward_layers(layers, arch, hidden, kwargs, cov, onload, offload)
+                grad = _head_gradient(model, arch, last, ids, device, onload, offload, s)
+                grp = s // group_size
+                for li in reversed(range(n_l)):
+                    grad, g_a, g_m = _layer_backward(
+                        layers[li], arch, inputs.pop(), kwargs, grad, mask_dtype, li > 0, device, onload, offload
+                    )
+                    g_att[grp, li] += g_a.to("cpu", torch.float64).view(n_h, h)
+                    g_mlp[grp, li] += g_m.to("cpu", torch.float64)
     finally:
-        for hd in handles:
-            hd.remove()
-        for p, req in frozen.items():
-            p.requires_grad_(req)
-        if checkpointing:
-            model.gradient_checkpointing_disable()
-        model.train(was_training)
+        if was_training:
+            model.train()  # the caller's mode, as it came in
     if not torch.isfinite(g_att).all() or not torch.isfinite(g_mlp).all():
         raise NonFiniteError("NaN/Inf in the mask gradients")
     return MaskGradients(g_att, g_mlp, cov.cpu(), n, group_size, time.perf_counter() - t0)
 
 
-def causal_lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _forward_layers(
+    layers: nn.ModuleList,
+    arch: ArchSpec,
+    hidden: torch.Tensor,
+    kwargs: dict[str, Any],
+    cov: torch.Tensor,
+    onload: Onload,
+    offload: Offload,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Inputs of every layer, kept on the host, and the last layer's output; accumulates ``cov``.
+
+    Runs without autograd, so a layer's activations die with its forward. The covariance is
+    taken here only (the backward re-runs do not add to it again).
+    """
+    n_h, h = cov.shape[1], cov.shape[2]
+
+    def cov_hook(li: int) -> Callable[[nn.Module, tuple], None]:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            xd = args[0].detach().reshape(-1, n_h, h).to(cov.device, torch.float64)
+            cov[li] += torch.einsum("tha,thb->hab", xd, xd)
+
+        return hook
+
+    stored = []
+    with torch.no_grad():
+        for li, layer in enumerate(layers):
+            stored.append(hidden.detach().to("cpu"))
+            with _onloaded(layer, onload, offload) as lyr, _pre_hooks((arch.qkvo(lyr)[3], cov_hook(li))):
+                hidden = _layer_output(lyr(hidden, **kwargs))
+    return stored, hidden
+
+
+def _head_gradient(
+    model: nn.Module,
+    arch: ArchSpec,
+    last: torch.Tensor,
+    ids: torch.Tensor,
+    device: torch.device,
+    onload: Onload,
+    offload: Offload,
+    sample: int,
+) -> torch.Tensor:
+    """Gradient of the mean next-token loss w.r.t. the last decoder layer's output.
+
+    Final norm, LM head and cross-entropy act on each token alone, so the gradient is taken
+    over chunks of ``HEAD_CHUNK`` tokens: the same per-token values as one pass, but the
+    float32 logits (tokens x vocabulary, the largest tensor of a small model with a big
+    vocabulary) exist for one chunk at a time. The last token predicts nothing: zero gradient.
+    """
+    x = last.detach().to(device)
+    grad = torch.zeros_like(x)
+    n_pred = ids.shape[1] - 1
+    with (
+        _onloaded(ArchSpec._get(model, arch.final_norm), onload, offload) as norm,
+        _onloaded(ArchSpec._get(model, arch.lm_head), onload, offload) as head,
+        torch.enable_grad(),
+    ):
+        for a in range(0, n_pred, HEAD_CHUNK):
+            b = min(a + HEAD_CHUNK, n_pred)
+            xc = x[:, a:b].detach().requires_grad_(True)
+            logits = head(norm(xc))
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            nll = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, a + 1 : b + 1].reshape(-1), reduction="sum"
+            )
+            if not torch.isfinite(nll):
+                raise NonFiniteError(f"NaN/Inf loss on calibration sample {sample} while computing mask gradients")
+            grad[:, a:b] = torch.autograd.grad(nll / n_pred, [xc])[0]
+    return grad
+
+
+def _layer_backward(
+    layer: nn.Module,
+    arch: ArchSpec,
+    inp: torch.Tensor,
+    kwargs: dict[str, Any],
+    grad_out: torch.Tensor,
+    mask_dtype: torch.dtype,
+    need_input_grad: bool,
+    device: torch.device,
+    onload: Onload,
+    offload: Offload,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Re-run one layer from its stored input and back-propagate ``grad_out`` through it.
+
+    Returns (gradient w.r.t. the layer input or None for layer 0, attention-mask gradient,
+    MLP-mask gradient). Only this layer's graph exists, and only until the call returns.
+    """
+    x = inp.to(device).requires_grad_(need_input_grad)
+    with _onloaded(layer, onload, offload) as lyr:
+        o_proj, down = arch.qkvo(lyr)[3], arch.gate_up_down(lyr)[2]
+        att_mask = torch.ones(o_proj.in_features, device=device, dtype=mask_dtype, requires_grad=True)
+        mlp_mask = torch.ones(down.in_features, device=device, dtype=mask_dtype, requires_grad=True)
+        hooks = (
+            (o_proj, lambda _m, args: (apply_mask(args[0], att_mask), *args[1:])),
+            (down, lambda _m, args: (apply_mask(args[0], mlp_mask), *args[1:])),
+        )
+        with _pre_hooks(*hooks), torch.enable_grad():
+            out = _layer_output(lyr(x, **kwargs))
+            wrt = [x, att_mask, mlp_mask] if need_input_grad else [att_mask, mlp_mask]
+            grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out)
+    if need_input_grad:
+        return grads[0], grads[1], grads[2]
+    return None, grads[0], grads[1]
+
+
+def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL, in float32 or (for float64 models) float64 - never in half precision."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    logits = logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def causal_lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of a whole-model forward, in float32 or (float64 models) float64."""
+    return _next_token_nll(model(input_ids=ids, use_cache=False).logits, ids)
 
 
 def head_bases(head_cov: torch.Tensor) -> torch.Tensor:
@@ -166,15 +442,20 @@ def estimate_allocation(
     mlp_bias: float = 1.0,
     cap: float = 0.8,
     group_size: int = 8,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     checkpointing: bool = False,
     progress: bool = True,
     saved: dict[str, Any] | None = None,
+    onload: Onload | None = None,
+    offload: Offload | None = None,
+    resident: bool = False,
 ) -> tuple[Allocation, dict[str, Any]]:
     """The per-layer ratios for ``mode`` and a JSON-able record of how they were obtained.
 
     ``saved`` is the ``allocation`` record of an earlier run (its importances): with it no
     gradient is recomputed, and a different ``ratio`` re-runs only the budget.
+    ``checkpointing`` (ignored), ``onload``, ``offload`` and ``resident`` are passed to
+    :func:`mask_gradients`, which says what they do.
     """
     if mode not in MODES:
         raise IntraSliceError(f"unknown allocation {mode!r}: use one of {', '.join(MODES)}")
@@ -210,7 +491,17 @@ def estimate_allocation(
         else:
             if tokens is None:
                 raise IntraSliceError(f"allocation {mode} needs calibration tokens for the mask gradients")
-            mg = mask_gradients(model, tokens, group_size, device, checkpointing, progress)
+            mg = mask_gradients(
+                model,
+                tokens,
+                group_size,
+                device,
+                checkpointing,
+                progress,
+                onload=onload,
+                offload=offload,
+                resident=resident,
+            )
             att, mlp = importances(mg, mode, units_per_head)
             record.update({"gradient_samples": mg.samples, "group_size": group_size, "estimator_seconds": mg.seconds})
         alloc = allocate(att, mlp, pm, ratio, mlp_bias, cap)
