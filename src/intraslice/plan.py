@@ -222,7 +222,7 @@ def device_memory_bytes(device: str) -> int | None:
         return None
     try:
         return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    except Exception:  # noqa: BLE001 - an emulated or exotic device: capacity unknown
+    except Exception:  # an emulated or exotic device: capacity unknown
         return None
 
 
