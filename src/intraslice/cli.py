@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-bias-compensation", action="store_true", help="channel: no FLAP bias compensation (Wanda-sp scores)"
     )
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", default=None, help="output directory (written atomically; not needed with --plan)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--calib",
@@ -92,13 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-layer-ratio", type=float, default=0.8, help="per-layer ratio cap (excess redistributed)")
     p.add_argument("--group-size", type=int, default=8, help="calibration samples per gradient group")
     p.add_argument("--grad-samples", type=int, default=None, help="use only the first N windows for the gradients")
-    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing for the gradients")
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="no effect (kept for old commands): the streamed estimator recomputes one layer at a time anyway",
+    )
     p.add_argument(
         "--ratios",
         default=None,
         help="intraslice.json of an earlier run: reuse its importances (no gradients recomputed)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the dense/pruned perplexity")
+    p.add_argument("--plan", action="store_true", help="print the memory plan (from the config alone) and exit")
+    p.add_argument(
+        "--activations",
+        choices=("auto", "device", "cpu", "disk"),
+        default="auto",
+        help="where calibration activations wait between passes (auto: the memory plan's choice)",
+    )
+    p.add_argument(
+        "--math-device",
+        choices=("auto", "cpu", "device"),
+        default="auto",
+        help="where the float64 eigendecompositions and solves run (auto: the GPU if there is one)",
+    )
+    p.add_argument("--offload-dir", default=None, help="directory for --activations disk (default: the temp dir)")
+    p.add_argument("--device-memory", default=None, help="device memory to plan for, e.g. 80GB (default: detected)")
+    p.add_argument("--host-memory", default=None, help="host memory to plan for, e.g. 256GB (default: detected)")
     p.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows for the perplexity (default 8)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (P1: 2048, P2: 4096)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -164,10 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str | None) -> str:
+def _device(name: str | None, planning: bool = False) -> str:
+    """The compute device; ``planning`` (``--plan``) may name a GPU this machine lacks."""
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available() and not planning:
         raise IntraSliceError("--device cuda asked for but CUDA is not available")
     if name != "cpu" and not name.startswith("cuda"):
         raise IntraSliceError(f"unknown device {name!r}: use cpu or cuda")
@@ -195,14 +216,16 @@ def _versions() -> dict[str, str]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .api import prune
+    """plan -> load -> allocate -> prune -> evaluate -> save, every stage streamed (see ``stages``)."""
+    from . import stages
+    from .checkpoint import SourceCheckpoint
     from .config import PruneConfig, check_ratio
     from .data import calibration_windows
-    from .eval.ppl import perplexity
-    from .importance import estimate_allocation, load_ratios_file
-    from .models import load_model, parse_dtype
-    from .params import param_report, parse_target_params, ratio_for_target
-    from .saving import check_output_dir, save_pruned
+    from .importance import load_ratios_file
+    from .models import parse_dtype
+    from .params import parse_target_params, ratio_for_target
+    from .plan import refuse_unless_fits
+    from .saving import atomic_directory, check_output_dir, write_report
 
     goals = [g for g in ("ratio", "target_params", "target_speedup") if getattr(args, g) is not None]
     if len(goals) > 1:
@@ -217,147 +240,209 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise IntraSliceError("--target-speedup is implemented for --method intraslice")
     target = parse_target_params(args.target_params) if args.target_params is not None else None
     parse_dtype(args.dtype)
-    check_output_dir(args.out, args.overwrite)
-    device = _device(args.device)
+    if not args.plan:
+        if args.out is None:
+            raise IntraSliceError("--out DIR is required (or --plan to print the memory plan only)")
+        check_output_dir(args.out, args.overwrite)
+    device = _device(args.device, planning=args.plan)
     progress = not args.no_progress
     timings: dict[str, float] = {}
 
+    # -- load (nothing is read but the config and the index) ---------------------------------
     t = time.perf_counter()
-    src = load_model(args.model, args.gguf_file, args.dtype)
+    ckpt = stages.load(args.model, args.gguf_file, args.dtype)
     timings["load"] = time.perf_counter() - t
-    model = src.model.to(device) if not args.no_eval else src.model
-    print(f"loaded {src.name} ({model.config.model_type}, {model.dtype}) in {timings['load']:.1f}s", flush=True)
+    print(f"opened {ckpt.name} ({ckpt.model_type}, {str(ckpt.dtype).replace('torch.', '')})", flush=True)
+    cfg = PruneConfig(
+        method=args.method,
+        ratio=args.ratio if args.ratio is not None else 0.3,
+        bias_compensation=not args.no_bias_compensation,
+        slice_dim=args.slice_dim,
+        damp=args.damp,
+        min_head_width=args.min_head_width,
+        batch_size=args.batch_size,
+        device=device,
+        activations=args.activations,
+        math_device=args.math_device,
+        offload_dir=args.offload_dir,
+    )
 
-    goal: dict[str, Any] = {"ratio": args.ratio}
+    # -- plan ---------------------------------------------------------------------------------
+    saved = load_ratios_file(args.ratios, ckpt.config) if args.ratios else None
+    estimator = args.allocation != "uniform" and not (saved and saved.get("importance"))
+    plan = stages.plan(
+        ckpt,
+        cfg,
+        args.nsamples,
+        args.seqlen,
+        estimator=estimator,
+        evaluate=not args.no_eval,
+        device_capacity=_bytes(args.device_memory),
+        host_capacity=_bytes(args.host_memory),
+    )
+    print(plan.describe(), flush=True)
+    if args.plan:
+        return 0 if plan.fits() else 2
+    refuse_unless_fits(plan)
+    cfg.activations, cfg.math_device = plan.policy["store"], plan.policy["math"]
+    policy = cfg.policy()
+
+    goal: dict[str, Any] = {"ratio": cfg.ratio}
     if target is not None:
-        args.ratio = ratio_for_target(target, args.target_of, param_report(model))
-        check_ratio(args.ratio, "the decoder ratio for --target-params")
-        goal = {"target_params": args.target_params, "target_of": args.target_of, "ratio": args.ratio}
-        print(f"--target-params {args.target_params} of the {args.target_of}: decoder ratio {args.ratio:.4f}")
+        cfg.ratio = ratio_for_target(target, args.target_of, stages.source_param_report(ckpt.skeleton()))
+        check_ratio(cfg.ratio, "the decoder ratio for --target-params")
+        goal = {"target_params": args.target_params, "target_of": args.target_of, "ratio": cfg.ratio}
+        print(f"--target-params {args.target_params} of the {args.target_of}: decoder ratio {cfg.ratio:.4f}")
     elif args.target_speedup is not None:
         from .speed import ratio_for_speedup
 
         print(f"searching the ratio for a {args.target_speedup}x prefill speedup ({args.speed_seqlen} tokens)")
         t = time.perf_counter()
-        model.to(device)
-        args.ratio, probes = ratio_for_speedup(
-            model, args.target_speedup, args.speed_seqlen, min_head_width=args.min_head_width, log=print
+        dense = _whole_model(ckpt.directory, ckpt.dtype, device)  # timing needs the whole dense model
+        cfg.ratio, probes = ratio_for_speedup(
+            dense, args.target_speedup, args.speed_seqlen, min_head_width=args.min_head_width, log=print
         )
+        del dense
         timings["speed_search"] = time.perf_counter() - t
-        goal = {"target_speedup": args.target_speedup, "speed_seqlen": args.speed_seqlen, "ratio": args.ratio}
+        goal = {"target_speedup": args.target_speedup, "speed_seqlen": args.speed_seqlen, "ratio": cfg.ratio}
         goal["probes"] = probes
-        print(f"ratio {args.ratio} reaches {args.target_speedup}x on candidate shapes")
-    elif args.ratio is None:
-        args.ratio = 0.3
-        goal["ratio"] = 0.3
+        print(f"ratio {cfg.ratio} reaches {args.target_speedup}x on candidate shapes")
 
+    tokenizer = ckpt.tokenizer()
     t = time.perf_counter()
-    calib = calibration_windows(src.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     timings["calibration_data"] = time.perf_counter() - t
     print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)
-
-    ppl: dict[str, Any] = {}
-    if not args.no_eval:
-        t = time.perf_counter()
-        ppl["dense"] = perplexity(model, src.tokenizer, args.eval_seqlen, args.eval_windows, progress=progress)
-        timings["eval_dense"] = time.perf_counter() - t
-        print(f"dense perplexity: {ppl['dense']['ppl']:.3f} ({ppl['dense']['windows']} windows)", flush=True)
-        model.to("cpu")
-
-    saved = load_ratios_file(args.ratios, model.config) if args.ratios else None
-    dense_model = None
-    if args.target_speedup is not None:  # the dense reference for the final speed check
-        import copy
-
-        dense_model = copy.deepcopy(model).to("cpu")
-    t = time.perf_counter()
-    alloc, alloc_record = estimate_allocation(
-        model,
-        args.ratio,
-        args.allocation,
-        tokens=calib.tokens[: args.grad_samples] if args.grad_samples else calib.tokens,
-        units_per_head=args.units_per_head,
-        mlp_bias=args.mlp_bias,
-        cap=args.max_layer_ratio,
-        group_size=args.group_size,
-        device=device,
-        checkpointing=args.grad_checkpointing,
-        progress=progress,
-        saved=saved,
-    )
-    model.to("cpu")
-    timings["allocation"] = time.perf_counter() - t
-    if args.allocation != "uniform":
-        print(f"allocation {args.allocation}: planned ratio {alloc.planned_ratio:.4f} in {timings['allocation']:.1f}s")
-    cfg = PruneConfig(
-        method=args.method,
-        ratio=args.ratio,
-        bias_compensation=not args.no_bias_compensation,
-        slice_dim=args.slice_dim,
-        layer_ratios=None if args.allocation == "uniform" else alloc.layer_ratios,
-        damp=args.damp,
-        min_head_width=args.min_head_width,
-        batch_size=args.batch_size,
-        device=device,
-    )
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    result = prune(model, calib.tokens, cfg, progress=progress)
-    timings.update({f"prune_{k}": v for k, v in result.timings.items()})
-    pruned = result.model
 
-    if not args.no_eval:
-        t = time.perf_counter()
-        pruned.to(device)
-        ppl["pruned"] = perplexity(pruned, src.tokenizer, args.eval_seqlen, args.eval_windows, progress=progress)
-        timings["eval_pruned"] = time.perf_counter() - t
-        pruned.to("cpu")
-    if dense_model is not None:
-        from .speed import benchmark_speed
-
-        t = time.perf_counter()
-        pair = [("dense", dense_model.to(device)), ("pruned", pruned.to(device))]
-        speed = benchmark_speed(pair, [args.speed_seqlen], [], repeats=5, warmup=1).to_dict()
-        goal["measured_prefill_speedup"] = speed["models"]["pruned"]["prefill"][str(args.speed_seqlen)]["speedup"]
-        timings["speed_check"] = time.perf_counter() - t
-        print(f"measured prefill speedup of the pruned model: {goal['measured_prefill_speedup']:.3f}x")
-        if goal["measured_prefill_speedup"] < args.target_speedup:
-            warnings.warn(
-                f"the pruned model reaches {goal['measured_prefill_speedup']:.2f}x, below the "
-                f"{args.target_speedup}x target (the allocation changed the shapes the search timed)",
-                stacklevel=1,
+    def run(tmp: Any) -> None:
+        ppl: dict[str, Any] = {}
+        if not args.no_eval:
+            t = time.perf_counter()
+            ppl["dense"] = stages.evaluate(
+                ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
             )
-        pruned.to("cpu")
-        del dense_model, pair
+            timings["eval_dense"] = time.perf_counter() - t
+            print(f"dense perplexity: {ppl['dense']['ppl']:.3f} ({ppl['dense']['windows']} windows)", flush=True)
 
-    report = {
-        "intraslice_version": _versions()["intraslice"],
-        "versions": _versions(),
-        "source_model": src.name,
-        "goal": goal,
-        "allocation": alloc_record,
-        "command": sys.argv,
-        "calibration": calib.describe(),
-        "config": cfg.to_dict(),
-        **result.report(),
-        "perplexity": ppl,
-        "peak_memory": peak_memory_mb(device),
-    }
-    t = time.perf_counter()
-    out = save_pruned(pruned, src.tokenizer, args.out, report=report, overwrite=args.overwrite)
-    report["timings_s"]["save"] = time.perf_counter() - t
-    report["timings_s"].update(timings)
-    from .saving import write_report
+        # -- allocate ---------------------------------------------------------------------------
+        t = time.perf_counter()
+        alloc, alloc_record = stages.allocate(
+            ckpt,
+            policy,
+            calib.tokens[: args.grad_samples] if args.grad_samples else calib.tokens,
+            cfg.ratio,
+            args.allocation,
+            progress=progress,
+            saved=saved,
+            resident=plan.policy.get("estimator_weights") == "resident",
+            units_per_head=args.units_per_head,
+            mlp_bias=args.mlp_bias,
+            cap=args.max_layer_ratio,
+            group_size=args.group_size,
+        )
+        timings["allocation"] = time.perf_counter() - t
+        if args.allocation != "uniform":
+            print(
+                f"allocation {args.allocation}: planned ratio {alloc.planned_ratio:.4f} in {timings['allocation']:.1f}s"
+            )
+        cfg.layer_ratios = None if args.allocation == "uniform" else alloc.layer_ratios
 
-    write_report(out, report)
-    try:
-        from .report import PLOT_FILE, plot_allocation
+        # -- prune (layer by layer into the output shards) -------------------------------------
+        result = stages.prune(ckpt, calib.tokens, cfg, tmp, progress=progress)
+        timings.update({f"prune_{k}": v for k, v in result.timings.items()})
 
-        plot_allocation(report, out / PLOT_FILE)
-    except IntraSliceError as exc:  # matplotlib missing: the model is saved, only the plot is skipped
-        print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
-    _print_summary(report, out)
+        # -- evaluate ---------------------------------------------------------------------------
+        if not args.no_eval:
+            t = time.perf_counter()
+            pruned_ckpt = SourceCheckpoint.from_directory(tmp, name="pruned")
+            ppl["pruned"] = stages.evaluate(
+                pruned_ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
+            )
+            timings["eval_pruned"] = time.perf_counter() - t
+        if args.target_speedup is not None:
+            _speed_check(ckpt, tmp, device, args, goal, timings)
+
+        # -- save -------------------------------------------------------------------------------
+        t = time.perf_counter()
+        tokenizer.save_pretrained(tmp)
+        report = {
+            "intraslice_version": _versions()["intraslice"],
+            "versions": _versions(),
+            "source_model": ckpt.name,
+            "goal": goal,
+            "allocation": alloc_record,
+            "command": sys.argv,
+            "calibration": calib.describe(),
+            "config": cfg.to_dict(),
+            "memory_plan": plan.to_dict(),
+            **result.report(),
+            "perplexity": ppl,
+            "peak_memory": peak_memory_mb(device),
+        }
+        report["timings_s"].update(timings)
+        report["timings_s"]["save"] = time.perf_counter() - t
+        write_report(tmp, report)
+        try:
+            from .report import PLOT_FILE, plot_allocation
+
+            plot_allocation(report, tmp / PLOT_FILE)
+        except IntraSliceError as exc:  # matplotlib missing: the model is saved, only the plot is skipped
+            print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
+        run.report = report  # type: ignore[attr-defined]
+
+    out = atomic_directory(args.out, run, args.overwrite)
+    _print_summary(run.report, out)  # type: ignore[attr-defined]
     return 0
+
+
+def _bytes(text: str | None) -> int | None:
+    """``--device-memory 80GB`` / ``80GiB`` / ``8e10``: a capacity in bytes (None: detect)."""
+    if text is None:
+        return None
+    s = str(text).strip().upper().replace("IB", "B")
+    units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise IntraSliceError(f"cannot read the memory size {text!r}: use e.g. 80GB, 24GiB or a byte count") from None
+
+
+def _whole_model(directory: Any, dtype: torch.dtype, device: str) -> Any:
+    """A whole model for the speed measurements (they time the full forward on the device)."""
+    from transformers import AutoModelForCausalLM
+
+    from . import register_auto_classes
+
+    register_auto_classes()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval().to(device)
+
+
+def _speed_check(ckpt: Any, out: Any, device: str, args: argparse.Namespace, goal: dict, timings: dict) -> None:
+    from .speed import benchmark_speed
+
+    t = time.perf_counter()
+    pair = [
+        ("dense", _whole_model(ckpt.directory, ckpt.dtype, device)),
+        ("pruned", _whole_model(out, ckpt.dtype, device)),
+    ]
+    speed = benchmark_speed(pair, [args.speed_seqlen], [], repeats=5, warmup=1).to_dict()
+    goal["measured_prefill_speedup"] = speed["models"]["pruned"]["prefill"][str(args.speed_seqlen)]["speedup"]
+    timings["speed_check"] = time.perf_counter() - t
+    print(f"measured prefill speedup of the pruned model: {goal['measured_prefill_speedup']:.3f}x")
+    if goal["measured_prefill_speedup"] < args.target_speedup:
+        warnings.warn(
+            f"the pruned model reaches {goal['measured_prefill_speedup']:.2f}x, below the "
+            f"{args.target_speedup}x target (the allocation changed the shapes the search timed)",
+            stacklevel=1,
+        )
 
 
 def _print_summary(report: dict[str, Any], out: Any) -> None:

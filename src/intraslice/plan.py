@@ -279,10 +279,28 @@ def make_plan(
     return _annotate(plan, s)
 
 
+def _estimator_resident(plan: MemoryPlan, s: dict[str, Any]) -> bool:
+    """Keep every layer on the device during the estimator when the whole model fits there.
+
+    The estimator runs every layer twice per sample; streamed, that is 2 L N layer loads.
+    Resident, each layer is loaded once. Only on a GPU with known capacity and a margin.
+    """
+    est = plan.stages.get("estimator")
+    if est is None or plan.policy["device"].startswith("cpu") or plan.device_capacity is None:
+        return False
+    whole = s["params"] * s["dtype_bytes"]
+    return est.device - s["layer_bytes"] + whole <= 0.85 * plan.device_capacity
+
+
 def _annotate(plan: MemoryPlan, s: dict[str, Any]) -> MemoryPlan:
+    resident = _estimator_resident(plan, s)
+    plan.policy["estimator_weights"] = "resident" if resident else "streamed"
+    if resident:
+        est = plan.stages["estimator"]
+        est.device += s["params"] * s["dtype_bytes"] - s["layer_bytes"]
     if plan.policy["store"] == "disk":
         plan.notes.append("calibration activations go to disk (--offload-dir): slower, bounded host memory")
-    if plan.weights == "stream" and "estimator" in plan.stages and plan.policy["device"] != "cpu":
+    if not resident and "estimator" in plan.stages and plan.policy["device"] != "cpu":
         n = plan.calibration["nsamples"]
         plan.notes.append(
             f"the estimator reads every layer twice per sample unless the model fits the device: "

@@ -88,36 +88,50 @@ def allocate(
     mode: str,
     progress: bool = True,
     saved: dict[str, Any] | None = None,
+    resident: bool = False,
     **options: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Per-layer ratios from the streamed mask-gradient estimator (or ``uniform``).
 
-    ``options``: ``units_per_head``, ``mlp_bias``, ``cap``, ``group_size`` of
-    :func:`intraslice.importance.estimate_allocation`.
+    ``resident`` (the memory plan's choice when the whole model fits the device): each
+    module is read once and stays on the device until the estimator is done, instead of
+    being read twice per sample. ``options``: ``units_per_head``, ``mlp_bias``, ``cap``,
+    ``group_size`` of :func:`intraslice.importance.estimate_allocation`.
     """
     from .importance import estimate_allocation
 
     access = StreamedLayers(ckpt, policy)
     paths = _module_paths(access.model)
 
+    loaded: set[str] = set()
+
     def onload(module: nn.Module) -> nn.Module:
-        return ckpt.load_module(access.model, paths[id(module)], device=policy.compute)
+        path = paths[id(module)]
+        if resident and path in loaded:
+            return module
+        loaded.add(path)
+        return ckpt.load_module(access.model, path, device=policy.compute)
 
     def offload(module: nn.Module) -> None:
-        ckpt.release_module(access.model, paths[id(module)])
+        if not resident:
+            ckpt.release_module(access.model, paths[id(module)])
 
-    return estimate_allocation(
-        access.model,
-        ratio,
-        mode,
-        tokens=tokens,
-        device=str(policy.compute),
-        progress=progress,
-        saved=saved,
-        onload=onload,
-        offload=offload,
-        **options,
-    )
+    try:
+        return estimate_allocation(
+            access.model,
+            ratio,
+            mode,
+            tokens=tokens,
+            device=str(policy.compute),
+            progress=progress,
+            saved=saved,
+            onload=onload,
+            offload=offload,
+            **options,
+        )
+    finally:
+        for path in loaded:
+            ckpt.release_module(access.model, path)
 
 
 @dataclass
