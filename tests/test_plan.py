@@ -72,7 +72,7 @@ def test_fallbacks_then_refusal() -> None:
     assert small_host.fits() and small_host.policy["store"] == "disk"
     hopeless = make_plan(cfg, 128, 2048, device="cuda", device_capacity=8 * GiB, host_capacity=256 * GiB)
     assert not hopeless.fits()
-    with pytest.raises(IntraSliceError, match="does not fit: device needs .* --batch-size"):
+    with pytest.raises(IntraSliceError, match=r"does not fit: device needs .* --batch-size"):
         refuse_unless_fits(hopeless)
 
 
