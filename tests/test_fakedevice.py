@@ -263,12 +263,6 @@ def test_prune_on_emulated_cuda_issue_10(method: str) -> None:
     assert torch.equal(out.cpu(), ref.model(input_ids=ids).logits)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the harness: the pipeline offloads the embeddings and the layers of a model given on the "
-    "compute device to the host, but leaves model.norm (unused by pruning) on cuda:0, so the returned model "
-    "spans two devices and neither a CPU nor a CUDA forward runs without a .to()",
-)
 def test_pruned_model_from_a_cuda_source_lives_on_one_device() -> None:
     model = make_tiny("llama-gqa")
     with emulated_cuda():

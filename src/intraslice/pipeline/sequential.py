@@ -92,8 +92,12 @@ class ModelLayers:
         self.arch = get_arch(model.config)
         self.policy = policy
         self.resident = resident
+        # One home for every module: the whole model on the device (resident) or in host
+        # memory, whatever device the caller handed it on; layers then visit the device.
         if resident:
             policy.to_compute(model)
+        else:
+            policy.to_host(model)
 
     def onload(self, index: int) -> nn.Module:
         return self.policy.to_compute(self.arch.decoder_layers(self.model)[index])
