@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from intraslice import PruneConfig, stages
+from intraslice.checkpoint import SourceCheckpoint
 from intraslice.cli import main
 from intraslice.pipeline import DevicePolicy
 from intraslice.testing import emulated_cuda
@@ -29,9 +30,8 @@ def _stages_run(src: Path, out: Path, device: str, method: str, store: str) -> t
     cfg = PruneConfig(ratio=0.3, method=method, device=device, activations=store, layer_ratios=ratios)
     stages.prune(ckpt, calib_tokens(), cfg, out, progress=False)
     tok = build_tokenizer(out)
-    from intraslice.checkpoint import SourceCheckpoint
-
-    ppl = stages.evaluate(SourceCheckpoint.from_directory(out), tok, policy, seqlen=32, windows=2, progress=False)["ppl"]
+    pruned = SourceCheckpoint.from_directory(out)
+    ppl = stages.evaluate(pruned, tok, policy, seqlen=32, windows=2, progress=False)["ppl"]
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)
     return {k: v.clone() for k, v in model.state_dict().items()}, ppl
 
