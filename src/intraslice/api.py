@@ -17,7 +17,7 @@ from .errors import IntraSliceError
 from .methods.intraslice import intraslice_method
 from .modeling import IntraSliceConfig, IntraSliceForCausalLM, SliceGPTForCausalLM
 from .params import param_report
-from .pipeline import ModelLayers, run_layers
+from .pipeline import ModelLayers, distributed, run_layers
 from .pipeline.sequential import LayerMethod
 
 
@@ -76,7 +76,8 @@ def prune(
     policy = config.policy()
     extra["devices"] = policy.describe()
     desc = "slicing layers (SliceGPT)" if config.method == "slicegpt" else "pruning layers"
-    outcome = run_layers(ModelLayers(model, policy), calibration, method, policy, config.batch_size, progress, desc)
+    tokens = distributed.shard(calibration)  # under torchrun: this rank's windows
+    outcome = run_layers(ModelLayers(model, policy), tokens, method, policy, config.batch_size, progress, desc)
     pruned = build_pruned_model(model, pruned_config, model_cls)
     timings = dict(outcome.timings)
     timings["total"] = time.perf_counter() - t0

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -224,6 +226,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .importance import load_ratios_file
     from .models import parse_dtype
     from .params import parse_target_params, ratio_for_target
+    from .pipeline import distributed as dist
     from .plan import refuse_unless_fits
     from .saving import atomic_directory, check_output_dir, write_report
 
@@ -245,7 +248,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise IntraSliceError("--out DIR is required (or --plan to print the memory plan only)")
         check_output_dir(args.out, args.overwrite)
     device = _device(args.device, planning=args.plan)
-    progress = not args.no_progress
+    if not args.plan:
+        device = dist.init_from_env(device) or device  # under torchrun: one rank per GPU (or process)
+    main_rank = dist.is_main()
+    if not main_rank:  # rank 0 speaks for the job
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
+    if dist.world_size() > 1 and args.target_speedup is not None:
+        raise IntraSliceError("--target-speedup times one device: run it without torchrun")
+    progress = not args.no_progress and main_rank
     timings: dict[str, float] = {}
 
     # -- load (nothing is read but the config and the index) ---------------------------------
@@ -318,7 +328,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     def run(tmp: Any) -> None:
         ppl: dict[str, Any] = {}
-        if not args.no_eval:
+        evaluate = not args.no_eval and main_rank  # other ranks have nothing to add to a perplexity
+        if evaluate:
             t = time.perf_counter()
             ppl["dense"] = stages.evaluate(
                 ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
@@ -353,8 +364,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result = stages.prune(ckpt, calib.tokens, cfg, tmp, progress=progress)
         timings.update({f"prune_{k}": v for k, v in result.timings.items()})
 
+        if not main_rank:
+            return
+
         # -- evaluate ---------------------------------------------------------------------------
-        if not args.no_eval:
+        if evaluate:
             t = time.perf_counter()
             pruned_ckpt = SourceCheckpoint.from_directory(tmp, name="pruned")
             ppl["pruned"] = stages.evaluate(
@@ -392,7 +406,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
         run.report = report  # type: ignore[attr-defined]
 
+    if not main_rank:  # writes nothing: rank 0 writes the one output directory
+        run(Path(args.out))
+        dist.barrier()
+        return 0
     out = atomic_directory(args.out, run, args.overwrite)
+    dist.barrier()
     _print_summary(run.report, out)  # type: ignore[attr-defined]
     return 0
 

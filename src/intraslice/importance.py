@@ -49,6 +49,7 @@ from .algo.allocation import (
 from .algo.linalg import eigh_desc
 from .arch import ArchSpec, get_arch
 from .errors import IntraSliceError, NonFiniteError
+from .pipeline import distributed as dist
 
 MODES = ("uniform", "global", "global_pca")
 #: Tokens per chunk of the LM-head gradient (bounds the float32 logits to chunk x vocabulary).
@@ -268,7 +269,9 @@ def mask_gradients(
     t0 = time.perf_counter()
     try:
         with _no_param_grads(model):
-            for s in tqdm(range(n), desc="mask gradients", unit="sample", disable=not progress):
+            # Under torchrun each rank takes the samples rank::world; sums are reduced below.
+            mine = range(dist.rank(), n, dist.world_size())
+            for s in tqdm(mine, desc="mask gradients", unit="sample", disable=not progress):
                 ids = tokens[s : s + 1].to(device)
                 hidden, kwargs = layer0_inputs(model, arch, ids, onload, offload)
                 inputs, last = _forward_layers(layers, arch, hidden, kwargs, cov, onload, offload)
@@ -283,6 +286,8 @@ def mask_gradients(
     finally:
         if was_training:
             model.train()  # the caller's mode, as it came in
+    for t in (g_att, g_mlp, cov):  # every rank ends with the sums over all samples
+        dist.all_reduce_(t)
     if not torch.isfinite(g_att).all() or not torch.isfinite(g_mlp).all():
         raise NonFiniteError("NaN/Inf in the mask gradients")
     return MaskGradients(g_att, g_mlp, cov.cpu(), n, group_size, time.perf_counter() - t0)

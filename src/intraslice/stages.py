@@ -31,6 +31,7 @@ from .config import PruneConfig
 from .errors import IntraSliceError
 from .params import param_report
 from .pipeline import DevicePolicy, run_layers
+from .pipeline import distributed as dist
 from .pipeline.streaming import PrunedWriter, StreamedLayers
 from .plan import MemoryPlan, make_plan
 
@@ -183,19 +184,23 @@ def prune(
     before = source_param_report(skeleton)
     method, pruned_config, model_cls, info = make_method(skeleton, cfg)
     directory = Path(directory)
-    writer = PrunedWriter(directory, arch.state_renames, max_shard_bytes=max_shard_bytes)
+    main = dist.is_main()  # under torchrun, rank 0 alone writes
+    writer = PrunedWriter(directory, arch.state_renames, max_shard_bytes=max_shard_bytes) if main else None
     access = StreamedLayers(ckpt, policy, writer, model=skeleton)
     desc = "slicing layers (SliceGPT)" if cfg.method == "slicegpt" else "pruning layers"
     try:
-        outcome = run_layers(access, calibration, method, policy, cfg.batch_size, progress, desc)
-        access.write_globals(tied=bool(pruned_config.tie_word_embeddings))
-        writer.close()
+        outcome = run_layers(access, dist.shard(calibration), method, policy, cfg.batch_size, progress, desc)
+        if writer is not None:
+            access.write_globals(tied=bool(pruned_config.tie_word_embeddings))
+            writer.close()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     with torch.device("meta"):
         after = param_report(model_cls(pruned_config))
-    write_model_files(directory, pruned_config, model_cls)
+    if main:
+        write_model_files(directory, pruned_config, model_cls)
     timings = dict(outcome.timings)
     timings["total"] = time.perf_counter() - t0
     return StreamedPruneResult(

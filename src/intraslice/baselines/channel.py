@@ -120,7 +120,7 @@ def _input_stats(
     if mid_module is None:
         for batch, kw in ctx.batches():
             stats.add(ctx.input_of(module, batch, kw))
-        return stats, None
+        return _reduced(ctx, stats), None
     mids = ctx.store("mids")
 
     def on_in(_m: nn.Module, args: tuple) -> None:
@@ -131,7 +131,14 @@ def _input_stats(
 
     with hooks((module, on_in, True), (mid_module, on_mid, True)):
         ctx.run()
-    return stats, mids
+    return _reduced(ctx, stats), mids
+
+
+def _reduced(ctx: LayerContext, stats: ChannelStats) -> ChannelStats:
+    """The moments summed over the ranks of a torchrun job."""
+    ctx.reduce(stats.total, stats.squares)
+    stats.count = ctx.reduce_count(stats.count)
+    return stats
 
 
 def _rows_of(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:

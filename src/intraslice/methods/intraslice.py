@@ -78,6 +78,8 @@ def dense_attention_stats(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor
             k = _rope(slot["k"].view(b, t, n_kv, h).to(torch.float64), cos, sin)
             mu += (q * k.repeat_interleave(g, dim=2)).abs().sum((0, 1))
             n_tok += b * t
+    ctx.reduce(h_acc, mu)
+    n_tok = ctx.reduce_count(n_tok)
     ctx.check_finite(h_acc, "the o_proj input covariance")
     ctx.check_finite(mu, "the q/k statistics")
     return h_acc, mu / max(n_tok, 1), xs
@@ -99,6 +101,7 @@ def pruned_attention_stats(
             xt = ctx.input_of(o_proj, batch, kw).reshape(-1, d_o).to(torch.float64) * head_mask
             h_t += xt.T @ xt
             cross += xt.T @ x.reshape(-1, d_o).to(torch.float64)
+    ctx.reduce(h_t, cross)
     ctx.check_finite(h_t, "the pruned attention output covariance")
     return h_t, cross
 
@@ -174,6 +177,7 @@ def mlp_input_stats(ctx: LayerContext) -> tuple[torch.Tensor, ActivationStore]:
 
     with hooks((down, on_down, True), (ctx.arch.mlp_input_module(ctx.layer), on_mid, True)):
         ctx.run()
+    ctx.reduce(acc["h"])
     ctx.check_finite(acc["h"], "the down_proj input covariance")
     return acc["h"], mids
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, get_arch
 from ..errors import NonFiniteError
+from . import distributed
 from .devices import ActivationStore, DevicePolicy
 from .hooks import StopForward, input_of
 
@@ -242,6 +243,14 @@ class LayerContext:
     def check_finite(self, t: torch.Tensor, what: str) -> None:
         check_finite(t, what, self.index)
 
+    def reduce(self, *stats: torch.Tensor) -> None:
+        """Sum statistics over the ranks of a torchrun job, in place (no-op otherwise)."""
+        for t in stats:
+            distributed.all_reduce_(t)
+
+    def reduce_count(self, n: int) -> int:
+        return distributed.all_reduce_int(n, self.device)
+
     def timed(self, key: str) -> _Timer:
         return _Timer(self.timings, key)
 
@@ -291,6 +300,7 @@ def run_layers(
         layer = access.onload(li)
         ctx = LayerContext(li, layer, arch, dims, policy, inputs, timings)
         result = method.compress(ctx)
+        distributed.broadcast_module_(result.layer)  # every rank goes on with rank 0's solution
         t = time.perf_counter()
         outputs = result.outputs if result.outputs is not None else ctx.outputs(result.layer)
         for batch in outputs:
