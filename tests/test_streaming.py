@@ -62,3 +62,20 @@ def test_streamed_evaluation_of_source_and_output(tmp_path: Path) -> None:
         perplexity(loaded, tok, seqlen=64, windows=3, progress=False)["ppl"], rel=1e-5
     )
     assert json.loads((out / "config.json").read_text())["auto_map"]
+
+
+def test_cli_eval_ppl_streams_and_matches_the_whole_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from intraslice.cli import main
+    from intraslice.eval.ppl import perplexity
+    from intraslice.models import load_model
+
+    out = tmp_path / "ppl.json"
+    assert (
+        main(["eval", "ppl", "--model", str(tiny_model_dir), "--seqlen", "64", "--windows", "20", "--json", str(out)])
+        == 0
+    )
+    res = json.loads(out.read_text())
+    src = load_model(str(tiny_model_dir))
+    whole = perplexity(src.model, src.tokenizer, seqlen=64, windows=20, progress=False)
+    assert res["streamed"] and res["windows"] == 20  # two chunks of windows
+    assert res["ppl"] == pytest.approx(whole["ppl"], rel=1e-5)

@@ -492,15 +492,18 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from .eval.ppl import perplexity
-    from .models import load_model
-    from .params import param_report
+    """Streamed like pruning: one decoder layer on the device at a time, whatever the model size."""
+    from . import stages
+    from .checkpoint import SourceCheckpoint
+    from .models import parse_dtype
+    from .pipeline import DevicePolicy
 
     device = _device(args.device)
-    src = load_model(args.model, args.gguf_file, args.dtype)
-    model = src.model.to(device)
-    res = perplexity(model, src.tokenizer, args.seqlen, args.windows, progress=not args.no_progress)
-    res.update({"model": src.name, "params": param_report(model), "versions": _versions()})
+    ckpt = SourceCheckpoint.open(args.model, args.gguf_file, dtype=parse_dtype(args.dtype))
+    res = stages.evaluate(
+        ckpt, ckpt.tokenizer(), DevicePolicy(device), args.seqlen, args.windows, progress=not args.no_progress
+    )
+    res.update({"model": ckpt.name, "params": stages.source_param_report(ckpt.skeleton()), "versions": _versions()})
     print(
         f"perplexity {res['ppl']:.4f} on {res['windows']}/{res['windows_total']} windows of {res['seqlen']} "
         f"tokens ({res['source']})"

@@ -260,6 +260,7 @@ def evaluate(
     seqlen: int = 2048,
     windows: int | None = None,
     progress: bool = True,
+    chunk: int = 16,
 ) -> dict[str, Any]:
     """WikiText-2 test perplexity of a checkpoint, streamed one layer at a time."""
     from .data import tokenize, wikitext2_test_text
@@ -273,7 +274,11 @@ def evaluate(
     n = total if windows is None else min(int(windows), total)
     t0 = time.perf_counter()
     access = StreamedLayers(ckpt, policy)
-    sums = streamed_window_nlls(access, ids[: n * seqlen].view(n, seqlen), policy, progress=progress)
+    windows_ids = ids[: n * seqlen].view(n, seqlen)
+    sums: list[float] = []
+    # Windows travel through the layers in chunks: host memory holds one chunk's hidden states.
+    for start in range(0, n, chunk):
+        sums += streamed_window_nlls(access, windows_ids[start : start + chunk], policy, progress=progress)
     import math
 
     if not all(math.isfinite(s) for s in sums):
