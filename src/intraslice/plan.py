@@ -175,9 +175,9 @@ def _stages(
     batch_act = batch * seqlen * ((4 * d + qkv + 3 * m) * w + m * 8)
     dev = 2 * layer + stats + batch_act + (solve if math_on_device else 0)
     host = PROCESS_BASE + nsamples * seqlen * 8  # the token ids
-    # Streamed: one source layer being read and one output shard being filled (never more
-    # than the whole pruned model, which is smaller than the source).
-    host += layer + min(shard_bytes, s["params"] * w) if weights == "stream" else s["params"] * w
+    # Streamed: one source layer being read and one output shard being filled (closed at the
+    # first layer boundary past 64 MiB; never more than the whole pruned model).
+    host += layer + min(shard_bytes, 64 * 2**20 + layer, s["params"] * w) if weights == "stream" else s["params"] * w
     if store == "device":
         dev += store_bytes
     elif store == "cpu":

@@ -21,6 +21,9 @@ from ..checkpoint import SourceCheckpoint
 from ..shards import ShardedWriter
 from .devices import DevicePolicy
 
+#: Shards are closed at the first layer boundary past this size.
+MIN_SHARD_BYTES = 64 * 2**20
+
 
 class PrunedWriter:
     """Writes a compressed model layer by layer as sharded safetensors with the standard index.
@@ -30,10 +33,27 @@ class PrunedWriter:
     the pruned model class, exactly like an in-memory save.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], renames: tuple[tuple[str, str], ...] = (), **kw: Any):
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        renames: tuple[tuple[str, str], ...] = (),
+        min_shard_bytes: int = MIN_SHARD_BYTES,
+        **kw: Any,
+    ):
         self.directory = Path(directory)
         self.renames = renames
+        self.min_shard_bytes = min_shard_bytes
         self.writer = ShardedWriter(self.directory, **kw)
+
+    def end_layer(self) -> None:
+        """A layer is complete: write the shard once it holds ``min_shard_bytes``.
+
+        Shards then end on layer boundaries, and host memory holds at most this much plus
+        one layer, whatever the model's size (one 1.2 GB shard per layer for a 70B model,
+        a few layers per shard for a small one).
+        """
+        if self.writer._buffer_bytes >= self.min_shard_bytes:
+            self.writer.flush()
 
     def _name(self, name: str) -> str:
         for old, new in self.renames:
@@ -79,6 +99,7 @@ class StreamedLayers:
     def emit(self, index: int, layer: nn.Module) -> None:
         if self.writer is not None:
             self.writer.add_module(self._prefix(index), layer)
+            self.writer.end_layer()
         self.arch.decoder_layers(self.model)[index] = layer  # the compressed module, then dropped
         self.ckpt.release_module(self.model, self._prefix(index))
 
