@@ -94,3 +94,45 @@ def test_cli_refuses_a_run_that_does_not_fit(tiny_model_dir, capsys, tmp_path) -
     err = capsys.readouterr().err
     assert rc == 2 and "does not fit" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_predicted_host_peak_within_25_percent_of_measured(tmp_path) -> None:
+    """A synthetic model pruned in a child process: the plan's peak host memory against the
+    child's measured peak RSS (the estimator, the pruning and both evaluations run)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from .conftest import build_tokenizer
+
+    src = tmp_path / "src"
+    tok = build_tokenizer(src)
+    cfg = LlamaConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(src, max_shard_size="20MB")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97} and the fox {i}" for i in range(40000)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "intraslice", "prune", "--model", str(src), "--ratio", "0.3", "--calib", str(text)]
+    cmd += ["--nsamples", "16", "--seqlen", "512", "--eval-seqlen", "256", "--eval-windows", "2", "--no-progress"]
+    cmd += ["--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "intraslice.json").read_text())
+    measured = report["peak_memory"]["host_peak_rss_mb"] * 2**20
+    predicted = report["memory_plan"]["peak_host"]
+    print(f"peak host RSS measured {measured / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB")
+    assert abs(measured - predicted) <= 0.25 * measured, (measured / 2**20, predicted / 2**20)
