@@ -617,6 +617,9 @@ def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .memory import pin_mmap_threshold
+
+    pin_mmap_threshold()  # per-layer tensors go back to the system when freed (see memory.py)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.showwarning = _show_warning
     try:

@@ -53,7 +53,7 @@ from .pipeline import distributed as dist
 
 MODES = ("uniform", "global", "global_pca")
 #: Tokens per chunk of the LM-head gradient (bounds the float32 logits to chunk x vocabulary).
-HEAD_CHUNK = 512
+HEAD_CHUNK = 256
 
 #: ``onload(module) -> module``: bring a module (a decoder layer, the embedding, ...) onto
 #: the compute device and return the module to run (the same one, or a freshly loaded copy).

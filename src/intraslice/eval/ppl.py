@@ -19,6 +19,8 @@ from ..data import TextSource, tokenize, wikitext2_test_text
 from ..errors import IntraSliceError
 
 PROTOCOLS = {"P1": 2048, "P2": 4096}
+#: Tokens whose logits exist at once in the streamed evaluation.
+HEAD_CHUNK = 512
 
 
 @torch.no_grad()
@@ -49,14 +51,20 @@ def streamed_window_nlls(
     out: list[float] = []
     try:
         for start, h in zip(range(0, windows.shape[0], batch_size), hidden.store, strict=True):
-            logits = head(norm(h))[:, :-1]
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()
             target = policy.to_compute(windows[start : start + h.shape[0], 1:])
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-            )
-            out.extend(float(x) for x in nll.view(h.shape[0], -1).sum(1))
+            sums = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
+            # The logits (tokens x vocabulary) are the largest tensor of a small model with a
+            # big vocabulary (400 MB per 2048-token window for SmolLM2): scored in token chunks.
+            for a in range(0, target.shape[1], HEAD_CHUNK):
+                b = min(a + HEAD_CHUNK, target.shape[1])
+                logits = head(norm(h[:, a:b]))
+                if logits.dtype in (torch.float16, torch.bfloat16):
+                    logits = logits.float()
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target[:, a:b].reshape(-1), reduction="none"
+                )
+                sums += nll.view(h.shape[0], -1).sum(1).to(torch.float64)
+            out.extend(float(x) for x in sums)
     finally:
         hidden.store.clear()
         access.release_module(arch.final_norm)

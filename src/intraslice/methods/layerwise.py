@@ -114,6 +114,7 @@ class LayerwiseMethod:
             if ctx.arch.parallel_block:
                 outputs = ctx.outputs(layer)
             else:
+                ctx.release_inputs()  # the mid residuals are all the MLP block needs
                 outputs = ctx.store("outputs")
                 for mid in mlp.mids:
                     outputs.append(ctx.arch.mlp_block(layer, mid))

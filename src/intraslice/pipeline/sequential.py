@@ -233,6 +233,10 @@ class LayerContext:
     def input_of(self, module: nn.Module, batch: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
         return input_of(self.layer, module, batch, kw)
 
+    def release_inputs(self) -> None:
+        """A method that computes the layer's outputs without its inputs frees them early."""
+        self.inputs.store.clear()
+
     def store(self, name: str) -> ActivationStore:
         return self.policy.store_for(name)
 
