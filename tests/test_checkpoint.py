@@ -268,6 +268,7 @@ def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, li
         build_tokenizer(out)
 
     monkeypatch.setattr(ckpt_mod, "convert_gguf", fake_convert)
+    monkeypatch.setattr(ckpt_mod, "convert_gguf_in_child", fake_convert)  # the default runs it in a child
     return gguf, calls
 
 
@@ -299,7 +300,7 @@ def test_failed_or_killed_conversion_leaves_no_cache(
         raise ValueError("GGUF architecture 'weird' is not supported\nmore detail")
 
     with monkeypatch.context() as m:
-        m.setattr(ckpt_mod, "convert_gguf", broken)
+        m.setattr(ckpt_mod, "convert_gguf_in_child", broken)
         with pytest.raises(IntraSliceError, match=r"could not convert GGUF .*'weird' is not supported$"):
             SourceCheckpoint.open(str(gguf.parent), gguf_file=gguf.name, cache_dir=cache)
     assert list(cache.iterdir()) == []
@@ -406,3 +407,13 @@ def test_sharded_writer_single_file_shared_tensors_and_abort(tmp_path: Path) -> 
         w = ShardedWriter(tmp_path / "dup")
         w.add("x", torch.zeros(2))
         w.add("x", torch.zeros(2))
+
+
+def test_child_conversion_reports_the_childs_error(tmp_path: Path) -> None:
+    """The default converter runs in a child process; its failure arrives as one line."""
+    bad = tmp_path / "src" / "bad.gguf"
+    bad.parent.mkdir()
+    bad.write_bytes(b"GGUF not really")
+    with pytest.raises(IntraSliceError, match=r"could not convert GGUF .*bad\.gguf: \S"):
+        converted_gguf(bad, tmp_path / "cache")
+    assert [p for p in (tmp_path / "cache").iterdir()] == []
