@@ -108,9 +108,9 @@ ARCHS = {
 }
 
 
-def make_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+def make_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float64, n_layers: int = 2) -> torch.nn.Module:
     cfg_cls, model_cls, extra = ARCHS[arch]
-    cfg = cfg_cls(**COMMON, **extra)
+    cfg = cfg_cls(**{**COMMON, "num_hidden_layers": n_layers}, **extra)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(cfg).to(dtype).eval()

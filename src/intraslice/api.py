@@ -22,10 +22,9 @@ from .pipeline.sequential import LayerMethod
 
 
 @dataclass
-class PruneResult:
-    """The physically smaller model and what it cost."""
+class PruneSummary:
+    """What a pruning run removed, layer by layer, and what it cost (in memory or streamed)."""
 
-    model: IntraSliceForCausalLM
     params_before: dict[str, int]
     params_after: dict[str, int]
     layers: list[dict[str, Any]]
@@ -45,6 +44,13 @@ class PruneResult:
             "layers": self.layers,
             "timings_s": self.timings,
         }
+
+
+@dataclass
+class PruneResult(PruneSummary):
+    """The physically smaller model (in memory) and what it cost."""
+
+    model: IntraSliceForCausalLM | None = None
 
 
 def prune(

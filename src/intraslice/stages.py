@@ -18,13 +18,14 @@ smaller modules) -> the layer's outputs become the next layer's inputs ->
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .api import PruneSummary
 from .arch import get_arch
 from .checkpoint import SourceCheckpoint
 from .config import PruneConfig
@@ -136,29 +137,11 @@ def allocate(
 
 
 @dataclass
-class StreamedPruneResult:
+class StreamedPruneResult(PruneSummary):
     """What :func:`prune` wrote and what it cost (the model itself is on disk only)."""
 
-    directory: Path
-    pruned_config: Any
-    params_before: dict[str, int]
-    params_after: dict[str, int]
-    layers: list[dict[str, Any]]
-    timings: dict[str, float] = field(default_factory=dict)
-    method: dict[str, Any] = field(default_factory=dict)
-
-    def reduction(self) -> dict[str, float]:
-        return {k: 1.0 - self.params_after[k] / self.params_before[k] for k in self.params_before}
-
-    def report(self) -> dict[str, Any]:
-        return {
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "reduction": self.reduction(),
-            "method": self.method,
-            "layers": self.layers,
-            "timings_s": self.timings,
-        }
+    directory: Path | None = None
+    pruned_config: Any = None
 
 
 def prune(
@@ -204,13 +187,13 @@ def prune(
     timings = dict(outcome.timings)
     timings["total"] = time.perf_counter() - t0
     return StreamedPruneResult(
-        directory,
-        pruned_config,
-        before,
-        after,
-        [asdict(r) for r in outcome.layers],
-        timings,
-        {"method": cfg.method, **info, "devices": policy.describe()},
+        params_before=before,
+        params_after=after,
+        layers=[asdict(r) for r in outcome.layers],
+        timings=timings,
+        method={"method": cfg.method, **info, "devices": policy.describe()},
+        directory=directory,
+        pruned_config=pruned_config,
     )
 
 
