@@ -387,6 +387,8 @@ def main() -> None:
     out = Path(args.out or ROOT / "results" / f"scale-cpu-{args.nsamples}x{args.seqlen}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="intraslice-scale-", dir=args.work_dir))
     models_root = Path(args.keep_models) if args.keep_models else tmp / "models"
     rows: list[dict[str, Any]] = []

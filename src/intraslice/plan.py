@@ -14,14 +14,16 @@ What is counted (bytes; w = model-dtype bytes, T = seqlen, B = batch size, N = w
   set ~ 3.5 m^2 when the math runs on the device), one batch's activations through the
   layer (B T (4d + qkv + 3m) w, plus the float64 copy of the widest statistic input
   B T m 8), and the activation store if it lives on the device.
-* prune, host: the activation store (inputs, the o_proj inputs or mid residuals, the
-  outputs being built: N T (2d + max(d_o, d)) w), the embeddings while layer-0 inputs
-  are captured, one source layer being read, one output shard being written, the
-  float64 math when it runs on the host, and the process itself (torch + transformers).
+* prune, host: the activation store (the inputs with the o_proj inputs or the mid
+  residuals; the inputs are freed before the outputs are built: N T (d + max(d_o, d)) w),
+  the embeddings while layer-0 inputs are captured, one source layer being read, one
+  output shard being written, the float64 math when it runs on the host, and the process
+  itself (torch + transformers).
 * estimator: one sample's inputs of every layer on the host (L T d w), and on the device
   one layer, its forward/backward activations for one sample (T (8d + qkv + 6m) 4 bytes),
-  and the logits with their gradient in float32 (3 T V 4).
-* evaluation (streamed): one window per batch, one layer, the LM head's logits.
+  and the logits with their softmax and gradient in float32 for one chunk of 256 tokens.
+* evaluation (streamed): one window per batch, one layer, the LM head's logits for 512
+  tokens at a time.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ GiB = 2**30
 #: RSS of a Python process that has imported torch, transformers and intraslice (measured
 #: on Linux x86-64, torch 2.13 CPU: 384 MB; CUDA builds add their own context on the GPU).
 PROCESS_BASE = 420 * 2**20
+#: Tokens whose logits exist at once: the estimator's LM-head gradient, the evaluation.
+HEAD_CHUNK = 256
+EVAL_CHUNK = 512
 #: CUDA context and allocator slack on the device.
 CUDA_CONTEXT = 600 * 2**20
 
@@ -169,7 +174,8 @@ def _stages(
     tokens = nsamples * seqlen
 
     # -- prune ----------------------------------------------------------------------
-    store_bytes = tokens * (2 * d + max(d_o, d)) * w
+    # inputs + (o_proj inputs | mid residuals); the inputs are freed before the outputs are built
+    store_bytes = tokens * (d + max(d_o, d)) * w
     stats = 3 * d_o * d_o * 8 + m * m * 8
     solve = int(3.5 * m * m * 8) + 2 * d * m * 8  # compress_mlp's working set (keep ~ m at worst)
     batch_act = batch * seqlen * ((4 * d + qkv + 3 * m) * w + m * 8)
@@ -183,7 +189,7 @@ def _stages(
     elif store == "cpu":
         host += store_bytes
     else:  # disk: one batch at a time in host memory
-        host += batch * seqlen * (2 * d + max(d_o, d)) * w
+        host += batch * seqlen * (d + max(d_o, d)) * w
     if not math_on_device:
         host += solve
     capture = globals_bytes if weights == "stream" else 0
@@ -198,14 +204,16 @@ def _stages(
     if estimator:
         est_host = PROCESS_BASE + nsamples * seqlen * 8 + n_l * seqlen * d * w
         est_host += layer if weights == "stream" else s["params"] * w
-        act = seqlen * (8 * d + qkv + 6 * m) * 4 + 3 * seqlen * vocab * 4
+        # one layer's graph for one sample, and the LM head's logits, their softmax and gradient
+        # for one chunk of tokens (importance.HEAD_CHUNK)
+        act = seqlen * (8 * d + qkv + 6 * m) * 4 + 3 * min(seqlen, HEAD_CHUNK) * vocab * 4
         head = globals_bytes
         est_dev = layer + act + head + 2 * n_l * (d_o + m) * 8  # + the gradient accumulators
         out["estimator"] = StagePeak(est_dev + CUDA_CONTEXT, est_host) if on_gpu else StagePeak(0, est_host + est_dev)
 
     # -- evaluation (streamed, one window at a time) ------------------------------------
     if evaluate:
-        ev_dev = layer + seqlen * ((4 * d + qkv + 3 * m) * w + 2 * vocab * 4) + globals_bytes
+        ev_dev = layer + seqlen * (4 * d + qkv + 3 * m) * w + 2 * min(seqlen, EVAL_CHUNK) * vocab * 4 + globals_bytes
         ev_host = PROCESS_BASE + (layer if weights == "stream" else s["params"] * w) + 2 * seqlen * d * w
         out["evaluate"] = StagePeak(ev_dev + CUDA_CONTEXT, ev_host) if on_gpu else StagePeak(0, ev_host + ev_dev)
     return out
