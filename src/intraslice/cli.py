@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .memory import pin_mmap_threshold
 
-    pin_mmap_threshold()  # per-layer tensors go back to the system when freed (see memory.py)
+    pin_mmap_threshold()  # tensors above 4 MiB go back to the system when freed (see memory.py)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.showwarning = _show_warning
     try:

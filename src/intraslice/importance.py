@@ -49,6 +49,7 @@ from .algo.allocation import (
 from .algo.linalg import eigh_desc
 from .arch import ArchSpec, get_arch
 from .errors import IntraSliceError, NonFiniteError
+from .memory import trim
 from .pipeline import distributed as dist
 
 MODES = ("uniform", "global", "global_pca")
@@ -283,6 +284,7 @@ def mask_gradients(
                     )
                     g_att[grp, li] += g_a.to("cpu", torch.float64).view(n_h, h)
                     g_mlp[grp, li] += g_m.to("cpu", torch.float64)
+                    trim()  # this layer's graph is gone: give its pages back (see memory.py)
     finally:
         if was_training:
             model.train()  # the caller's mode, as it came in

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, get_arch
 from ..errors import NonFiniteError
+from ..memory import trim
 from . import distributed
 from .devices import ActivationStore, DevicePolicy
 from .hooks import StopForward, input_of
@@ -313,6 +314,7 @@ def run_layers(
         inputs.store.clear()
         inputs = LayerInputs(outputs, inputs.kwargs, inputs.captured_bs)
         access.emit(li, result.layer)
+        trim()  # what this layer freed goes back to the system (see memory.py)
         result.report.seconds = time.perf_counter() - t_layer
         outcome.layers.append(result.report)
         r = result.report
@@ -343,5 +345,6 @@ def stream_forward(
         outputs = ctx.outputs(layer)
         access.release(li)
         inputs.store.clear()
+        trim()
         inputs = LayerInputs(outputs, inputs.kwargs, inputs.captured_bs)
     return inputs
