@@ -29,13 +29,10 @@ PINNED_THRESHOLD = 4 << 20
 
 def pin_mmap_threshold(threshold: int = PINNED_THRESHOLD) -> bool:
     """Pin glibc's mmap threshold (no effect, and False, off glibc or when it refuses)."""
-    if not sys.platform.startswith("linux"):
+    lib = _libc()
+    if lib is None or not hasattr(lib, "mallopt"):  # not glibc
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # musl or another libc without mallopt
-        return False
+    return bool(lib.mallopt(M_MMAP_THRESHOLD, int(threshold)))
 
 
 _LIBC: ctypes.CDLL | bool | None = None
