@@ -14,6 +14,7 @@ from .baselines.channel import channel_method
 from .baselines.slicegpt import SliceGPTMethod, slicegpt_config
 from .config import PruneConfig
 from .errors import IntraSliceError
+from .methods.deploy import prepare_constraints
 from .methods.intraslice import intraslice_method
 from .modeling import IntraSliceConfig, IntraSliceForCausalLM, SliceGPTForCausalLM
 from .params import param_report
@@ -83,7 +84,11 @@ def prune(
     extra["devices"] = policy.describe()
     desc = "slicing layers (SliceGPT)" if config.method == "slicegpt" else "pruning layers"
     tokens = distributed.shard(calibration)  # under torchrun: this rank's windows
-    outcome = run_layers(ModelLayers(model, policy), tokens, method, policy, config.batch_size, progress, desc)
+    access = ModelLayers(model, policy)
+    constraints = prepare_constraints(method, access, tokens, config, policy, progress)  # export constraints
+    if constraints:
+        extra["constraints"] = constraints
+    outcome = run_layers(access, tokens, method, policy, config.batch_size, progress, desc)
     pruned = build_pruned_model(model, pruned_config, model_cls)
     timings = dict(outcome.timings)
     timings["total"] = time.perf_counter() - t0

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .algo.attention import ROPE_SELECTIONS
 from .errors import IntraSliceError
 from .pipeline.devices import DevicePolicy
 
 MAX_RATIO = 0.95
 METHODS = ("intraslice", "slicegpt", "channel")
+DEPLOY_TARGETS = ("llamacpp", "stock")
 
 
 @dataclass
@@ -49,6 +51,20 @@ class PruneConfig:
     bias_compensation: bool = True
     #: SliceGPT baseline: an explicit residual width instead of the one found for ``ratio``.
     slice_dim: int | None = None
+    # -- export-compatible constraints (issue #11; IntraSlice only) ---------------------------
+    #: Which heads share a RoPE pair set: "per-kv-group" (the method), "per-layer", or
+    #: "global" (one set for the model, scored on the dense model before pruning).
+    rope_selection: str = "per-kv-group"
+    #: A model-wide common head width (rounded to a multiple of 8); None: per layer, unless
+    #: ``common_width`` asks the dense-model statistics to choose one.
+    head_width: int | None = None
+    common_width: bool = False
+    #: Every kept KV head keeps the same number of query heads.
+    equal_kv_groups: bool = False
+    #: Every layer the same shape (heads, KV heads, width, MLP width): the stock HF format.
+    uniform_layers: bool = False
+    #: "llamacpp" or "stock": sets the constraints that target needs (see ``apply_deploy``).
+    deploy: str | None = None
 
     def validate(self, n_layers: int) -> None:
         if self.method not in METHODS:
@@ -70,6 +86,51 @@ class PruneConfig:
             raise IntraSliceError(f"damp must be >= 0, got {self.damp}")
         if self.batch_size < 1:
             raise IntraSliceError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.apply_deploy()
+
+    def apply_deploy(self) -> None:
+        """Resolve ``deploy`` into the constraints of its target and check they fit together.
+
+        llama.cpp (``deci``): per-layer head counts and MLP widths, but one head width, one RoPE
+        frequency set and equal query groups. Stock Llama/Qwen2: the same, with every layer alike.
+        """
+        if self.deploy is not None:
+            if self.deploy not in DEPLOY_TARGETS:
+                raise IntraSliceError(f"unknown --deploy {self.deploy!r}: choose one of {', '.join(DEPLOY_TARGETS)}")
+            if self.rope_selection not in ("per-kv-group", "global"):
+                raise IntraSliceError(f"--deploy {self.deploy} needs --rope-selection global")
+            self.rope_selection = "global"
+            self.equal_kv_groups = True
+            self.common_width = True
+            if self.deploy == "stock":
+                self.uniform_layers = True
+        if self.rope_selection not in ROPE_SELECTIONS:
+            raise IntraSliceError(
+                f"unknown --rope-selection {self.rope_selection!r}: choose one of {', '.join(ROPE_SELECTIONS)}"
+            )
+        if self.rope_selection == "global" or self.uniform_layers:
+            self.common_width = True  # one pair set (or one shape) has one size
+        if self.head_width is not None:
+            if int(self.head_width) < 8:
+                raise IntraSliceError(f"--head-width must be at least 8, got {self.head_width}")
+            self.head_width = max(8, round(int(self.head_width) / 8) * 8)
+        constrained = (
+            self.rope_selection != "per-kv-group"
+            or self.head_width is not None
+            or self.common_width
+            or self.equal_kv_groups
+            or self.uniform_layers
+        )
+        if constrained and self.method != "intraslice":
+            raise IntraSliceError("the export constraints (--deploy, --rope-selection, ...) need --method intraslice")
+        if self.uniform_layers and self.layer_ratios is not None:
+            raise IntraSliceError("--uniform-layers gives every layer the same shape: use --allocation uniform")
+
+    @property
+    def needs_dense_pass(self) -> bool:
+        """Whether pruning first reads the dense model once (global pairs, a chosen common width)."""
+        chosen_width = self.common_width and (self.head_width is None or self.uniform_layers)
+        return self.rope_selection == "global" or chosen_width
 
     def policy(self) -> DevicePolicy:
         """The device policy of this run (every device move goes through it)."""

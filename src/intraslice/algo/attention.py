@@ -67,6 +67,18 @@ def head_spectra(h: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return out
 
 
+def captured_spectrum(scores: torch.Tensor, spectra: torch.Tensor) -> torch.Tensor:
+    """cum[i, r] = sum_{k <= r} S[i, k], S[i, k] = nu_ik * sum_{j in head i} s_j: (n_heads, h + 1).
+
+    The objective of step C is J(D, r) = sum over kept heads of cum[i, r].
+    """
+    n_heads, head_dim = spectra.shape
+    head_mass = scores.to(torch.float64).view(n_heads, head_dim).sum(1)
+    s_mat = spectra.to(torch.float64) * head_mass[:, None]
+    zero = torch.zeros(n_heads, 1, dtype=torch.float64, device=s_mat.device)
+    return torch.cat([zero, s_mat.cumsum(1)], dim=1)
+
+
 def select_heads(
     scores: torch.Tensor,
     spectra: torch.Tensor,
@@ -90,8 +102,7 @@ def select_heads(
     top = torch.topk(scores, keep).indices
     per_head_channels.index_add_(0, top // head_dim, torch.ones_like(top))
     head_mass = scores.view(n_heads, head_dim).sum(1)
-    s_mat = spectra * head_mass[:, None]  # S[i, k]
-    cum = torch.cat([torch.zeros(n_heads, 1, dtype=torch.float64, device=s_mat.device), s_mat.cumsum(1)], dim=1)
+    cum = captured_spectrum(scores, spectra)
 
     def width(n_rem: int) -> int:
         return min(head_dim, keep // n_rem)
@@ -151,6 +162,164 @@ def select_rope_pairs(
     return pairs
 
 
+# -- export-compatible constraints (issue #11) ------------------------------------------------
+#
+# Stock engines cannot run what steps C-D produce in general: llama.cpp's ``deci`` architecture
+# takes per-layer head counts but one head width (key = value = RoPE length), one RoPE
+# frequency set for the whole model and equal query groups per KV head; the stock Llama/Qwen2
+# classes also need every layer alike. The functions below restrict steps C-D to such shapes;
+# with no constraint, ``plan_attention`` is exactly the method as specified.
+
+ROPE_SELECTIONS = ("per-kv-group", "per-layer", "global")
+
+
+@dataclass
+class AttentionConstraints:
+    """Restrictions on one layer's plan (all off by default: the method as specified)."""
+
+    #: "per-kv-group" (method.md 2.D), "per-layer" (one pair set for all heads of a layer) or
+    #: "global" (the set ``pairs``, chosen for the whole model beforehand).
+    rope_selection: str = "per-kv-group"
+    #: A fixed common head width (even) instead of step C's r = K / #remaining.
+    width: int | None = None
+    #: Every kept KV head keeps the same number of query heads (llama.cpp, stock GQA).
+    equal_groups: bool = False
+    #: The global RoPE pair set (``width // 2`` pairs), for ``rope_selection == "global"``.
+    pairs: list[int] | None = None
+    #: A fixed (kept KV heads, query heads per KV head), for every layer alike.
+    group_shape: tuple[int, int] | None = None
+
+
+def best_groups(value: torch.Tensor, n_kv: int, a: int, b: int) -> tuple[list[int], float]:
+    """The ``a`` KV groups with the largest sum of their ``b`` best query heads (by ``value``).
+
+    Returns (kept query heads ascending, captured value). ``value[i]`` is head i's captured
+    spectrum at the layer's width, so the sum is step C's objective J for this choice.
+    """
+    n_heads = value.shape[0]
+    g = n_heads // n_kv
+    per_group = value.view(n_kv, g)
+    top = torch.topk(per_group, b, dim=1)
+    totals = top.values.sum(1)
+    groups = torch.topk(totals, a).indices.tolist()
+    kept = sorted(int(kv * g + j) for kv in groups for j in top.indices[kv].tolist())
+    return kept, float(totals[groups].sum())
+
+
+def group_shape_candidates(n_kv: int, g: int, target: float) -> list[tuple[int, int]]:
+    """(kept KV heads a, query heads per KV head b), closest a*b to ``target`` first.
+
+    Among equally close shapes the caller breaks the tie by its objective.
+    """
+    shapes = [(a, b) for a in range(1, n_kv + 1) for b in range(1, g + 1)]
+    best = min(abs(a * b - target) for a, b in shapes)
+    return [(a, b) for a, b in shapes if abs(a * b - target) <= best + 1e-9]
+
+
+def heads_at_width(
+    cum: torch.Tensor, keep: int, width: int, n_kv: int, equal_groups: bool, group_shape: tuple[int, int] | None
+) -> tuple[list[int], float]:
+    """Step C at a fixed width r: the heads maximising J with about K / r heads kept.
+
+    With r fixed, J is additive over heads, so the best n heads are the n largest cum[i, r];
+    under ``equal_groups`` the shape (a, b) with a*b closest to K / r wins (ties: larger J),
+    and a ``group_shape`` is taken as given (every layer alike).
+    """
+    n_heads = cum.shape[0]
+    value = cum[:, width]
+    if group_shape is not None:
+        return best_groups(value, n_kv, *group_shape)
+    target = keep / width
+    if equal_groups:
+        g = n_heads // n_kv
+        choices = [best_groups(value, n_kv, a, b) for a, b in group_shape_candidates(n_kv, g, target)]
+        return max(choices, key=lambda c: (c[1], -len(c[0])))
+    n = max(1, min(n_heads, round(target)))
+    order = sorted(range(n_heads), key=lambda i: (-float(value[i]), i))
+    kept = sorted(order[:n])
+    return kept, float(value[kept].sum())
+
+
+def equalize_groups(cum: torch.Tensor, kept: list[int], keep: int, n_kv: int) -> tuple[list[int], int]:
+    """Step C's heads made into equal KV groups, at the width K / #heads (even, <= h).
+
+    The shape with a*b closest to step C's head count wins, ties by J at its own width.
+    """
+    n_heads, head_dim = cum.shape[0], cum.shape[1] - 1
+    g = n_heads // n_kv
+
+    def width(n: int) -> int:
+        return max(2, min(head_dim, round(keep / n / 2.0) * 2))
+
+    choices = []
+    for a, b in group_shape_candidates(n_kv, g, len(kept)):
+        heads, value = best_groups(cum[:, width(a * b)], n_kv, a, b)
+        choices.append((value, -a * b, heads, width(a * b)))
+    best = max(choices, key=lambda c: (c[0], c[1]))
+    return best[2], best[3]
+
+
+def select_layer_pairs(qk_mean: torch.Tensor, kept_heads: list[int], n_kv: int, width: int) -> dict[int, list[int]]:
+    """Step D with one pair set for the whole layer: sigma summed over every kept query head."""
+    half = qk_mean.shape[1] // 2
+    g = qk_mean.shape[0] // n_kv
+    sigma = (qk_mean[:, :half] + qk_mean[:, half:])[kept_heads].sum(0)
+    pairs = sorted(int(p) for p in torch.topk(sigma.to(torch.float64), width // 2).indices)
+    return {kv: list(pairs) for kv in sorted({i // g for i in kept_heads})}
+
+
+def global_rope_pairs(sigmas: list[torch.Tensor], width: int) -> list[int]:
+    """One pair set for the model: the top r/2 pairs of sigma summed over every head of every layer.
+
+    ``sigmas[l]`` is (n_heads, h/2): sigma[i, p] = mu[i, p] + mu[i, p + h/2] of layer l. The
+    sum runs on the raw scale, as step D sums a group's heads: a pair's score is its total
+    contribution |q_j k_j| to the attention logits of the model.
+    """
+    total = torch.stack([s.to(torch.float64).sum(0) for s in sigmas]).sum(0)
+    return sorted(int(p) for p in torch.topk(total, width // 2).indices)
+
+
+def width_candidates(head_dim: int, min_width_frac: float, multiple: int = 8) -> list[int]:
+    """Common widths worth trying: multiples of ``multiple`` from the spec's minimum to h."""
+    floor = math.ceil(min_width_frac * head_dim / multiple) * multiple
+    widths = [w for w in range(multiple, head_dim + 1, multiple) if w >= floor]
+    return widths or [head_dim - head_dim % 2]
+
+
+def choose_common_width(
+    cums: list[torch.Tensor],
+    keeps: list[int],
+    n_kv: int,
+    min_width_frac: float,
+    equal_groups: bool,
+    uniform: bool = False,
+    multiple: int = 8,
+) -> tuple[int, tuple[int, int] | None]:
+    """The model-wide head width maximising step C's objective summed over layers.
+
+    **Decision**: a common width r (a multiple of 8, at least the spec's minimum width) is
+    chosen as argmax_r sum_l J_l(r), each layer keeping its best ~K_l / r heads at that
+    width, on the dense model's statistics. This is step C's own criterion with one r for
+    all layers. With ``uniform`` the head/group shape is shared too: the (a, b) with a*b
+    closest to K / r and the largest summed J. Returns (width, group shape or None).
+    """
+    n_heads, head_dim = cums[0].shape[0], cums[0].shape[1] - 1
+    g = n_heads // n_kv
+    best: tuple[float, int, tuple[int, int] | None] | None = None
+    for r in width_candidates(head_dim, min_width_frac, multiple):
+        if uniform:
+            shapes = group_shape_candidates(n_kv, g, keeps[0] / r)
+            scored = [(sum(best_groups(c[:, r], n_kv, a, b)[1] for c in cums), (a, b)) for a, b in shapes]
+            total, shape = max(scored, key=lambda t: (t[0], -t[1][0] * t[1][1]))
+        else:
+            total = sum(heads_at_width(c, k, r, n_kv, equal_groups, None)[1] for c, k in zip(cums, keeps, strict=True))
+            shape = None
+        if best is None or total > best[0] + 1e-12 * abs(best[0]):
+            best = (total, r, shape)
+    assert best is not None
+    return best[1], best[2]
+
+
 def plan_attention(
     h: torch.Tensor,
     qk_mean: torch.Tensor,
@@ -160,12 +329,28 @@ def plan_attention(
     head_dim: int,
     keep: int,
     min_width_frac: float = 0.75,
+    constraints: AttentionConstraints | None = None,
 ) -> AttentionPlan:
-    """Steps A-D for one layer."""
+    """Steps A-D for one layer, within the export ``constraints`` if any."""
+    c = constraints or AttentionConstraints()
     scores = channel_scores(torch.diagonal(h), w_o)
     spectra = head_spectra(h, n_heads, head_dim)
-    kept, r = select_heads(scores, spectra, keep, min_width_frac)
-    pairs = select_rope_pairs(qk_mean, kept, n_kv, r)
+    if c.width is not None:
+        r = int(c.width)
+        kept, _ = heads_at_width(captured_spectrum(scores, spectra), keep, r, n_kv, c.equal_groups, c.group_shape)
+    else:
+        kept, r = select_heads(scores, spectra, keep, min_width_frac)
+        if c.equal_groups:
+            kept, r = equalize_groups(captured_spectrum(scores, spectra), kept, keep, n_kv)
+    if c.rope_selection == "global":
+        if c.pairs is None or len(c.pairs) != r // 2:
+            raise ValueError(f"global RoPE selection needs {r // 2} pairs, got {c.pairs}")
+        g = n_heads // n_kv
+        pairs = {kv: list(c.pairs) for kv in sorted({i // g for i in kept})}
+    elif c.rope_selection == "per-layer":
+        pairs = select_layer_pairs(qk_mean, kept, n_kv, r)
+    else:
+        pairs = select_rope_pairs(qk_mean, kept, n_kv, r)
     return AttentionPlan(n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, kept_heads=kept, width=r, pairs=pairs)
 
 

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algo.attention import AttentionPlan, compress_attention, head_channel_mask, plan_attention, qk_row_masks
+from ..algo.attention import (
+    AttentionConstraints,
+    AttentionPlan,
+    compress_attention,
+    head_channel_mask,
+    plan_attention,
+    qk_row_masks,
+)
 from ..algo.mlp import compress_mlp
 from ..config import PruneConfig
 from ..modeling import IntraSliceConfig
@@ -111,6 +118,8 @@ class IntraSliceAttentionStep:
 
     def __init__(self, cfg: PruneConfig) -> None:
         self.cfg = cfg
+        #: Per-layer export constraints (``methods.deploy.prepare_constraints``); None: none.
+        self.constraints: list[AttentionConstraints] | None = None
 
     def collect(self, ctx: LayerContext, att_ratio: float) -> AttentionStats:
         n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
@@ -118,7 +127,15 @@ class IntraSliceAttentionStep:
         keep = n_h * h - round(n_h * h * att_ratio)
         w_o = ctx.arch.qkvo(ctx.layer)[3].weight
         plan = plan_attention(
-            ctx.math(h_dense), ctx.math(mu), ctx.math(w_o), n_h, n_kv, h, max(keep, 2), self.cfg.min_head_width
+            ctx.math(h_dense),
+            ctx.math(mu),
+            ctx.math(w_o),
+            n_h,
+            n_kv,
+            h,
+            max(keep, 2),
+            self.cfg.min_head_width,
+            constraints=self.constraints[ctx.index] if self.constraints else None,
         )
         h_t, cross = pruned_attention_stats(ctx, plan, dense_x)
         dense_x.clear()

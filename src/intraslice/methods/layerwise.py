@@ -67,7 +67,9 @@ class Budget:
         down = self.arch.gate_up_down(layer)[2]
         att_actual, mlp_dense = layer_linear_params(self.arch, layer)
         per_neuron = (mlp_dense - numel_bias(down)) / m
-        want = (planned - att_actual - self.carry - numel_bias(down)) / per_neuron
+        # Uniform layers (the stock format): every layer the same MLP width, so no carry.
+        carry = 0.0 if self.cfg.uniform_layers else self.carry
+        want = (planned - att_actual - carry - numel_bias(down)) / per_neuron
         return mlp_keep_count(m, 1.0 - min(max(want, 0.0), m) / m, self.cfg.mlp_multiple)
 
     def settle(self, layer: Any, planned: float) -> None:
