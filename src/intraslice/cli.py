@@ -4,6 +4,7 @@
     intraslice prune ... --method slicegpt|channel --target-params 0.3 | --target-speedup 1.3
     intraslice eval ppl [--model DIR] [--seqlen 2048] [--windows N]
     intraslice eval zeroshot [--model DIR] [--tasks piqa,arc_easy,...] [--limit N] [--data-dir D]
+    intraslice eval incontext [--model DIR] [--spans 50 200 1000] [--json out.json]
     intraslice bench speed --model dense --model DIR ... [--prefill 128 512 2048]
 
 User errors print one line (``intraslice: error: ...``) and exit with status 2, with no
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="intraslice.json of an earlier run: reuse its importances (no gradients recomputed)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the dense/pruned perplexity")
+    p.add_argument(
+        "--no-incontext", action="store_true", help="skip the dense/pruned copy loss (span 200) reported with it"
+    )
     p.add_argument("--plan", action="store_true", help="print the memory plan (from the config alone) and exit")
     p.add_argument(
         "--activations",
@@ -183,6 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     zs.add_argument("--json", default=None, help="also write the result to this JSON file")
     zs.add_argument("--no-progress", action="store_true")
+    ic = esub.add_parser(
+        "incontext", help="in-context ability: copy loss, loss by position, pass-key retrieval (seeded)"
+    )
+    _add_model_args(ic)
+    ic.add_argument(
+        "--parts", default="copy,position,retrieval", help="comma-separated subset of copy,position,retrieval"
+    )
+    ic.add_argument("--spans", type=int, nargs="+", default=[50, 200, 1000], help="copy spans (tokens per copy)")
+    ic.add_argument("--sequences", type=int, default=8, help="random sequences per copy span")
+    ic.add_argument("--seed", type=int, default=0, help="seed of the copy sequences and the pass-key prompts")
+    ic.add_argument("--seqlen", type=int, default=2048, help="WikiText-2 test window of the loss by position")
+    ic.add_argument("--windows", type=int, default=2, help="windows of the loss by position")
+    ic.add_argument("--bucket", type=int, default=256, help="positions per bucket of the loss by position")
+    ic.add_argument("--context", type=int, default=1024, help="tokens per pass-key prompt")
+    ic.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="pass-key depths (0-1)")
+    ic.add_argument("--per-depth", type=int, default=8, help="pass-key prompts per depth")
+    ic.add_argument("--json", default=None, help="also write the result to this JSON file")
+    ic.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -328,6 +350,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     def run(tmp: Any) -> None:
         ppl: dict[str, Any] = {}
+        incontext: dict[str, Any] = {}  # copy loss at span 200 (eval/incontext.py), next to perplexity
         evaluate = not args.no_eval and main_rank  # other ranks have nothing to add to a perplexity
         if evaluate:
             t = time.perf_counter()
@@ -336,6 +359,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             )
             timings["eval_dense"] = time.perf_counter() - t
             print(f"dense perplexity: {ppl['dense']['ppl']:.3f} ({ppl['dense']['windows']} windows)", flush=True)
+            if not args.no_incontext:
+                from .eval.incontext import prune_report_copy_loss
+
+                t = time.perf_counter()
+                incontext["dense"] = prune_report_copy_loss(ckpt, policy)
+                timings["incontext_dense"] = time.perf_counter() - t
+                print(f"dense copy loss (span {incontext['dense']['span']}): {incontext['dense']['copy_loss']:.3f}")
 
         # -- allocate ---------------------------------------------------------------------------
         t = time.perf_counter()
@@ -375,6 +405,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 pruned_ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
             )
             timings["eval_pruned"] = time.perf_counter() - t
+            if not args.no_incontext:
+                from .eval.incontext import prune_report_copy_loss
+
+                t = time.perf_counter()
+                pruned_source = SourceCheckpoint.from_directory(tmp, name="pruned")
+                incontext["pruned"] = prune_report_copy_loss(pruned_source, policy)
+                timings["incontext_pruned"] = time.perf_counter() - t
         if args.target_speedup is not None:
             _speed_check(ckpt, tmp, device, args, goal, timings)
 
@@ -393,6 +430,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "memory_plan": plan.to_dict(),
             **result.report(),
             "perplexity": ppl,
+            "incontext": incontext,
             "peak_memory": peak_memory_mb(device),
         }
         report["timings_s"].update(timings)
@@ -480,6 +518,13 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
         print(
             f"perplexity ({d['source']}, {d['windows']}/{d['windows_total']} windows of {d['seqlen']}): "
             f"dense {d['ppl']:.3f} -> pruned {p['ppl']:.3f}"
+        )
+    copy = report.get("incontext") or {}
+    if "dense" in copy and "pruned" in copy:
+        d, p = copy["dense"], copy["pruned"]
+        print(
+            f"copy loss (span {d['span']}, {d['sequences']} random sequences repeated; no-context "
+            f"{d['first_copy_loss']:.1f}): dense {d['copy_loss']:.3f} -> pruned {p['copy_loss']:.3f}"
         )
     t = report["timings_s"]
     print(f"prune time {t['total']:.1f}s; peak host RSS {report['peak_memory']['host_peak_rss_mb']:.0f} MB")
@@ -599,6 +644,47 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_incontext(args: argparse.Namespace) -> int:
+    """Streamed like ``eval ppl``: one decoder layer on the device at a time (see ``eval/incontext.py``)."""
+    from . import stages
+    from .checkpoint import SourceCheckpoint
+    from .eval.incontext import evaluate_incontext, format_table, parse_parts
+    from .models import parse_dtype
+    from .pipeline import DevicePolicy
+
+    parse_parts(args.parts)  # the cheap checks before the model opens
+    device = _device(args.device)
+    ckpt = SourceCheckpoint.open(args.model, args.gguf_file, dtype=parse_dtype(args.dtype))
+    res = evaluate_incontext(
+        ckpt,
+        policy=DevicePolicy(device),
+        parts=args.parts,
+        spans=args.spans,
+        sequences=args.sequences,
+        seed=args.seed,
+        seqlen=args.seqlen,
+        windows=args.windows,
+        bucket=args.bucket,
+        context=args.context,
+        depths=args.depths,
+        per_depth=args.per_depth,
+        progress=not args.no_progress,
+    )
+    res = {
+        "model": ckpt.name,
+        "params": stages.source_param_report(ckpt.skeleton()),
+        "device": device,
+        **res,
+        "versions": _versions(),
+        "command": sys.argv,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(format_table(res))
+    print(f"{res['seconds']:.1f}s on {device}")
+    _write_json(args.json, res)
+    return 0
+
+
 def _write_json(path: str | None, obj: dict[str, Any]) -> None:
     """``--json FILE`` of the eval and bench commands."""
     if path:
@@ -636,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval_ppl(args)
         if args.command == "eval" and args.eval_command == "zeroshot":
             return cmd_eval_zeroshot(args)
+        if args.command == "eval" and args.eval_command == "incontext":
+            return cmd_eval_incontext(args)
     except IntraSliceError as exc:
         print(f"intraslice: error: {exc}", file=sys.stderr)
         return 2
