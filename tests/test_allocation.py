@@ -59,15 +59,43 @@ def test_mask_gradient_matches_finite_differences() -> None:
     assert all(p.requires_grad for p in model.parameters())  # restored
 
 
-def test_rotation_is_orthogonal_head_norms_kept_unit_sums_changed() -> None:
+def test_rotation_projects_each_head_gradient_on_its_own_pca_basis() -> None:
+    """PCA mode rotates head i's gradient block to U_i^T g_i: component c is the projection of
+    g_i on head i's c-th eigenvector (by decreasing eigenvalue). U_i g_i, the wrong way round,
+    or another head's basis, would put a gradient along an eigenvector anywhere but there."""
+    f64 = torch.float64
     torch.manual_seed(0)
-    cov = torch.randn(3, 8, 8, dtype=torch.float64)
-    cov = cov @ cov.transpose(1, 2)
+    n_h, h = 3, 8
+    q = torch.linalg.qr(torch.randn(n_h, h, h, dtype=f64)).Q  # random, non-symmetric orthogonal
+    vals = torch.stack([torch.randperm(h).to(f64) + 1.0 for _ in range(n_h)])  # distinct, scrambled order
+    cov = q @ torch.diag_embed(vals) @ q.transpose(1, 2)
     bases = head_bases(cov[None])[0]
-    for b in bases:
-        torch.testing.assert_close(b.T @ b, torch.eye(8, dtype=torch.float64))
-    grads = torch.randn(4, 3, 8, dtype=torch.float64)
+    for i in range(n_h):
+        order = torch.argsort(vals[i], descending=True)
+        # columns = eigenvectors by decreasing eigenvalue (up to sign)
+        torch.testing.assert_close((bases[i].T @ q[i][:, order]).abs(), torch.eye(h, dtype=f64), rtol=0, atol=1e-10)
+        assert not torch.allclose(bases[i], bases[i].T, atol=1e-3)  # U^T and U differ: the test can tell them apart
+
+    # A gradient along eigenvector c of every head rotates to e_c (a one-hot on component c).
+    grads = torch.stack([torch.stack([bases[i][:, c] for i in range(n_h)]) for c in range(h)])  # (h groups, n_h, h)
     rot = rotate_head_gradients(grads, bases)
+    eye = torch.eye(h, dtype=f64)
+    for i in range(n_h):
+        torch.testing.assert_close(rot[:, i], eye, rtol=0, atol=1e-12)
+        assert not torch.allclose(torch.stack([bases[i] @ grads[c, i] for c in range(h)]), eye, atol=1e-3)
+    # With one unit per component, a gradient along eigenvector c of head i scores unit (i, c) only.
+    one = torch.zeros(1, n_h, h, dtype=f64)
+    one[0, 1] = bases[1][:, 5]
+    imp = unit_importance(rotate_head_gradients(one, bases), h)
+    expected = torch.zeros(n_h * h, dtype=f64)
+    expected[1 * h + 5] = 1.0
+    torch.testing.assert_close(imp, expected, rtol=0, atol=1e-12)
+
+    # Generic gradients: U_i^T g_i per head (an independent matmul), norms kept, unit sums changed.
+    grads = torch.randn(4, n_h, h, dtype=f64)
+    rot = rotate_head_gradients(grads, bases)
+    expected_rot = torch.stack([torch.stack([bases[i].T @ grads[g, i] for i in range(n_h)]) for g in range(4)])
+    torch.testing.assert_close(rot, expected_rot, rtol=0, atol=1e-12)
     torch.testing.assert_close(rot.pow(2).sum(-1), grads.pow(2).sum(-1))
     assert not torch.allclose(unit_importance(rot, 1), unit_importance(grads, 1))
     assert not torch.allclose(unit_importance(rot, 2), unit_importance(grads, 2))
