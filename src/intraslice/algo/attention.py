@@ -206,12 +206,14 @@ def best_groups(value: torch.Tensor, n_kv: int, a: int, b: int) -> tuple[list[in
     return kept, float(totals[groups].sum())
 
 
-def group_shape_candidates(n_kv: int, g: int, target: float) -> list[tuple[int, int]]:
+def group_shape_candidates(n_kv: int, g: int, target: float, divides: int | None = None) -> list[tuple[int, int]]:
     """(kept KV heads a, query heads per KV head b), closest a*b to ``target`` first.
 
-    Among equally close shapes the caller breaks the tie by its objective.
+    Among equally close shapes the caller breaks the tie by its objective. ``divides``: only
+    head counts a*b that divide it (transformers' ``LlamaConfig`` requires the hidden size to
+    be a multiple of the head count, whatever ``head_dim`` says).
     """
-    shapes = [(a, b) for a in range(1, n_kv + 1) for b in range(1, g + 1)]
+    shapes = [(a, b) for a in range(1, n_kv + 1) for b in range(1, g + 1) if not divides or divides % (a * b) == 0]
     best = min(abs(a * b - target) for a, b in shapes)
     return [(a, b) for a, b in shapes if abs(a * b - target) <= best + 1e-9]
 
@@ -294,6 +296,7 @@ def choose_common_width(
     equal_groups: bool,
     uniform: bool = False,
     multiple: int = 8,
+    divides: int | None = None,
 ) -> tuple[int, tuple[int, int] | None]:
     """The model-wide head width maximising step C's objective summed over layers.
 
@@ -301,14 +304,15 @@ def choose_common_width(
     chosen as argmax_r sum_l J_l(r), each layer keeping its best ~K_l / r heads at that
     width, on the dense model's statistics. This is step C's own criterion with one r for
     all layers. With ``uniform`` the head/group shape is shared too: the (a, b) with a*b
-    closest to K / r and the largest summed J. Returns (width, group shape or None).
+    closest to K / r and the largest summed J (head counts dividing ``divides`` only).
+    Returns (width, group shape or None).
     """
     n_heads, head_dim = cums[0].shape[0], cums[0].shape[1] - 1
     g = n_heads // n_kv
     best: tuple[float, int, tuple[int, int] | None] | None = None
     for r in width_candidates(head_dim, min_width_frac, multiple):
         if uniform:
-            shapes = group_shape_candidates(n_kv, g, keeps[0] / r)
+            shapes = group_shape_candidates(n_kv, g, keeps[0] / r, divides)
             scored = [(sum(best_groups(c[:, r], n_kv, a, b)[1] for c in cums), (a, b)) for a, b in shapes]
             total, shape = max(scored, key=lambda t: (t[0], -t[1][0] * t[1][1]))
         else:

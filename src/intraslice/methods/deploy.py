@@ -125,9 +125,13 @@ def layer_keeps(cfg: PruneConfig, dims: dict[str, int]) -> list[int]:
 
 
 def resolve_constraints(
-    cfg: PruneConfig, dims: dict[str, int], stats: list[DenseLayerStats] | None = None
+    cfg: PruneConfig, dims: dict[str, int], stats: list[DenseLayerStats] | None = None, model_type: str = ""
 ) -> list[AttentionConstraints] | None:
-    """Per-layer constraints of this run (None: the method as specified, nothing to restrict)."""
+    """Per-layer constraints of this run (None: the method as specified, nothing to restrict).
+
+    Uniform layers of a Llama source keep a head count that divides the hidden size: the stock
+    ``LlamaConfig`` of transformers 5.24 refuses any other, even with an explicit ``head_dim``.
+    """
     plain = (
         cfg.rope_selection == "per-kv-group"
         and cfg.head_width is None
@@ -143,17 +147,18 @@ def resolve_constraints(
         raise IntraSliceError(f"--head-width {width} exceeds the model's head dimension {h}")
     keeps = layer_keeps(cfg, dims)
     shape: tuple[int, int] | None = None
+    divides = dims["d"] if cfg.uniform_layers and model_type == "llama" else None
     if cfg.common_width and (width is None or cfg.uniform_layers):
         if stats is None:
             raise IntraSliceError("a common head width needs the dense statistics pass (internal error)")
         cums = [s.cum for s in stats]
         if width is None:
             width, shape = choose_common_width(
-                cums, keeps, n_kv, cfg.min_head_width, cfg.equal_kv_groups, uniform=cfg.uniform_layers
+                cums, keeps, n_kv, cfg.min_head_width, cfg.equal_kv_groups, uniform=cfg.uniform_layers, divides=divides
             )
         else:  # uniform layers at a given width: the shared group shape from the same criterion
             g = dims["n_heads"] // n_kv
-            shapes = group_shape_candidates(n_kv, g, keeps[0] / width)
+            shapes = group_shape_candidates(n_kv, g, keeps[0] / width, divides)
             shape = max(shapes, key=lambda ab: (sum(best_groups(c[:, width], n_kv, *ab)[1] for c in cums), -ab[0]))
     if cfg.uniform_layers and shape is None:
         raise IntraSliceError("--uniform-layers needs a common head width (internal error)")
@@ -192,7 +197,7 @@ def prepare_constraints(
     stats = None
     if cfg.needs_dense_pass:
         stats = dense_rope_statistics(access, tokens, policy, cfg.batch_size, progress)
-    constraints = resolve_constraints(cfg, dims, stats)
+    constraints = resolve_constraints(cfg, dims, stats, str(getattr(access.model.config, "model_type", "")))
     step.constraints = constraints
     if constraints is None:
         return {}
