@@ -128,6 +128,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows for the perplexity (default 8)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (P1: 2048, P2: 4096)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Export-compatible pruning (issue #11): the shapes stock engines can run.
+    p.add_argument(
+        "--rope-selection",
+        choices=("per-kv-group", "per-layer", "global"),
+        default="per-kv-group",
+        help="which heads share a RoPE pair set: per KV group (the method), per layer, or one for the model",
+    )
+    p.add_argument("--head-width", type=int, default=None, help="one head width for the model (a multiple of 8)")
+    p.add_argument("--equal-kv-groups", action="store_true", help="every kept KV head keeps equally many query heads")
+    p.add_argument("--uniform-layers", action="store_true", help="every layer the same shape (stock Llama/Qwen2)")
+    p.add_argument(
+        "--deploy",
+        choices=("llamacpp", "stock"),
+        default=None,
+        help="the constraints of a target: llamacpp (GGUF deci: global RoPE set, one head width, equal groups) "
+        "or stock (also every layer alike: LlamaForCausalLM/Qwen2ForCausalLM)",
+    )
+    p.add_argument(
+        "--export",
+        choices=("gguf", "stock-hf"),
+        default=None,
+        help="also write OUT/model-TYPE.gguf or OUT/stock-hf (see `intraslice export`)",
+    )
+    p.add_argument("--export-type", choices=("f32", "f16", "q8_0"), default="f32", help="GGUF type of --export gguf")
+    p.add_argument("--llama-cpp", default=None, help="llama.cpp sources or llama-cpp-python sdist (--export gguf)")
+
+    x = sub.add_parser("export", help="write a pruned model for llama.cpp (GGUF) or stock transformers/vLLM")
+    x.add_argument("directory", help="a pruned model directory (from `intraslice prune`)")
+    x.add_argument("--format", choices=("gguf", "stock-hf"), required=True)
+    x.add_argument("--out", required=True, help="the GGUF file, or the stock model directory")
+    x.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f32", help="GGUF tensor type (default f32)")
+    x.add_argument("--llama-cpp", default=None, help="llama.cpp sources or a llama-cpp-python sdist (GGUF)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     r = sub.add_parser("report", help="plot the per-layer keep ratios of a pruned model directory")
     r.add_argument("directory")
@@ -259,6 +292,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         check_ratio(args.ratio)
     if args.allocation is None:
         args.allocation = "global_pca" if args.method == "intraslice" else "uniform"
+        if args.deploy == "stock" or args.uniform_layers:
+            args.allocation = "uniform"  # every layer alike: nothing to allocate
     if args.method == "slicegpt" and args.allocation != "uniform":
         raise IntraSliceError("--method slicegpt slices every layer alike: use --allocation uniform")
     if args.target_speedup is not None and args.method != "intraslice":
@@ -297,7 +332,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         activations=args.activations,
         math_device=args.math_device,
         offload_dir=args.offload_dir,
+        rope_selection=args.rope_selection,
+        head_width=args.head_width,
+        equal_kv_groups=args.equal_kv_groups,
+        uniform_layers=args.uniform_layers,
+        deploy=args.deploy,
     )
+    if args.export == "stock-hf" and args.deploy != "stock":
+        raise IntraSliceError("--export stock-hf needs a model pruned with --deploy stock")
+    if args.export == "gguf" and args.deploy is None:
+        raise IntraSliceError("--export gguf needs a model pruned with --deploy llamacpp (or stock)")
 
     # -- plan ---------------------------------------------------------------------------------
     saved = load_ratios_file(args.ratios, ckpt.config) if args.ratios else None
@@ -536,6 +580,38 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
         )
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``intraslice export DIR --format gguf|stock-hf --out PATH``: see ``intraslice.export``."""
+    if args.format == "gguf":
+        from .export.gguf import export_gguf
+
+        out = export_gguf(args.directory, args.out, args.type, llama_cpp=args.llama_cpp, overwrite=args.overwrite)
+    else:
+        from .export.stock_hf import export_stock_hf
+
+        out = export_stock_hf(args.directory, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _export_pruned(args: argparse.Namespace) -> None:
+    """``prune --export FORMAT``: the export of the directory just written, inside it."""
+    from .pipeline import distributed as dist
+
+    if not dist.is_main():
+        return
+    out = Path(args.out)
+    if args.export == "gguf":
+        from .export.gguf import export_gguf
+
+        path = export_gguf(out, out / f"model-{args.export_type}.gguf", args.export_type, llama_cpp=args.llama_cpp)
+    else:
+        from .export.stock_hf import export_stock_hf
+
+        path = export_stock_hf(out, out / "stock-hf")
+    print(f"exported {path}")
+
+
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     """Streamed like pruning: one decoder layer on the device at a time, whatever the model size."""
     from . import stages
@@ -710,7 +786,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         if args.command == "prune":
-            return cmd_prune(args)
+            rc = cmd_prune(args)
+            if rc == 0 and args.export and not args.plan:
+                _export_pruned(args)
+            return rc
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "report":
             from .report import report_directory
 
