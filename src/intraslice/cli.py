@@ -71,7 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-bias-compensation", action="store_true", help="channel: no FLAP bias compensation (Wanda-sp scores)"
     )
     p.add_argument("--out", default=None, help="output directory (written atomically; not needed with --plan)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists, and discard an interrupted run of other settings",
+    )
+    p.add_argument(
+        "--no-resume", action="store_true", help="start over, discarding an interrupted run of this same command"
+    )
     p.add_argument(
         "--calib",
         default="wikitext2",
@@ -273,8 +280,15 @@ def _versions() -> dict[str, str]:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """plan -> load -> allocate -> prune -> evaluate -> save, every stage streamed (see ``stages``)."""
+    """plan -> load -> allocate -> prune -> evaluate -> save, every stage streamed (see ``stages``).
+
+    Resumable: each finished stage and layer is checkpointed next to ``--out``, and the
+    same command rerun after a kill continues from there (see ``intraslice.resume``).
+    """
+    from dataclasses import asdict
+
     from . import stages
+    from .algo.allocation import Allocation
     from .checkpoint import SourceCheckpoint
     from .config import PruneConfig, check_ratio
     from .data import calibration_windows
@@ -283,7 +297,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .params import parse_target_params, ratio_for_target
     from .pipeline import distributed as dist
     from .plan import refuse_unless_fits
-    from .saving import atomic_directory, check_output_dir, write_report
+    from .resume import RunCheckpoint, os_error_line
+    from .resume import hook as resume_hook
+    from .saving import REPORT_FILE, atomic_directory, check_output_dir, write_report
 
     goals = [g for g in ("ratio", "target_params", "target_speedup") if getattr(args, g) is not None]
     if len(goals) > 1:
@@ -363,12 +379,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg.activations, cfg.math_device = plan.policy["store"], plan.policy["math"]
     policy = cfg.policy()
 
+    tokenizer = ckpt.tokenizer()
+    t = time.perf_counter()
+    calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    timings["calibration_data"] = time.perf_counter() - t
+    print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)
+
+    # -- the checkpoint: resume an interrupted run of this command, or start one -------------
+    ck: RunCheckpoint | None = None
+    if dist.world_size() == 1:
+        ck = RunCheckpoint.open(
+            args.out, _run_settings(args, ckpt, calib.tokens, policy), args.overwrite, args.no_resume
+        )
+
     goal: dict[str, Any] = {"ratio": cfg.ratio}
     if target is not None:
         cfg.ratio = ratio_for_target(target, args.target_of, stages.source_param_report(ckpt.skeleton()))
         check_ratio(cfg.ratio, "the decoder ratio for --target-params")
         goal = {"target_params": args.target_params, "target_of": args.target_of, "ratio": cfg.ratio}
         print(f"--target-params {args.target_params} of the {args.target_of}: decoder ratio {cfg.ratio:.4f}")
+    elif args.target_speedup is not None and ck is not None and ck.stage("speed_search"):
+        goal = ck.stage("speed_search")  # timings vary: the interrupted run's search result stands
+        cfg.ratio = goal["ratio"]
+        print(f"ratio {cfg.ratio} for {args.target_speedup}x from the interrupted run's search")
     elif args.target_speedup is not None:
         from .speed import ratio_for_speedup
 
@@ -383,14 +416,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         goal = {"target_speedup": args.target_speedup, "speed_seqlen": args.speed_seqlen, "ratio": cfg.ratio}
         goal["probes"] = probes
         print(f"ratio {cfg.ratio} reaches {args.target_speedup}x on candidate shapes")
+        if ck is not None:
+            ck.save_stage("speed_search", goal)
 
-    tokenizer = ckpt.tokenizer()
-    t = time.perf_counter()
-    calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    timings["calibration_data"] = time.perf_counter() - t
-    print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+
+    def stage(key: str, compute: Any) -> Any:
+        """A stage's result: saved by an interrupted run, or computed now and saved."""
+        if ck is not None and ck.stage(key) is not None:
+            return ck.stage(key)
+        value = compute()
+        if ck is not None:
+            ck.save_stage(key, value)
+        return value
 
     def run(tmp: Any) -> None:
         ppl: dict[str, Any] = {}
@@ -398,8 +437,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         evaluate = not args.no_eval and main_rank  # other ranks have nothing to add to a perplexity
         if evaluate:
             t = time.perf_counter()
-            ppl["dense"] = stages.evaluate(
-                ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
+            ppl["dense"] = stage(
+                "ppl_dense",
+                lambda: stages.evaluate(
+                    ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
+                ),
             )
             timings["eval_dense"] = time.perf_counter() - t
             print(f"dense perplexity: {ppl['dense']['ppl']:.3f} ({ppl['dense']['windows']} windows)", flush=True)
@@ -410,32 +452,40 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 incontext["dense"] = prune_report_copy_loss(ckpt, policy)
                 timings["incontext_dense"] = time.perf_counter() - t
                 print(f"dense copy loss (span {incontext['dense']['span']}): {incontext['dense']['copy_loss']:.3f}")
+            resume_hook("dense_eval")
 
         # -- allocate ---------------------------------------------------------------------------
         t = time.perf_counter()
-        alloc, alloc_record = stages.allocate(
-            ckpt,
-            policy,
-            calib.tokens[: args.grad_samples] if args.grad_samples else calib.tokens,
-            cfg.ratio,
-            args.allocation,
-            progress=progress,
-            saved=saved,
-            resident=plan.policy.get("estimator_weights") == "resident",
-            units_per_head=args.units_per_head,
-            mlp_bias=args.mlp_bias,
-            cap=args.max_layer_ratio,
-            group_size=args.group_size,
-        )
+
+        def allocate() -> dict[str, Any]:
+            alloc, record = stages.allocate(
+                ckpt,
+                policy,
+                calib.tokens[: args.grad_samples] if args.grad_samples else calib.tokens,
+                cfg.ratio,
+                args.allocation,
+                progress=progress,
+                saved=saved,
+                resident=plan.policy.get("estimator_weights") == "resident",
+                units_per_head=args.units_per_head,
+                mlp_bias=args.mlp_bias,
+                cap=args.max_layer_ratio,
+                group_size=args.group_size,
+            )
+            return {"allocation": asdict(alloc), "record": record}
+
+        allocated = stage("allocation", allocate)
+        alloc, alloc_record = Allocation(**allocated["allocation"]), allocated["record"]
+        resume_hook("allocation")
         timings["allocation"] = time.perf_counter() - t
         if args.allocation != "uniform":
             print(
                 f"allocation {args.allocation}: planned ratio {alloc.planned_ratio:.4f} in {timings['allocation']:.1f}s"
             )
-        cfg.layer_ratios = None if args.allocation == "uniform" else alloc.layer_ratios
+        cfg.layer_ratios = None if args.allocation == "uniform" else [tuple(r) for r in alloc.layer_ratios]
 
         # -- prune (layer by layer into the output shards) -------------------------------------
-        result = stages.prune(ckpt, calib.tokens, cfg, tmp, progress=progress)
+        result = stages.prune(ckpt, calib.tokens, cfg, tmp, progress=progress, checkpoint=ck)
         timings.update({f"prune_{k}": v for k, v in result.timings.items()})
 
         if not main_rank:
@@ -444,9 +494,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         # -- evaluate ---------------------------------------------------------------------------
         if evaluate:
             t = time.perf_counter()
-            pruned_ckpt = SourceCheckpoint.from_directory(tmp, name="pruned")
-            ppl["pruned"] = stages.evaluate(
-                pruned_ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
+            ppl["pruned"] = stage(
+                "ppl_pruned",
+                lambda: stages.evaluate(
+                    SourceCheckpoint.from_directory(tmp, name="pruned"),
+                    tokenizer,
+                    policy,
+                    args.eval_seqlen,
+                    args.eval_windows,
+                    progress=progress,
+                ),
             )
             timings["eval_pruned"] = time.perf_counter() - t
             if not args.no_incontext:
@@ -477,6 +534,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "incontext": incontext,
             "peak_memory": peak_memory_mb(device),
         }
+        if ck is not None:
+            report["resumed"] = ck.resumed
         report["timings_s"].update(timings)
         report["timings_s"]["save"] = time.perf_counter() - t
         write_report(tmp, report)
@@ -488,14 +547,58 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
         run.report = report  # type: ignore[attr-defined]
 
-    if not main_rank:  # writes nothing: rank 0 writes the one output directory
-        run(Path(args.out))
+    if ck is None:
+        if not main_rank:  # writes nothing: rank 0 writes the one output directory
+            run(Path(args.out))
+            dist.barrier()
+            return 0
+        out = atomic_directory(args.out, run, args.overwrite)
         dist.barrier()
+        _print_summary(run.report, out)  # type: ignore[attr-defined]
         return 0
-    out = atomic_directory(args.out, run, args.overwrite)
-    dist.barrier()
+    try:
+        if ck.stage("complete"):  # killed in the final rename: everything is written
+            run.report = json.loads((ck.partial / REPORT_FILE).read_text(encoding="utf-8"))  # type: ignore[attr-defined]
+        else:
+            run(ck.partial)
+        out = ck.finish()
+    except IntraSliceError:
+        ck.discard()  # a user error: this run's checkpoint is worth nothing
+        raise
+    except OSError as exc:  # disk full, read-only, permissions: the finished layers are kept
+        ck.release()
+        raise IntraSliceError(os_error_line(exc, ck)) from None
+    except BaseException:
+        ck.release()  # interrupted: the same command resumes
+        raise
     _print_summary(run.report, out)  # type: ignore[attr-defined]
     return 0
+
+
+def _run_settings(args: argparse.Namespace, ckpt: Any, tokens: torch.Tensor, policy: Any) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one (see ``intraslice.resume``).
+
+    Every option that can change the output, the model files, the calibration tokens, the
+    resolved devices and dtype, and the versions of the code that computes. Left out: where
+    things are written or kept (``--out``, ``--offload-dir``, ``--activations``), the
+    memory capacities (they only choose among equal-result stores), progress bars.
+    """
+    from .resume import model_fingerprint, tensor_digest
+
+    ignored = {"overwrite", "no_resume", "no_progress", "out", "plan", "offload_dir", "activations"}
+    ignored |= {"device_memory", "host_memory", "command", "grad_checkpointing"}
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ignored}
+    if args.ratios:
+        from .resume import _sha256_file
+
+        options["ratios"] = f"{args.ratios} ({_sha256_file(Path(args.ratios))})"
+    return {
+        "model": model_fingerprint(ckpt.directory, list(ckpt.weight_map.values())),
+        "calibration": {"shape": list(tokens.shape), "sha256": tensor_digest(tokens)},
+        "options": options,
+        "devices": {**policy.describe(), "dtype": str(ckpt.dtype).replace("torch.", "")},
+        "versions": _versions(),
+    }
 
 
 def _bytes(text: str | None) -> int | None:

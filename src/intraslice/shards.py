@@ -10,13 +10,19 @@ checkpoint once a ``config.json`` sits next to it.
 Shards are written under temporary names and renamed only in ``close()``: the final count N
 is part of every name, and an aborted run leaves no file that looks like a checkpoint.
 Write into a temporary directory (``saving.atomic_directory``) for an atomic result.
+
+A resumable run (``intraslice.resume``) calls :meth:`ShardedWriter.snapshot` after every
+layer: the shards written so far are named in the returned state, and the tensors still
+buffered (not yet in a shard) go to a small *pending* file, so that
+:meth:`ShardedWriter.resume` rebuilds exactly this writer (same buffer, same shard
+boundaries, hence byte-identical shards) in a later process.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -51,6 +57,11 @@ def tied_weights_to_skip(config_or_model: Any) -> frozenset[str]:
     return frozenset({"lm_head.weight"}) if getattr(config, "tie_word_embeddings", False) else frozenset()
 
 
+def _is_final_name(name: str) -> bool:
+    """A file name ``from_pretrained`` reads as weights (an earlier checkpoint's, or ours once closed)."""
+    return name == SAFETENSORS_INDEX or (name.startswith("model") and name.endswith(".safetensors"))
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -72,17 +83,14 @@ class ShardedWriter:
         directory: str | os.PathLike[str],
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         skip: Iterable[str] = (),
+        _check_stale: bool = True,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        stale = sorted(
-            p.name
-            for p in self.directory.iterdir()
-            if p.name == SAFETENSORS_INDEX or (p.name.startswith("model") and p.name.endswith(".safetensors"))
-        )
-        if stale:
+        stale = sorted(p.name for p in self.directory.iterdir() if _is_final_name(p.name))
+        if stale and _check_stale:
             # Mixing our shards with an earlier checkpoint's would give a directory that loads wrong weights.
             raise IntraSliceError(f"{self.directory} already holds safetensors weights ({', '.join(stale)})")
         self.max_shard_bytes = int(max_shard_bytes)
@@ -95,6 +103,10 @@ class ShardedWriter:
         self._names: set[str] = set()
         self._closed = False
         self.files: list[Path] = []
+        #: Pending files (see :meth:`snapshot`) holding the buffer, in order, and their names.
+        self._pending: list[tuple[str, list[str]]] = []
+        #: Called after each shard is renamed in ``close()`` (a test hook of the resume tests).
+        self.on_rename: Callable[[Path], None] | None = None
 
     # -- writing -----------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> bool:
@@ -141,6 +153,7 @@ class ShardedWriter:
         self._buffer = {}
         self._storages = set()
         self._buffer_bytes = 0
+        self._pending = []  # their tensors are in the shard now (the files go at the next commit)
 
     def close(self) -> list[Path]:
         """Write the last shard, give every shard its final name, write the index if several.
@@ -159,6 +172,7 @@ class ShardedWriter:
         elif len(self._shards) == 1:
             final = self.directory / SAFETENSORS_SINGLE
             os.replace(self._shards[0][0], final)
+            self._renamed(final)
             self.files = [final]
         else:
             count = len(self._shards)
@@ -167,6 +181,7 @@ class ShardedWriter:
             for i, (tmp, names) in enumerate(self._shards, start=1):
                 final = self.directory / shard_name(i, count)
                 os.replace(tmp, final)
+                self._renamed(final)
                 files.append(final)
                 weight_map.update(dict.fromkeys(names, final.name))
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -178,6 +193,84 @@ class ShardedWriter:
         self._closed = True
         return self.files
 
+    def _renamed(self, path: Path) -> None:
+        if self.on_rename is not None:
+            self.on_rename(path)
+
+    # -- resuming ----------------------------------------------------------------------
+    def snapshot(self, pending_dir: Path, tag: str) -> dict[str, Any]:
+        """The writer's state, with the buffered tensors not yet saved put in a pending file.
+
+        ``pending_dir/pending-{tag}.safetensors`` gets the tensors added since the last
+        snapshot or flush (nothing if none: a layer that filled a shard costs no extra
+        write). The returned JSON-able state names the shards and pending files in order;
+        the caller commits it, and may delete pending files no committed state names.
+        """
+        if self._closed:
+            raise RuntimeError("ShardedWriter is closed")
+        saved = {n for _, names in self._pending for n in names}
+        new = [n for n in self._buffer if n not in saved]
+        if new:
+            from safetensors.torch import save_file
+
+            name = f"pending-{tag}.safetensors"
+            save_file({n: self._buffer[n] for n in new}, str(Path(pending_dir) / name), metadata={"format": "pt"})
+            self._pending.append((name, new))
+        return {
+            "shards": [[path.name, names] for path, names in self._shards],
+            "pending": [[name, names] for name, names in self._pending],
+            "total_size": self.total_size,
+        }
+
+    @classmethod
+    def resume(
+        cls, directory: str | os.PathLike[str], state: Mapping[str, Any], pending_dir: Path, **kw: Any
+    ) -> ShardedWriter:
+        """The writer of :meth:`snapshot`'s ``state``, in a new process.
+
+        Shards of that state renamed by an interrupted ``close()`` get their temporary names
+        back; shards and index files written after the state are deleted (they are written
+        again). Pending files are read back into the buffer, in order.
+        """
+        from safetensors import safe_open
+
+        writer = cls(directory, _check_stale=False, **kw)
+        d = writer.directory
+        for i, (name, names) in enumerate(state["shards"], start=1):
+            path = d / name
+            if not path.is_file():
+                renamed = sorted(d.glob(f"model-{i:05d}-of-*.safetensors"))
+                if i == 1 and (d / SAFETENSORS_SINGLE).is_file():
+                    renamed.append(d / SAFETENSORS_SINGLE)
+                if not renamed:
+                    raise IntraSliceError(f"resume: shard {path} of the checkpoint is missing")
+                os.replace(renamed[0], path)
+            writer._shards.append((path, list(names)))
+            writer._names.update(names)
+        kept = {p.name for p, _ in writer._shards}
+        for p in d.iterdir():
+            if (
+                _is_final_name(p.name)
+                or p.name == SAFETENSORS_INDEX + ".tmp"
+                or (p.name.startswith(_TMP_PREFIX) and p.name not in kept)
+            ):
+                p.unlink()
+        for name, names in state["pending"]:
+            path = Path(pending_dir) / name
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    tensors = {n: fh.get_tensor(n) for n in names}
+            except Exception as exc:
+                raise IntraSliceError(f"resume: cannot read {path}: {exc}") from exc
+            for n, t in tensors.items():
+                writer._buffer[n] = t
+                writer._storages.add(t.untyped_storage().data_ptr())
+                writer._buffer_bytes += _nbytes(t)
+                writer._names.add(n)
+            writer._pending.append((name, list(names)))
+        writer.total_size = int(state["total_size"])
+        return writer
+
     def abort(self) -> None:
         """Drop the buffer and delete the shards written so far (after a failed run)."""
         for path, _ in self._shards:
@@ -186,6 +279,7 @@ class ShardedWriter:
         self._buffer = {}
         self._storages = set()
         self._buffer_bytes = 0
+        self._pending = []
         self._closed = True
 
     @property

@@ -35,6 +35,7 @@ from .pipeline import DevicePolicy, run_layers
 from .pipeline import distributed as dist
 from .pipeline.streaming import PrunedWriter, StreamedLayers
 from .plan import MemoryPlan, make_plan
+from .resume import RunCheckpoint, hook, restore_method
 
 
 def load(
@@ -107,7 +108,11 @@ def allocate(
 
     loaded: set[str] = set()
 
+    reads = [0]
+
     def onload(module: nn.Module) -> nn.Module:
+        reads[0] += 1
+        hook("estimator", reads[0])  # where a test kills a run inside the estimator
         path = paths[id(module)]
         if resident and path in loaded:
             return module
@@ -151,14 +156,23 @@ def prune(
     directory: str | Path,
     progress: bool = True,
     max_shard_bytes: int = 2 * 2**30,
+    checkpoint: RunCheckpoint | None = None,
 ) -> StreamedPruneResult:
-    """Prune layer by layer from the source shards into ``directory`` (weights and config)."""
+    """Prune layer by layer from the source shards into ``directory`` (weights and config).
+
+    With a ``checkpoint`` (``directory`` is its partial output), every finished layer is
+    checkpointed and a resumed checkpoint continues from its last finished layer (see
+    ``intraslice.resume``); an exception then leaves the shards written so far in place.
+    """
     from dataclasses import asdict
 
     from .api import make_method
+    from .methods.deploy import prepare_constraints
+    from .pipeline.sequential import LayerReport
 
     arch = get_arch(ckpt.config)
-    cfg.validate(arch.dims(ckpt.config)["n_layers"])
+    n_layers = arch.dims(ckpt.config)["n_layers"]
+    cfg.validate(n_layers)
     if calibration.dim() != 2 or calibration.shape[0] < 1:
         raise IntraSliceError(f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}")
     policy = cfg.policy()
@@ -167,34 +181,95 @@ def prune(
     before = source_param_report(skeleton)
     method, pruned_config, model_cls, info = make_method(skeleton, cfg)
     directory = Path(directory)
+    if checkpoint is not None and checkpoint.stage("prune") is not None:
+        return _restored_result(checkpoint.stage("prune"), directory, model_cls)
     main = dist.is_main()  # under torchrun, rank 0 alone writes
-    writer = PrunedWriter(directory, arch.state_renames, max_shard_bytes=max_shard_bytes) if main else None
+    if checkpoint is not None and dist.world_size() > 1:
+        raise IntraSliceError("checkpointed runs are single-process (torchrun runs are not resumable)")
+    saved = checkpoint.layers if checkpoint is not None else None
+    start = int(saved["done"]) if saved else 0
+    reports = [LayerReport(**r) for r in saved["reports"]] if saved else []
+    timings: dict[str, float] = dict(saved["timings"]) if saved else {}
+    writer = None
+    if main and saved and saved["writer"] is not None:
+        assert checkpoint is not None
+        writer = PrunedWriter.resume(
+            directory, saved["writer"], checkpoint.directory, arch.state_renames, max_shard_bytes=max_shard_bytes
+        )
+    elif main:
+        writer = PrunedWriter(directory, arch.state_renames, max_shard_bytes=max_shard_bytes)
+    if saved:
+        assert checkpoint is not None
+        restore_method(method, pruned_config, saved["method"], checkpoint.load_method_tensors(), cfg, arch)
     access = StreamedLayers(ckpt, policy, writer, model=skeleton)
     desc = "slicing layers (SliceGPT)" if cfg.method == "slicegpt" else "pruning layers"
+
+    def after_layer(index: int, inputs: Any, outcome: Any) -> None:
+        assert checkpoint is not None
+        hook("emit", index)
+        merged = {k: timings.get(k, 0.0) + outcome.timings.get(k, 0.0) for k in {*timings, *outcome.timings}}
+        seconds = checkpoint.save_layer(
+            index, inputs, writer, method, pruned_config, reports + outcome.layers, merged, index == n_layers - 1
+        )
+        outcome.timings["checkpoint"] = outcome.timings.get("checkpoint", 0.0) + seconds
+        hook("layer", index)
+
     try:
-        outcome = run_layers(access, dist.shard(calibration), method, policy, cfg.batch_size, progress, desc)
+        if start < n_layers:
+            # Export constraints (issue #11): a global RoPE set / common width read the dense model first.
+            constraints = prepare_constraints(method, access, dist.shard(calibration), cfg, policy, progress)
+            if constraints:
+                info["constraints"] = constraints
+            inputs = checkpoint.load_inputs(policy) if checkpoint is not None and start > 0 else None
+            outcome = run_layers(
+                access,
+                dist.shard(calibration),
+                method,
+                policy,
+                cfg.batch_size,
+                progress,
+                desc,
+                start=start,
+                start_inputs=inputs,
+                after_layer=after_layer if checkpoint is not None else None,
+            )
+            reports += outcome.layers
+            for k, v in outcome.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
         if writer is not None:
             access.write_globals(tied=bool(pruned_config.tie_word_embeddings))
+            hook("globals")
+            writer.writer.on_rename = lambda path: hook("rename")
             writer.close()
     except BaseException:
-        if writer is not None:
+        if writer is not None and checkpoint is None:
             writer.abort()
         raise
     with torch.device("meta"):
         after = param_report(model_cls(pruned_config))
     if main:
         write_model_files(directory, pruned_config, model_cls)
-    timings = dict(outcome.timings)
-    timings["total"] = time.perf_counter() - t0
-    return StreamedPruneResult(
+    timings["total"] = timings.get("total", 0.0) + time.perf_counter() - t0
+    result = StreamedPruneResult(
         params_before=before,
         params_after=after,
-        layers=[asdict(r) for r in outcome.layers],
+        layers=[asdict(r) for r in reports],
         timings=timings,
         method={"method": cfg.method, **info, "devices": policy.describe()},
         directory=directory,
         pruned_config=pruned_config,
     )
+    if checkpoint is not None:
+        summary = {k: v for k, v in asdict(result).items() if k not in ("directory", "pruned_config")}
+        checkpoint.save_stage("prune", summary)
+        hook("model")
+    return result
+
+
+def _restored_result(summary: dict[str, Any], directory: Path, model_cls: type) -> StreamedPruneResult:
+    """The result of a prune stage an interrupted run finished (the model is in ``directory``)."""
+    config = model_cls.config_class.from_pretrained(directory)
+    return StreamedPruneResult(**summary, directory=directory, pruned_config=config)
 
 
 def source_param_report(skeleton: nn.Module) -> dict[str, int]:

@@ -16,7 +16,7 @@ layer. How one calibration window travels::
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -288,18 +288,32 @@ def run_layers(
     batch_size: int = 4,
     progress: bool = True,
     desc: str = "pruning layers",
+    start: int = 0,
+    start_inputs: ActivationStore | None = None,
+    after_layer: Callable[[int, ActivationStore, PipelineOutcome], None] | None = None,
 ) -> PipelineOutcome:
-    """Compress every decoder layer of ``access`` with ``method``, in order."""
+    """Compress every decoder layer of ``access`` with ``method``, in order.
+
+    A resumed run (``intraslice.resume``) passes ``start`` (the first layer not yet done)
+    and ``start_inputs`` (that layer's inputs, saved by the interrupted run); the layer
+    kwargs are captured again (embedding only). ``after_layer(i, next inputs, outcome)``
+    runs once layer ``i`` is emitted: where a resumable run checkpoints. ``outcome.layers``
+    holds the layers done by this call only.
+    """
     arch = access.arch
     dims = arch.dims(access.model.config)
     outcome = PipelineOutcome()
     timings = outcome.timings
     t0 = time.perf_counter()
     inputs = capture_inputs(access, tokens, policy, batch_size)
+    if start_inputs is not None:
+        inputs.store.clear()
+        inputs = LayerInputs(start_inputs, inputs.kwargs, inputs.captured_bs)
     timings["capture"] = time.perf_counter() - t0
     for batch in inputs.store:
-        check_finite(batch, "the inputs", 0)
-    bar = tqdm(range(dims["n_layers"]), desc=desc, unit="layer", disable=not progress)
+        check_finite(batch, "the inputs", start)
+    n_layers = dims["n_layers"]
+    bar = tqdm(range(start, n_layers), desc=desc, unit="layer", disable=not progress, initial=start, total=n_layers)
     for li in bar:
         t_layer = time.perf_counter()
         layer = access.onload(li)
@@ -319,6 +333,8 @@ def run_layers(
         outcome.layers.append(result.report)
         r = result.report
         bar.set_postfix(heads=r.num_heads, r=r.head_dim, mlp=r.intermediate_size)
+        if after_layer is not None:
+            after_layer(li, inputs.store, outcome)
     inputs.store.clear()
     return outcome
 

@@ -11,6 +11,7 @@ output shard being filled), whatever the depth.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,28 @@ class PrunedWriter:
         self.renames = renames
         self.min_shard_bytes = min_shard_bytes
         self.writer = ShardedWriter(self.directory, **kw)
+
+    @classmethod
+    def resume(
+        cls,
+        directory: str | os.PathLike[str],
+        state: Mapping[str, Any],
+        pending_dir: Path,
+        renames: tuple[tuple[str, str], ...] = (),
+        min_shard_bytes: int = MIN_SHARD_BYTES,
+        **kw: Any,
+    ) -> PrunedWriter:
+        """The writer of a :meth:`snapshot` (see ``ShardedWriter.resume``)."""
+        self = cls.__new__(cls)
+        self.directory = Path(directory)
+        self.renames = renames
+        self.min_shard_bytes = min_shard_bytes
+        self.writer = ShardedWriter.resume(self.directory, state, pending_dir, **kw)
+        return self
+
+    def snapshot(self, pending_dir: Path, tag: str) -> dict[str, Any]:
+        """State to resume from after the layers written so far (see ``ShardedWriter.snapshot``)."""
+        return self.writer.snapshot(pending_dir, tag)
 
     def end_layer(self) -> None:
         """A layer is complete: write the shard once it holds ``min_shard_bytes``.
