@@ -384,13 +384,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     timings["calibration_data"] = time.perf_counter() - t
     print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)
-
-    # -- the checkpoint: resume an interrupted run of this command, or start one -------------
-    ck: RunCheckpoint | None = None
-    if dist.world_size() == 1:
-        ck = RunCheckpoint.open(
-            args.out, _run_settings(args, ckpt, calib.tokens, policy), args.overwrite, args.no_resume
-        )
+    stages.check_vocabulary(ckpt, calib.tokens, tokenizer)
 
     goal: dict[str, Any] = {"ratio": cfg.ratio}
     if target is not None:
@@ -398,181 +392,198 @@ def cmd_prune(args: argparse.Namespace) -> int:
         check_ratio(cfg.ratio, "the decoder ratio for --target-params")
         goal = {"target_params": args.target_params, "target_of": args.target_of, "ratio": cfg.ratio}
         print(f"--target-params {args.target_params} of the {args.target_of}: decoder ratio {cfg.ratio:.4f}")
-    elif args.target_speedup is not None and ck is not None and ck.stage("speed_search"):
-        goal = ck.stage("speed_search")  # timings vary: the interrupted run's search result stands
-        cfg.ratio = goal["ratio"]
-        print(f"ratio {cfg.ratio} for {args.target_speedup}x from the interrupted run's search")
-    elif args.target_speedup is not None:
-        from .speed import ratio_for_speedup
+    if args.target_speedup is not None and not args.target_speedup > 1.0:
+        raise IntraSliceError(f"--target-speedup must be > 1, got {args.target_speedup}")
 
-        print(f"searching the ratio for a {args.target_speedup}x prefill speedup ({args.speed_seqlen} tokens)")
-        t = time.perf_counter()
-        dense = _whole_model(ckpt.directory, ckpt.dtype, device)  # timing needs the whole dense model
-        cfg.ratio, probes = ratio_for_speedup(
-            dense, args.target_speedup, args.speed_seqlen, min_head_width=args.min_head_width, log=print
-        )
-        del dense
-        timings["speed_search"] = time.perf_counter() - t
-        goal = {"target_speedup": args.target_speedup, "speed_seqlen": args.speed_seqlen, "ratio": cfg.ratio}
-        goal["probes"] = probes
-        print(f"ratio {cfg.ratio} reaches {args.target_speedup}x on candidate shapes")
-        if ck is not None:
-            ck.save_stage("speed_search", goal)
+    def proceed() -> int:
+        """Everything after the checkpoint is open: its errors decide what is kept (below)."""
+        nonlocal goal
+        if args.target_speedup is not None and ck is not None and ck.stage("speed_search"):
+            goal = ck.stage("speed_search")  # timings vary: the interrupted run's search result stands
+            cfg.ratio = goal["ratio"]
+            print(f"ratio {cfg.ratio} for {args.target_speedup}x from the interrupted run's search")
+        elif args.target_speedup is not None:
+            from .speed import ratio_for_speedup
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
-    def stage(key: str, compute: Any) -> Any:
-        """A stage's result: saved by an interrupted run, or computed now and saved."""
-        if ck is not None and ck.stage(key) is not None:
-            return ck.stage(key)
-        value = compute()
-        if ck is not None:
-            ck.save_stage(key, value)
-        return value
-
-    def run(tmp: Any) -> None:
-        ppl: dict[str, Any] = {}
-        incontext: dict[str, Any] = {}  # copy loss at span 200 (eval/incontext.py), next to perplexity
-        evaluate = not args.no_eval and main_rank  # other ranks have nothing to add to a perplexity
-        if evaluate:
+            print(f"searching the ratio for a {args.target_speedup}x prefill speedup ({args.speed_seqlen} tokens)")
             t = time.perf_counter()
-            ppl["dense"] = stage(
-                "ppl_dense",
-                lambda: stages.evaluate(
-                    ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
-                ),
+            dense = _whole_model(ckpt.directory, ckpt.dtype, device)  # timing needs the whole dense model
+            cfg.ratio, probes = ratio_for_speedup(
+                dense, args.target_speedup, args.speed_seqlen, min_head_width=args.min_head_width, log=print
             )
-            timings["eval_dense"] = time.perf_counter() - t
-            print(f"dense perplexity: {ppl['dense']['ppl']:.3f} ({ppl['dense']['windows']} windows)", flush=True)
-            if not args.no_incontext:
-                from .eval.incontext import prune_report_copy_loss
+            del dense
+            timings["speed_search"] = time.perf_counter() - t
+            goal = {"target_speedup": args.target_speedup, "speed_seqlen": args.speed_seqlen, "ratio": cfg.ratio}
+            goal["probes"] = probes
+            print(f"ratio {cfg.ratio} reaches {args.target_speedup}x on candidate shapes")
+            if ck is not None:
+                ck.save_stage("speed_search", goal)
 
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+        def stage(key: str, compute: Any) -> Any:
+            """A stage's result: saved by an interrupted run, or computed now and saved."""
+            if ck is not None and ck.stage(key) is not None:
+                return ck.stage(key)
+            value = compute()
+            if ck is not None:
+                ck.save_stage(key, value)
+            return value
+
+        def run(tmp: Any) -> None:
+            ppl: dict[str, Any] = {}
+            incontext: dict[str, Any] = {}  # copy loss at span 200 (eval/incontext.py), next to perplexity
+            evaluate = not args.no_eval and main_rank  # other ranks have nothing to add to a perplexity
+            if evaluate:
                 t = time.perf_counter()
-                incontext["dense"] = prune_report_copy_loss(ckpt, policy)
-                timings["incontext_dense"] = time.perf_counter() - t
-                print(f"dense copy loss (span {incontext['dense']['span']}): {incontext['dense']['copy_loss']:.3f}")
-            resume_hook("dense_eval")
+                ppl["dense"] = stage(
+                    "ppl_dense",
+                    lambda: stages.evaluate(
+                        ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
+                    ),
+                )
+                timings["eval_dense"] = time.perf_counter() - t
+                print(f"dense perplexity: {ppl['dense']['ppl']:.3f} ({ppl['dense']['windows']} windows)", flush=True)
+                if not args.no_incontext:
+                    from .eval.incontext import prune_report_copy_loss
 
-        # -- allocate ---------------------------------------------------------------------------
-        t = time.perf_counter()
+                    t = time.perf_counter()
+                    incontext["dense"] = prune_report_copy_loss(ckpt, policy)
+                    timings["incontext_dense"] = time.perf_counter() - t
+                    print(f"dense copy loss (span {incontext['dense']['span']}): {incontext['dense']['copy_loss']:.3f}")
+                resume_hook("dense_eval")
 
-        def allocate() -> dict[str, Any]:
-            alloc, record = stages.allocate(
-                ckpt,
-                policy,
-                calib.tokens[: args.grad_samples] if args.grad_samples else calib.tokens,
-                cfg.ratio,
-                args.allocation,
-                progress=progress,
-                saved=saved,
-                resident=plan.policy.get("estimator_weights") == "resident",
-                units_per_head=args.units_per_head,
-                mlp_bias=args.mlp_bias,
-                cap=args.max_layer_ratio,
-                group_size=args.group_size,
-            )
-            return {"allocation": asdict(alloc), "record": record}
-
-        allocated = stage("allocation", allocate)
-        alloc, alloc_record = Allocation(**allocated["allocation"]), allocated["record"]
-        resume_hook("allocation")
-        timings["allocation"] = time.perf_counter() - t
-        if args.allocation != "uniform":
-            print(
-                f"allocation {args.allocation}: planned ratio {alloc.planned_ratio:.4f} in {timings['allocation']:.1f}s"
-            )
-        cfg.layer_ratios = None if args.allocation == "uniform" else [tuple(r) for r in alloc.layer_ratios]
-
-        # -- prune (layer by layer into the output shards) -------------------------------------
-        result = stages.prune(ckpt, calib.tokens, cfg, tmp, progress=progress, checkpoint=ck)
-        timings.update({f"prune_{k}": v for k, v in result.timings.items()})
-
-        if not main_rank:
-            return
-
-        # -- evaluate ---------------------------------------------------------------------------
-        if evaluate:
+            # -- allocate ---------------------------------------------------------------------------
             t = time.perf_counter()
-            ppl["pruned"] = stage(
-                "ppl_pruned",
-                lambda: stages.evaluate(
-                    SourceCheckpoint.from_directory(tmp, name="pruned"),
-                    tokenizer,
+
+            def allocate() -> dict[str, Any]:
+                alloc, record = stages.allocate(
+                    ckpt,
                     policy,
-                    args.eval_seqlen,
-                    args.eval_windows,
+                    calib.tokens[: args.grad_samples] if args.grad_samples else calib.tokens,
+                    cfg.ratio,
+                    args.allocation,
                     progress=progress,
-                ),
-            )
-            timings["eval_pruned"] = time.perf_counter() - t
-            if not args.no_incontext:
-                from .eval.incontext import prune_report_copy_loss
+                    saved=saved,
+                    resident=plan.policy.get("estimator_weights") == "resident",
+                    units_per_head=args.units_per_head,
+                    mlp_bias=args.mlp_bias,
+                    cap=args.max_layer_ratio,
+                    group_size=args.group_size,
+                )
+                return {"allocation": asdict(alloc), "record": record}
 
+            allocated = stage("allocation", allocate)
+            alloc, alloc_record = Allocation(**allocated["allocation"]), allocated["record"]
+            resume_hook("allocation")
+            timings["allocation"] = time.perf_counter() - t
+            if args.allocation != "uniform":
+                planned, seconds = alloc.planned_ratio, timings["allocation"]
+                print(f"allocation {args.allocation}: planned ratio {planned:.4f} in {seconds:.1f}s")
+            cfg.layer_ratios = None if args.allocation == "uniform" else [tuple(r) for r in alloc.layer_ratios]
+
+            # -- prune (layer by layer into the output shards) -------------------------------------
+            result = stages.prune(ckpt, calib.tokens, cfg, tmp, progress=progress, checkpoint=ck)
+            timings.update({f"prune_{k}": v for k, v in result.timings.items()})
+
+            if not main_rank:
+                return
+
+            # -- evaluate ---------------------------------------------------------------------------
+            if evaluate:
                 t = time.perf_counter()
-                pruned_source = SourceCheckpoint.from_directory(tmp, name="pruned")
-                incontext["pruned"] = prune_report_copy_loss(pruned_source, policy)
-                timings["incontext_pruned"] = time.perf_counter() - t
-        if args.target_speedup is not None:
-            _speed_check(ckpt, tmp, device, args, goal, timings)
+                ppl["pruned"] = stage(
+                    "ppl_pruned",
+                    lambda: stages.evaluate(
+                        SourceCheckpoint.from_directory(tmp, name="pruned"),
+                        tokenizer,
+                        policy,
+                        args.eval_seqlen,
+                        args.eval_windows,
+                        progress=progress,
+                    ),
+                )
+                timings["eval_pruned"] = time.perf_counter() - t
+                if not args.no_incontext:
+                    from .eval.incontext import prune_report_copy_loss
 
-        # -- save -------------------------------------------------------------------------------
-        t = time.perf_counter()
-        tokenizer.save_pretrained(tmp)
-        report = {
-            "intraslice_version": _versions()["intraslice"],
-            "versions": _versions(),
-            "source_model": ckpt.name,
-            "goal": goal,
-            "allocation": alloc_record,
-            "command": sys.argv,
-            "calibration": calib.describe(),
-            "config": cfg.to_dict(),
-            "memory_plan": plan.to_dict(),
-            **result.report(),
-            "perplexity": ppl,
-            "incontext": incontext,
-            "peak_memory": peak_memory_mb(device),
-        }
-        if ck is not None:
-            report["resumed"] = ck.resumed
-        report["timings_s"].update(timings)
-        report["timings_s"]["save"] = time.perf_counter() - t
-        write_report(tmp, report)
-        try:
-            from .report import PLOT_FILE, plot_allocation
+                    t = time.perf_counter()
+                    pruned_source = SourceCheckpoint.from_directory(tmp, name="pruned")
+                    incontext["pruned"] = prune_report_copy_loss(pruned_source, policy)
+                    timings["incontext_pruned"] = time.perf_counter() - t
+            if args.target_speedup is not None:
+                _speed_check(ckpt, tmp, device, args, goal, timings)
 
-            plot_allocation(report, tmp / PLOT_FILE)
-        except IntraSliceError as exc:  # matplotlib missing: the model is saved, only the plot is skipped
-            print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
-        run.report = report  # type: ignore[attr-defined]
+            # -- save -------------------------------------------------------------------------------
+            t = time.perf_counter()
+            tokenizer.save_pretrained(tmp)
+            report = {
+                "intraslice_version": _versions()["intraslice"],
+                "versions": _versions(),
+                "source_model": ckpt.name,
+                "goal": goal,
+                "allocation": alloc_record,
+                "command": sys.argv,
+                "calibration": calib.describe(),
+                "config": cfg.to_dict(),
+                "memory_plan": plan.to_dict(),
+                **result.report(),
+                "perplexity": ppl,
+                "incontext": incontext,
+                "peak_memory": peak_memory_mb(device),
+            }
+            if ck is not None:
+                report["resumed"] = ck.resumed
+            report["timings_s"].update(timings)
+            report["timings_s"]["save"] = time.perf_counter() - t
+            write_report(tmp, report)
+            try:
+                from .report import PLOT_FILE, plot_allocation
 
-    if ck is None:
-        if not main_rank:  # writes nothing: rank 0 writes the one output directory
-            run(Path(args.out))
+                plot_allocation(report, tmp / PLOT_FILE)
+            except IntraSliceError as exc:  # matplotlib missing: the model is saved, only the plot is skipped
+                print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
+            run.report = report  # type: ignore[attr-defined]
+
+        if ck is None:
+            if not main_rank:  # writes nothing: rank 0 writes the one output directory
+                run(Path(args.out))
+                dist.barrier()
+                return 0
+            out = atomic_directory(args.out, run, args.overwrite)
             dist.barrier()
+            _print_summary(run.report, out)  # type: ignore[attr-defined]
             return 0
-        out = atomic_directory(args.out, run, args.overwrite)
-        dist.barrier()
-        _print_summary(run.report, out)  # type: ignore[attr-defined]
-        return 0
-    try:
         if ck.stage("complete"):  # killed in the final rename: everything is written
             run.report = json.loads((ck.partial / REPORT_FILE).read_text(encoding="utf-8"))  # type: ignore[attr-defined]
         else:
             run(ck.partial)
         out = ck.finish()
+        _print_summary(run.report, out)  # type: ignore[attr-defined]
+        return 0
+
+    # -- the checkpoint: resume an interrupted run of this command, or start one -------------
+    ck: RunCheckpoint | None = None
+    if dist.world_size() == 1:
+        ck = RunCheckpoint.open(
+            args.out, _run_settings(args, ckpt, calib.tokens, policy), args.overwrite, args.no_resume
+        )
+    try:
+        return proceed()
     except IntraSliceError:
-        ck.discard()  # a user error: this run's checkpoint is worth nothing
+        if ck is not None:
+            ck.discard()  # a user error: this run's checkpoint is worth nothing
         raise
     except OSError as exc:  # disk full, read-only, permissions: the finished layers are kept
+        if ck is None:
+            raise
         ck.release()
         raise IntraSliceError(os_error_line(exc, ck)) from None
     except BaseException:
-        ck.release()  # interrupted: the same command resumes
+        if ck is not None:
+            ck.release()  # interrupted: the same command resumes
         raise
-    _print_summary(run.report, out)  # type: ignore[attr-defined]
-    return 0
 
 
 def _run_settings(args: argparse.Namespace, ckpt: Any, tokens: torch.Tensor, policy: Any) -> dict[str, Any]:

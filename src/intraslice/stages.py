@@ -33,7 +33,7 @@ from .errors import IntraSliceError
 from .params import param_report
 from .pipeline import DevicePolicy, run_layers
 from .pipeline import distributed as dist
-from .pipeline.streaming import PrunedWriter, StreamedLayers
+from .pipeline.streaming import PrunedWriter, StreamedLayers, check_finite_weights
 from .plan import MemoryPlan, make_plan
 from .resume import RunCheckpoint, hook, restore_method
 
@@ -79,6 +79,27 @@ def plan(
     )
 
 
+def check_vocabulary(ckpt: SourceCheckpoint, tokens: torch.Tensor | None = None, tokenizer: Any = None) -> None:
+    """Refuse a tokenizer that does not belong to the model (ids past the embedding).
+
+    An id past ``vocab_size`` would otherwise fail deep inside the embedding lookup (or,
+    on a GPU, as an asynchronous device assert).
+    """
+    vocab = getattr(ckpt.config, "vocab_size", None)
+    if vocab is None:
+        return
+    if tokenizer is not None and len(tokenizer) > int(vocab):
+        raise IntraSliceError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: "
+            "tokenizer and model do not match"
+        )
+    if tokens is not None and tokens.numel() and (int(tokens.max()) >= int(vocab) or int(tokens.min()) < 0):
+        raise IntraSliceError(
+            f"token id {int(tokens.max())} is outside the model's vocabulary of {vocab}: "
+            "tokenizer and model do not match"
+        )
+
+
 def _module_paths(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
 
@@ -116,8 +137,11 @@ def allocate(
         path = paths[id(module)]
         if resident and path in loaded:
             return module
+        module = ckpt.load_module(access.model, path, device=policy.compute)
+        if path not in loaded:
+            check_finite_weights(module, path)
         loaded.add(path)
-        return ckpt.load_module(access.model, path, device=policy.compute)
+        return module
 
     def offload(module: nn.Module) -> None:
         if not resident:
@@ -173,8 +197,9 @@ def prune(
     arch = get_arch(ckpt.config)
     n_layers = arch.dims(ckpt.config)["n_layers"]
     cfg.validate(n_layers)
-    if calibration.dim() != 2 or calibration.shape[0] < 1:
+    if calibration.dim() != 2 or calibration.shape[0] < 1 or calibration.shape[1] < 2:
         raise IntraSliceError(f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}")
+    check_vocabulary(ckpt, calibration)
     policy = cfg.policy()
     t0 = time.perf_counter()
     skeleton = ckpt.skeleton()
@@ -329,6 +354,7 @@ def evaluate(
     total = ids.numel() // seqlen
     if total < 1:
         raise IntraSliceError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    check_vocabulary(ckpt, ids, tokenizer)
     n = total if windows is None else min(int(windows), total)
     t0 = time.perf_counter()
     access = StreamedLayers(ckpt, policy)

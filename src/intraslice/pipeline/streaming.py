@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..arch import get_arch
 from ..checkpoint import SourceCheckpoint
+from ..errors import NonFiniteError
 from ..shards import ShardedWriter
 from .devices import DevicePolicy
 
@@ -97,6 +99,16 @@ class PrunedWriter:
         self.writer.abort()
 
 
+def check_finite_weights(module: nn.Module, prefix: str) -> None:
+    """Refuse a source module with a NaN/Inf weight, naming the tensor (the layer and module).
+
+    Without it the first symptom is a NaN statistic or loss layers later, far from the cause.
+    """
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"NaN/Inf in the source weight {prefix}.{name}: the checkpoint is damaged")
+
+
 class StreamedLayers:
     """A model read one module at a time from its checkpoint (see module docstring)."""
 
@@ -117,7 +129,9 @@ class StreamedLayers:
         return f"{self.arch.layers}.{index}"
 
     def onload(self, index: int) -> nn.Module:
-        return self.ckpt.load_module(self.model, self._prefix(index), device=self.policy.compute)
+        layer = self.ckpt.load_module(self.model, self._prefix(index), device=self.policy.compute)
+        check_finite_weights(layer, self._prefix(index))
+        return layer
 
     def emit(self, index: int, layer: nn.Module) -> None:
         if self.writer is not None:
