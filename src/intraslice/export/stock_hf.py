@@ -16,7 +16,8 @@ byte for byte (the tensor names are the stock ones already):
   1 / (f_i * theta^(2i/r)) with attention factor 1 (factor = max/original = 1), and the
   dynamic update picks short or long factors by length, equal here. Each f_i is chosen
   among the float32 neighbours of (theta^(2i/r) * inv_freq_src)^-1 so that this float32
-  computation gives *exactly* the source model's float32 frequency of the kept pair.
+  computation gives the source model's float32 frequency of the kept pair exactly, or
+  within one float32 ulp where no float32 factor rounds to it.
 """
 
 from __future__ import annotations
