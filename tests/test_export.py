@@ -359,3 +359,27 @@ def test_gguf_export_structure(arch: str, tmp_path: Path) -> None:
         p = export_gguf(src, tmp_path / f"m-{kind}.gguf", kind, llama_cpp=root, tokenizer_pre="gpt2")
         types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
         assert types["blk.0.attn_q.weight"] == qtype and types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_cli_prune_deploy_stock_export(capsys, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``prune --deploy stock --export stock-hf``: the stock directory lands inside the output."""
+    from transformers import AutoModelForCausalLM
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. Pruning makes models smaller.\n\n" * 80)
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tiny_model_dir), "--calib", str(calib), "--nsamples", "4", "--seqlen", "32"]
+    argv += ["--out", str(out), "--no-progress", "--no-eval", "--device", "cpu", "--ratio", "0.3"]
+    code = main([*argv, "--deploy", "stock", "--export", "stock-hf", "--min-head-width", "0.5"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads((out / "intraslice.json").read_text())
+    assert report["allocation"]["mode"] == "uniform" and report["method"]["constraints"]["uniform_layers"]
+    stock = AutoModelForCausalLM.from_pretrained(out / "stock-hf")
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert type(stock).__name__ == "LlamaForCausalLM"
+    ids = calib_tokens(1, 16, seed=2)
+    torch.testing.assert_close(logits(stock, ids), logits(pruned, ids), atol=1e-5, rtol=0)
+    # --export without the deploy constraints is refused before any work.
+    code = main([*argv[:-1], "0.3", "--export", "stock-hf", "--overwrite"])
+    assert code == 2 and "--deploy stock" in capsys.readouterr().err
