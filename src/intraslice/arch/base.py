@@ -239,10 +239,39 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 
 def get_arch(config_or_type: Any) -> ArchSpec:
-    """The spec for a config (or a model_type string); a clear error if unsupported."""
+    """The spec for a config (or a model_type string); a clear error if unsupported.
+
+    Given a config, its RoPE is checked too (:func:`check_rope`), so an unsupported one is
+    refused before any work.
+    """
     model_type = config_or_type if isinstance(config_or_type, str) else getattr(config_or_type, "model_type", None)
     try:
-        return ARCHITECTURES[model_type]
+        spec = ARCHITECTURES[model_type]
     except KeyError:
         supported = ", ".join(sorted(k for k, v in ARCHITECTURES.items() if v.prunable))
         raise IntraSliceError(f"unsupported architecture {model_type!r}: intraslice supports {supported}") from None
+    if not isinstance(config_or_type, str):
+        check_rope(config_or_type)
+    return spec
+
+
+#: RoPE types the pruned model reproduces exactly (``modeling_intraslice.IntraSliceRotaryEmbedding``):
+#: every type ``transformers.modeling_rope_utils`` defines, including the sequence-length-dependent
+#: ``dynamic`` (NTK) and ``longrope`` (short/long factor switch).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
+
+
+def check_rope(config: Any) -> None:
+    """Refuse a RoPE configuration the pruned model would not reproduce (one line, exit 2)."""
+    rope = getattr(config, "rope_parameters", None)
+    if not rope:
+        return
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise IntraSliceError(
+            "per-layer-type rope_parameters are not supported: the pruned model has one RoPE for all layers"
+        )
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise IntraSliceError(
+            f"rope_type {rope_type!r} is not supported: the pruned model reproduces {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )

@@ -11,7 +11,11 @@ Layout flags describe the source family: ``mlp_gated`` (gate/up/down, or up/down
 Phi-2's fc1/fc2), ``parallel_block`` (attention and MLP read one norm, Phi-2),
 ``norm_type`` ("rms" or "layer": LayerNorm with bias), ``lm_head_bias``. With a partial
 rotary embedding (``rope_parameters["partial_rotary_factor"]`` < 1) the frequencies past the
-rotary part are zero: the non-rotating q/k dims are pairs that never rotate.
+rotary part are zero: the non-rotating q/k dims are pairs that never rotate. Scaled RoPE
+(linear, llama3, yarn, longrope, dynamic, proportional) is reproduced as ``transformers``
+computes it, from ``rope_parameters``, ``max_position_embeddings`` and
+``original_max_position_embeddings`` (kept for that), including longrope's short/long
+switch and dynamic NTK's recompute past those lengths.
 
 ``layers[l]`` is a dict with
 

@@ -54,33 +54,109 @@ class IntraSliceRMSNorm(nn.Module):
 
 
 class IntraSliceRotaryEmbedding(nn.Module):
-    """cos/sin tables of the *source* model's RoPE (all head_dim/2 frequencies)."""
+    """cos/sin tables of the *source* model's RoPE (all head_dim/2 frequencies), as
+    ``transformers`` computes them for every ``rope_type``.
+
+    The attention layers gather their kept pairs from these tables, so a pruned pair keeps
+    exactly the (scaled) frequency it had in the source model. Static types (default,
+    linear, llama3, yarn, proportional) are one inverse-frequency vector and one attention
+    factor, from ``transformers``' own initialisers. Two types depend on the sequence
+    length and are reproduced step by step from ``transformers``' ``dynamic_rope_update``:
+
+    * ``longrope`` (Phi-3 128k, Phi-3.5, Phi-4-mini) uses its ``short_factor`` table while
+      the longest position of the batch is within ``original_max_position_embeddings``
+      and its ``long_factor`` table beyond it;
+    * ``dynamic`` (NTK) recomputes its base whenever the longest position grows past both
+      ``max_position_embeddings`` and the longest seen so far, and goes back to the
+      original table when a sequence shorter than ``max_position_embeddings`` follows (a
+      state, as in ``transformers``).
+
+    With a partial rotary embedding the pass-through dims are pairs of frequency 0 past the
+    rotary part (``pad``); ``transformers`` leaves them alone, so the attention factor
+    (yarn, longrope) is not applied to them.
+    """
 
     def __init__(self, config: IntraSliceConfig) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", self.frequencies(config), persistent=False)
+        self.config = config
+        self.rope_type = str(config.rope_parameters.get("rope_type", "default"))
+        if self.rope_type != "default" and self.rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"rope_type {self.rope_type!r} is not known to this transformers version")
+        for name, table in self.initial_tables().items():
+            self.register_buffer(name, table, persistent=False)
 
-    def frequencies(self, config: IntraSliceConfig) -> torch.Tensor:
-        """head_dim/2 frequencies; with a partial rotary embedding the tail is zero (no rotation)."""
-        rope_type = config.rope_parameters.get("rope_type", "default")
+    def initial_tables(self) -> dict[str, torch.Tensor]:
+        """The inverse-frequency buffers at construction (also the state after a reset).
+
+        Built on the CPU whatever the surrounding device context (the pruned model is
+        assembled on the meta device; these buffers are not in the checkpoint).
+        """
+        self.max_seq_len_cached = self.original_max_seq_len = int(self.config.max_position_embeddings)
+        inv_freq, self.attention_scaling = self.frequencies(self.config)
+        tables = {"inv_freq": inv_freq, "original_inv_freq": inv_freq.clone()}
+        if self.rope_type == "longrope":
+            tables["long_inv_freq"] = self.frequencies(self.config, seq_len=self.long_threshold + 1)[0]
+        return tables
+
+    @property
+    def long_threshold(self) -> int:
+        """longrope: the longest sequence that still uses the short-factor table."""
+        return int(self.config.rope_parameters["original_max_position_embeddings"])
+
+    def frequencies(
+        self, config: IntraSliceConfig, seq_len: int | torch.Tensor | None = None, device: Any = "cpu"
+    ) -> tuple[torch.Tensor, float]:
+        """head_dim/2 inverse frequencies (the tail past a partial rotary part is zero) and the
+        attention factor, for a sequence of ``seq_len`` (None: at construction)."""
         partial = float(config.rope_parameters.get("partial_rotary_factor", 1.0) or 1.0)
-        if rope_type == "default":
-            base = float(config.rope_parameters["rope_theta"])
-            dim = int(config.head_dim * partial)
-            exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
-            inv_freq = 1.0 / (base**exponents)
-            self.attention_scaling = 1.0
-        else:
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-        pad = config.head_dim // 2 - inv_freq.shape[0]
-        return torch.cat([inv_freq, inv_freq.new_zeros(pad)]) if pad > 0 else inv_freq
+        with torch.device(device):  # overrides a meta-device context
+            if self.rope_type == "default":
+                base = float(config.rope_parameters["rope_theta"])
+                dim = int(config.head_dim * partial)
+                exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+                inv_freq, scaling = 1.0 / (base**exponents), 1.0
+            else:
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, device, seq_len=seq_len)
+            inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+            self.pad = config.head_dim // 2 - inv_freq.shape[0]
+            if self.pad > 0:
+                inv_freq = torch.cat([inv_freq, inv_freq.new_zeros(self.pad)])
+        return inv_freq, float(scaling)
+
+    def reset_tables(self) -> None:
+        """Refill the buffers from the config (``from_pretrained`` creates them empty)."""
+        for name, table in self.initial_tables().items():
+            getattr(self, name).copy_(table)
+
+    def _update(self, position_ids: torch.Tensor, device: torch.device) -> None:
+        """The sequence-length-dependent types, exactly as ``transformers.dynamic_rope_update``."""
+        seq_len = torch.max(position_ids) + 1
+        if self.rope_type == "longrope":
+            long = self.long_inv_freq.to(device)
+            self.inv_freq.copy_(torch.where(seq_len > self.long_threshold, long, self.original_inv_freq.to(device)))
+            return
+        max_seq_len_cached = self.max_seq_len_cached
+        if seq_len > max_seq_len_cached:  # growth
+            inv_freq, self.attention_scaling = self.frequencies(self.config, seq_len=seq_len, device=device)
+            self.inv_freq.copy_(inv_freq)
+            self.max_seq_len_cached = seq_len
+        if seq_len < self.original_max_seq_len and max_seq_len_cached > self.original_max_seq_len:  # reset
+            self.inv_freq.copy_(self.original_inv_freq)
+            self.max_seq_len_cached = self.original_max_seq_len
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_type == "longrope" or "dynamic" in self.rope_type:
+            self._update(position_ids, x.device)
         freqs = position_ids[..., None].to(torch.float32) * self.inv_freq.to(x.device, torch.float32)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
+        if self.pad > 0 and self.attention_scaling != 1.0:  # pass-through pairs: unscaled identity
+            half = emb.shape[-1] // 2
+            rotating = (torch.arange(emb.shape[-1], device=emb.device) % half) < half - self.pad
+            cos = torch.where(rotating, cos, torch.ones_like(cos))
+            sin = torch.where(rotating, sin, torch.zeros_like(sin))
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
@@ -356,15 +432,18 @@ class IntraSlicePreTrainedModel(PreTrainedModel):
         """Standard init, plus the non-persistent buffers, which are derived from the config.
 
         ``from_pretrained`` re-creates non-persistent buffers empty and relies on this
-        method to fill them (they are not in the checkpoint).
+        method to fill them (they are not in the checkpoint). The rotary tables are ours,
+        not ``transformers``' generic RoPE init: theirs are unpadded, and only the rotary
+        module knows its sequence-length state.
         """
+        if isinstance(module, IntraSliceRotaryEmbedding):
+            module.reset_tables()
+            return
         super()._init_weights(module)
         if isinstance(module, IntraSliceAttention):
             spec = self.config.layers[module.layer_idx]
             module.kv_index.copy_(torch.tensor(spec["kv_index"], dtype=torch.long))
             module.rope_pairs.copy_(torch.tensor(spec["rope_pairs"], dtype=torch.long))
-        elif isinstance(module, IntraSliceRotaryEmbedding):
-            module.inv_freq.copy_(module.frequencies(self.config))
 
 
 class IntraSliceModel(IntraSlicePreTrainedModel):
