@@ -30,7 +30,7 @@ from ..config import PruneConfig
 from ..modeling import IntraSliceConfig
 from ..modeling.modeling_intraslice import rotate_half
 from ..pipeline.devices import ActivationStore
-from ..pipeline.hooks import gram, hooks, masked_rows
+from ..pipeline.hooks import cross_gram, gram, hooks, masked_rows
 from ..pipeline.modules import bias_of, install_attention, new_linear, row_linear
 from ..pipeline.sequential import LayerContext
 from .layerwise import AttentionDone, LayerwiseMethod, MLPDone
@@ -81,9 +81,12 @@ def dense_attention_stats(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor
             xs.append(x)
             cos, sin = kw["position_embeddings"]
             b, t, _ = slot["q"].shape
-            q = _rope(slot["q"].view(b, t, n_h, h).to(torch.float64), cos, sin)
-            k = _rope(slot["k"].view(b, t, n_kv, h).to(torch.float64), cos, sin)
-            mu += (q * k.repeat_interleave(g, dim=2)).abs().sum((0, 1))
+            # |q k| per token in the activation dtype (at least float32), summed in float64:
+            # the same rounding argument as pipeline.hooks.cross_gram's Decision.
+            work = torch.float64 if slot["q"].dtype == torch.float64 else torch.float32
+            q = _rope(slot["q"].view(b, t, n_h, h).to(work), cos, sin)
+            k = _rope(slot["k"].view(b, t, n_kv, h).to(work), cos, sin)
+            mu += (q * k.repeat_interleave(g, dim=2)).abs().sum((0, 1), dtype=torch.float64)
             n_tok += b * t
     ctx.reduce(h_acc, mu)
     n_tok = ctx.reduce_count(n_tok)
@@ -105,9 +108,10 @@ def pruned_attention_stats(
     cross = torch.zeros_like(h_t)
     with masked_rows(q_proj, q_mask), masked_rows(k_proj, k_mask):
         for (batch, kw), x in zip(ctx.batches(), dense_x, strict=True):
-            xt = ctx.input_of(o_proj, batch, kw).reshape(-1, d_o).to(torch.float64) * head_mask
-            h_t += xt.T @ xt
-            cross += xt.T @ x.reshape(-1, d_o).to(torch.float64)
+            xt = ctx.input_of(o_proj, batch, kw).reshape(-1, d_o)
+            xt = xt * head_mask.to(xt.dtype)  # 0/1: exact in any dtype
+            h_t += gram(xt)
+            cross += cross_gram(xt, x)
     ctx.reduce(h_t, cross)
     ctx.check_finite(h_t, "the pruned attention output covariance")
     return h_t, cross
