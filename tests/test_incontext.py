@@ -78,8 +78,9 @@ def test_passkey_prompts_are_seeded_and_placed(tmp_path: Path) -> None:
 
 
 # -- exact losses ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("stream", [False, True])
-def test_copy_loss_matches_an_independent_computation(stream: bool) -> None:
+@pytest.mark.parametrize(("stream", "chunk"), [(False, 512), (True, 512), (False, 7), (True, 7)])
+def test_copy_loss_matches_an_independent_computation(stream: bool, chunk: int, monkeypatch) -> None:
+    monkeypatch.setattr(ic, "HEAD_CHUNK", chunk)  # 7: the logits in many chunks of 2 tokens x 3 rows
     model = make_tiny("llama-gqa")
     span, n = 24, 3
     res = ic.evaluate_incontext(
