@@ -125,6 +125,10 @@ class PruneConfig:
             raise IntraSliceError("the export constraints (--deploy, --rope-selection, ...) need --method intraslice")
         if self.uniform_layers and self.layer_ratios is not None:
             raise IntraSliceError("--uniform-layers gives every layer the same shape: use --allocation uniform")
+        if self.uniform_layers and getattr(self, "allocation", None) is None and hasattr(self, "allocation"):
+            self.allocation = "uniform"  # every layer alike: nothing for the estimator to allocate
+        if self.uniform_layers and getattr(self, "allocation", None) not in (None, "uniform"):
+            raise IntraSliceError("--uniform-layers gives every layer the same shape: use --allocation uniform")
 
     @property
     def needs_dense_pass(self) -> bool:
