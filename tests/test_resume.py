@@ -137,6 +137,7 @@ POINTS = [
     ("estimator", 3),
     ("allocation", -1),
     ("emit", 0),
+    ("acts", 0),
     ("layer", 0),
     ("emit", 2),
     ("layer", 2),
@@ -243,7 +244,7 @@ def test_other_settings_are_refused_then_overwrite_discards(
     code, _, err = run(capsys, other)
     assert_user_error(code, err, "interrupted run with other settings", "--ratio 0.3 (now 0.2)", "--overwrite")
     code, _, err = run(capsys, [a if a != "6" else "5" for a in args(model_dir, calib, out)])
-    assert_user_error(code, err, "--nsamples 6 (now 5)", "the calibration tokens")
+    assert_user_error(code, err, "the calibration tokens; --nsamples 6 (now 5)")
     partial, state = partial_dirs(out)
     assert partial.is_dir() and state.is_dir()  # nothing lost by a refusal
     code, stdout, err = run(capsys, [*other, "--overwrite"])

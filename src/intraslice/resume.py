@@ -63,9 +63,10 @@ def hook(point: str, index: int = -1) -> None:
 
     Points: ``dense_eval`` (dense perplexity saved), ``estimator`` (each module the
     estimator reads, index = count), ``allocation`` (allocation saved), ``emit`` (layer
-    ``index`` written to the output, not yet checkpointed), ``layer`` (layer ``index``
-    checkpointed), ``globals`` (embedding/norm/head written), ``rename`` (a shard renamed
-    by the final close), ``model`` (weights and config complete), ``finish`` (all written,
+    ``index`` written to the output, not yet checkpointed), ``acts`` (batch ``index`` of a
+    checkpoint's activations written), ``layer`` (layer ``index`` checkpointed),
+    ``globals`` (embedding/norm/head written), ``rename`` (a shard renamed by the final
+    close), ``model`` (weights and config complete), ``finish`` (all written,
     before the final rename).
     """
     if TEST_HOOK is not None:
@@ -120,21 +121,20 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """What differs between two settings, in words (``--ratio 0.3 (now 0.2)``)."""
     a, b = _flatten(old), _flatten(new)
     out: list[str] = []
-    model_files = False
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):
             continue
         group, _, name = key.partition(".")
         if group == "options":
-            out.append(f"--{name.replace('_', '-')} {a.get(key)} (now {b.get(key)})")
+            line = f"--{name.replace('_', '-')} {a.get(key)} (now {b.get(key)})"
         elif group == "model":
-            if not model_files:
-                out.append(f"the model files ({name})")
-                model_files = True
+            line = "the model files"
         elif group == "calibration":
-            out.append(f"the calibration tokens ({name})")
+            line = "the calibration tokens"
         else:
-            out.append(f"{name or group} {a.get(key)} (now {b.get(key)})")
+            line = f"{name or group} {a.get(key)} (now {b.get(key)})"
+        if line not in out:
+            out.append(line)
     return out
 
 
@@ -211,6 +211,8 @@ class RunCheckpoint:
             else:
                 ck.state = state
                 ck.resumed = True
+                ck._committed_shards = len(((state.get("layers") or {}).get("writer") or {}).get("shards", []))
+                ck._sweep()  # files a killed checkpoint write left behind
                 log(f"resuming the interrupted run in {where}; --no-resume starts over")
                 return ck
         ck._clear()
@@ -298,6 +300,10 @@ class RunCheckpoint:
         os.replace(tmp, path)
         if self.durable:
             _fsync(self.directory)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Delete the checkpoint files the committed state does not name."""
         keep = {STATE_FILE, LOCK_FILE, *self._referenced()}
         for p in self.directory.iterdir():
             if p.name not in keep:
@@ -441,6 +447,7 @@ def save_activations(store: Any, directory: Path) -> list[Path]:
     """
     from safetensors.torch import save_file
 
+    shutil.rmtree(directory, ignore_errors=True)  # left by a run killed while writing it
     directory.mkdir()
     files = []
     for i, item in enumerate(store._items):
@@ -453,6 +460,7 @@ def save_activations(store: Any, directory: Path) -> list[Path]:
         else:
             save_file({"t": item.detach().to("cpu").contiguous()}, str(path))
         files.append(path)
+        hook("acts", i)
     return files
 
 

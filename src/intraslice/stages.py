@@ -233,6 +233,7 @@ def prune(
         assert checkpoint is not None
         hook("emit", index)
         merged = {k: timings.get(k, 0.0) + outcome.timings.get(k, 0.0) for k in {*timings, *outcome.timings}}
+        merged["total"] = timings.get("total", 0.0) + time.perf_counter() - t0  # work kept so far
         seconds = checkpoint.save_layer(
             index, inputs, writer, method, pruned_config, reports + outcome.layers, merged, index == n_layers - 1
         )
