@@ -290,6 +290,13 @@ def _ids(tokenizer: Any, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _check_passkey_options(depths: Sequence[float], per_depth: int) -> None:
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise IntraSliceError(f"pass-key depths must be in [0, 1], got {list(depths)}")
+    if per_depth < 1:
+        raise IntraSliceError(f"need at least one pass-key prompt per depth, got {per_depth}")
+
+
 def passkey_prompts(
     tokenizer: Any,
     filler: torch.Tensor,
@@ -305,10 +312,7 @@ def passkey_prompts(
     exactly ``context`` tokens and the needle starts ``depth`` of the way into it. The keys
     and offsets come from ``random.Random(seed)``: the same text for every model.
     """
-    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
-        raise IntraSliceError(f"pass-key depths must be in [0, 1], got {list(depths)}")
-    if per_depth < 1:
-        raise IntraSliceError(f"need at least one pass-key prompt per depth, got {per_depth}")
+    _check_passkey_options(depths, per_depth)
     rng = random.Random(seed)
     prompts, answer_lens, prompt_depths, keys = [], [], [], []
     intro = _ids(tokenizer, PASSKEY_INTRO, special=True)
@@ -421,6 +425,9 @@ def evaluate_incontext(
         _check_length(seqlen, limit, f"a {seqlen}-token position window")
     if "retrieval" in names:
         _check_length(context, limit, f"a {context}-token pass-key prompt")
+        _check_passkey_options(depths, per_depth)
+    if "copy" in names and sequences < 1:
+        raise IntraSliceError(f"need at least one copy sequence, got {sequences}")
     if tokenizer is None and ({"position", "retrieval"} & set(names)):
         if is_module:
             raise IntraSliceError("the position and retrieval tests need the model's tokenizer")
