@@ -75,7 +75,9 @@ def main() -> None:
         model = copy.deepcopy(src.model)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            result = prune(model, calib.tokens, PruneConfig(ratio=ratio, device=args.device), progress=False)
+            result = prune(
+                model, calib.tokens, PruneConfig(ratio=ratio, device=args.device, allocation="uniform"), progress=False
+            )
             prune_s = time.perf_counter() - t0
         pruned = result.model.to(args.device)
         ppl = perplexity(pruned, src.tokenizer, 2048, args.eval_windows, token_ids=test_ids, progress=False)

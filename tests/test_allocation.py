@@ -150,7 +150,7 @@ def test_uniform_reproduces_the_core_exactly() -> None:
     a, b = make_tiny("llama-gqa"), make_tiny("llama-gqa")
     alloc, record = estimate_allocation(a, 0.3, "uniform")
     assert record["layer_ratios"] == [[0.3, 0.3]] * 2
-    core = prune(a, calib_tokens(), PruneConfig(ratio=0.3), progress=False)
+    core = prune(a, calib_tokens(), PruneConfig(ratio=0.3, allocation="uniform"), progress=False)
     uni = prune(b, calib_tokens(), PruneConfig(ratio=0.3, layer_ratios=alloc.layer_ratios), progress=False)
     assert core.model.config.layers == uni.model.config.layers
     for (k1, v1), (k2, v2) in zip(core.model.state_dict().items(), uni.model.state_dict().items(), strict=True):

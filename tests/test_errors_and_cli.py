@@ -188,7 +188,7 @@ def test_non_finite_activations_name_the_layer(capsys, tmp_path: Path) -> None:
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="layer 1"):
-        prune(model, calib_tokens(), PruneConfig(ratio=0.2), progress=False)
+        prune(model, calib_tokens(), PruneConfig(ratio=0.2, allocation="uniform"), progress=False)
 
 
 def test_bad_config_values() -> None:

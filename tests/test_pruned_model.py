@@ -57,7 +57,7 @@ def test_ratio_zero_reproduces_dense_logits(arch_name: str, tiny_copy) -> None:
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
 def test_pruned_shapes_params_roundtrip_generation(arch_name: str, tiny_copy, ratio: float, tmp_path: Path) -> None:
     _, work = tiny_copy(arch_name)
-    result = prune(work, calib_tokens(), PruneConfig(ratio=ratio), progress=False)
+    result = prune(work, calib_tokens(), PruneConfig(ratio=ratio, allocation="uniform"), progress=False)
     model = result.model
     cfg = model.config
 
@@ -110,7 +110,9 @@ def test_unequal_kv_groups_run_and_reload(tmp_path: Path) -> None:
     from .conftest import make_tiny
 
     model = make_tiny("llama-gqa")
-    result = prune(model, calib_tokens(), PruneConfig(ratio=0.6, min_head_width=0.5), progress=False)
+    result = prune(
+        model, calib_tokens(), PruneConfig(ratio=0.6, min_head_width=0.5, allocation="uniform"), progress=False
+    )
     groups = [spec["kv_index"] for spec in result.model.config.layers]
     ids = calib_tokens(2, 16, seed=5)
     ref = logits(result.model, ids)
@@ -178,7 +180,8 @@ def test_low_precision_models_prune_with_float64_statistics(tmp_path: Path) -> N
 
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        result = prune(copy.deepcopy(dense).to(dtype), calib, PruneConfig(ratio=0.3), progress=False)
+        cfg = PruneConfig(ratio=0.3, allocation="uniform")  # one allocation for both dtypes
+        result = prune(copy.deepcopy(dense).to(dtype), calib, cfg, progress=False)
         assert all(p.dtype == dtype for p in result.model.parameters())
         ids = calib_tokens(2, 16, seed=4)
         out = logits(result.model, ids)
@@ -197,7 +200,12 @@ def test_decode_with_unequal_kv_groups_attends_group_by_group() -> None:
     """Decode steps with unequal KV groups take the per-group path (no cache copy) and match the full forward."""
     from .conftest import make_tiny
 
-    result = prune(make_tiny("llama-gqa"), calib_tokens(), PruneConfig(ratio=0.6, min_head_width=0.5), progress=False)
+    result = prune(
+        make_tiny("llama-gqa"),
+        calib_tokens(),
+        PruneConfig(ratio=0.6, min_head_width=0.5, allocation="uniform"),
+        progress=False,
+    )
     model = result.model
     assert any(layer.self_attn._gather_kv and layer.self_attn._group_runs for layer in model.model.layers)
     ids = calib_tokens(1, 20, seed=5)

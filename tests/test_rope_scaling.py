@@ -211,7 +211,7 @@ def rotation_by_hand(
 def test_pruned_heads_rotate_with_the_source_frequencies(arch: str, rope_type: str) -> None:
     source = make_model(arch, rope_type)
     work = copy.deepcopy(source)
-    cfg = PruneConfig(ratio=0.5, min_head_width=0.5)
+    cfg = PruneConfig(ratio=0.5, min_head_width=0.5, allocation="uniform")
     pruned = prune(work, calib_tokens(4, 16), cfg, progress=False).model
     head_dim = pruned.config.head_dim
     specs = pruned.config.layers
@@ -241,7 +241,7 @@ def test_pruned_heads_rotate_with_the_source_frequencies(arch: str, rope_type: s
 def test_longrope_survives_trust_remote_code(tmp_path: Path) -> None:
     """The copied modeling file alone (no intraslice) reproduces the long-context switch."""
     model = make_model("phi3-gqa-partial", "longrope")
-    result = prune(model, calib_tokens(4, 16), PruneConfig(ratio=0.3), progress=False)
+    result = prune(model, calib_tokens(4, 16), PruneConfig(ratio=0.3, allocation="uniform"), progress=False)
     ids = ids_of(80)
     ref = logits(result.model, ids)
     out = save_pruned(result.model, None, tmp_path / "m")
@@ -252,7 +252,7 @@ def test_unknown_rope_types_are_refused_up_front() -> None:
     model = make_model("llama-gqa", "linear")
     model.config.rope_parameters = {"rope_type": "mrope", "rope_theta": 10000.0}
     with pytest.raises(IntraSliceError, match="rope_type 'mrope' is not supported") as info:
-        prune(model, calib_tokens(4, 16), PruneConfig(ratio=0.3), progress=False)
+        prune(model, calib_tokens(4, 16), PruneConfig(ratio=0.3, allocation="uniform"), progress=False)
     assert "\n" not in str(info.value)
     # The model was not touched: the refusal comes before any conversion.
     assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"
@@ -273,3 +273,15 @@ def test_cli_refuses_an_unknown_rope_type_with_exit_2(tiny_model_dir: Path, tmp_
     assert code == 2
     assert len(err) == 1 and "rope_type 'su' is not supported" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rope_type", ["longrope", "dynamic", "yarn"])
+def test_slicegpt_baseline_at_zero_slicing_reproduces_the_source(rope_type: str) -> None:
+    """The SliceGPT model class shares the rotary module: the same RoPE past the original length."""
+    source = make_model("llama-gqa", rope_type)
+    cfg = PruneConfig(method="slicegpt", ratio=0.0, slice_dim=source.config.hidden_size)
+    sliced = prune(copy.deepcopy(source), calib_tokens(4, 16), cfg, progress=False).model
+    assert type(sliced).__name__ == "SliceGPTForCausalLM"
+    for t in LENGTHS:
+        ids = ids_of(t)
+        torch.testing.assert_close(logits(sliced, ids), logits(source, ids), atol=1e-10, rtol=0, msg=f"length {t}")

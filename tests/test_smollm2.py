@@ -54,7 +54,7 @@ def test_default_model_and_protocol(smollm2, test_ids) -> None:
 def test_prune_smollm2_ratio_02(smollm2, test_ids, tmp_path: Path) -> None:
     calib = calibration_windows(smollm2.tokenizer, "wikitext2-valid", nsamples=16, seqlen=512, seed=0)
     model = load_model().model  # a fresh copy: prune consumes its input
-    result = prune(model, calib.tokens, PruneConfig(ratio=0.2), progress=False)
+    result = prune(model, calib.tokens, PruneConfig(ratio=0.2, allocation="uniform"), progress=False)
     red = result.reduction()
     assert 0.18 <= red["decoder_linear"] <= 0.21
     res = perplexity(result.model, smollm2.tokenizer, 2048, 4, token_ids=test_ids, progress=False)

@@ -26,7 +26,9 @@ def test_streamed_prune_equals_in_memory(arch_name: str, method: str, tmp_path: 
     src = make_tiny(arch_name)
     src.save_pretrained(tmp_path / "src", max_shard_size="50KB")  # several source shards
     ids = calib_tokens()
-    ref = prune(copy.deepcopy(src), ids, PruneConfig(ratio=0.3, method=method), progress=False).model
+    # stages.prune takes unset layer_ratios as uniform (its allocation is stages.allocate)
+    cfg = PruneConfig(ratio=0.3, method=method, allocation="uniform")
+    ref = prune(copy.deepcopy(src), ids, cfg, progress=False).model
     out = tmp_path / "out"
     res = stages.prune(
         stages.load(str(tmp_path / "src")), ids, PruneConfig(ratio=0.3, method=method), out, False, 20000

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,6 +65,13 @@ def prune(
     ``calibration`` is an int64 tensor of token windows (nsamples, seqlen). The source
     ``model`` is consumed: its decoder layers are replaced in place by smaller modules
     whose weights the returned model shares.
+
+    The per-layer ratios are ``config.layer_ratios`` when given; otherwise
+    ``config.allocation`` decides, and its default is the CLI's: ``global_pca`` for
+    IntraSlice (the mask-gradient estimator runs on ``calibration`` first, see
+    :func:`intraslice.importance.estimate_allocation`; its record is in
+    ``result.method["allocation"]``), ``uniform`` for the baselines. Pass
+    ``PruneConfig(allocation="uniform")`` to give every layer ``ratio`` without the estimator.
     """
     config = config or PruneConfig()
     if getattr(model.config, "model_type", None) == "intraslice":
@@ -78,6 +85,7 @@ def prune(
     before = param_report(model)
     model.eval()
     extra: dict[str, Any] = {"method": config.method}
+    config, extra["allocation"] = allocate_layers(model, calibration, config, progress)
     method, pruned_config, model_cls, info = make_method(model, config)
     extra.update(info)
     policy = config.policy()
@@ -91,6 +99,8 @@ def prune(
     outcome = run_layers(access, tokens, method, policy, config.batch_size, progress, desc)
     pruned = build_pruned_model(model, pruned_config, model_cls)
     timings = dict(outcome.timings)
+    if extra["allocation"].get("estimator_seconds") is not None:
+        timings["allocation"] = float(extra["allocation"]["estimator_seconds"])
     timings["total"] = time.perf_counter() - t0
     return PruneResult(
         model=pruned,
@@ -100,6 +110,31 @@ def prune(
         timings=timings,
         method=extra,
     )
+
+
+def allocate_layers(
+    model: nn.Module, calibration: torch.Tensor, config: PruneConfig, progress: bool = True
+) -> tuple[PruneConfig, dict[str, Any]]:
+    """``config`` with its per-layer ratios filled in by its allocation, and how they were found.
+
+    Explicit ``layer_ratios`` are kept; a uniform allocation, or nothing to remove, leaves
+    them unset (every layer gets ``ratio``). The caller's config is not modified.
+    """
+    mode = config.allocation_mode()
+    if config.layer_ratios is not None:
+        return config, {"mode": "given"}
+    if mode == "uniform" or config.ratio == 0:
+        return config, {"mode": mode}
+    from .importance import estimate_allocation
+
+    compute = config.policy().compute
+    # A model already on the compute device stays there; otherwise each module visits it in turn.
+    where = next(model.parameters()).device
+    resident = where.type == compute.type and (compute.index is None or where.index == compute.index)
+    alloc, record = estimate_allocation(
+        model, config.ratio, mode, tokens=calibration, device=compute, progress=progress, resident=resident
+    )
+    return replace(config, layer_ratios=[tuple(r) for r in alloc.layer_ratios]), record
 
 
 def make_method(

@@ -292,7 +292,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from . import stages
     from .algo.allocation import Allocation
     from .checkpoint import SourceCheckpoint
-    from .config import PruneConfig, check_ratio
+    from .config import PruneConfig, check_ratio, default_allocation
     from .data import calibration_windows
     from .importance import load_ratios_file
     from .models import parse_dtype
@@ -309,7 +309,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.ratio is not None:
         check_ratio(args.ratio)
     if args.allocation is None:
-        args.allocation = "global_pca" if args.method == "intraslice" else "uniform"
+        args.allocation = default_allocation(args.method)  # the Python API's default too
         if args.deploy == "stock" or args.uniform_layers:
             args.allocation = "uniform"  # every layer alike: nothing to allocate
     if args.method == "slicegpt" and args.allocation != "uniform":

@@ -12,16 +12,32 @@ from .pipeline.devices import DevicePolicy
 MAX_RATIO = 0.95
 METHODS = ("intraslice", "slicegpt", "channel")
 DEPLOY_TARGETS = ("llamacpp", "stock")
+#: Per-layer allocations: every layer alike, or from mask gradients (plain or PCA-rotated; method.md 3).
+ALLOCATIONS = ("uniform", "global", "global_pca")
+#: The allocation of IntraSlice, the one default of the Python API and the CLI.
+DEFAULT_ALLOCATION = "global_pca"
+
+
+def default_allocation(method: str) -> str:
+    """The allocation a method runs unless told otherwise.
+
+    IntraSlice: :data:`DEFAULT_ALLOCATION`. The baselines: uniform, as published (SliceGPT
+    slices every layer alike; the channel baseline is FLAP/Wanda-sp's per-layer pruning).
+    """
+    return DEFAULT_ALLOCATION if method == "intraslice" else "uniform"
 
 
 @dataclass
 class PruneConfig:
     """Knobs of IntraSlice pruning (method.md sections 2-3; defaults from the spec).
 
-    ``ratio`` is the fraction of decoder linear-layer parameters to remove. With
-    ``layer_ratios`` unset every layer's attention and MLP get ``ratio`` (the `uniform`
-    allocation); the global estimator fills ``layer_ratios`` with one
-    ``(attention_ratio, mlp_ratio)`` pair per layer.
+    ``ratio`` is the fraction of decoder linear-layer parameters to remove. ``layer_ratios``
+    gives one ``(attention_ratio, mlp_ratio)`` pair per layer. Unset, ``allocation`` says
+    how :func:`intraslice.prune` finds them: ``global_pca`` (the default for IntraSlice,
+    :data:`DEFAULT_ALLOCATION`, as in the CLI) or ``global`` run the mask-gradient
+    estimator on the calibration windows first; ``uniform`` gives every layer ``ratio``.
+    The streamed :func:`intraslice.stages.prune` takes its ``layer_ratios`` from
+    :func:`intraslice.stages.allocate` and treats unset ones as uniform.
     """
 
     #: "intraslice" (the method), or a baseline: "slicegpt", "channel". Whatever the method,
@@ -29,6 +45,8 @@ class PruneConfig:
     method: str = "intraslice"
     ratio: float = 0.3
     layer_ratios: list[tuple[float, float]] | None = None
+    #: "uniform", "global" or "global_pca"; None: the method's default (:func:`default_allocation`).
+    allocation: str | None = None
     damp: float = 0.01
     min_head_width: float = 0.75
     mlp_multiple: int = 8
@@ -69,7 +87,9 @@ class PruneConfig:
     def validate(self, n_layers: int) -> None:
         if self.method not in METHODS:
             raise IntraSliceError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.method == "slicegpt" and self.layer_ratios is not None:
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise IntraSliceError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if self.method == "slicegpt" and (self.layer_ratios is not None or self.allocation_mode() != "uniform"):
             raise IntraSliceError("the slicegpt baseline slices every layer alike: use the uniform allocation")
         check_ratio(self.ratio, "ratio")
         if self.layer_ratios is not None:
@@ -135,6 +155,10 @@ class PruneConfig:
         """Whether pruning first reads the dense model once (global pairs, a chosen common width)."""
         chosen_width = self.common_width and (self.head_width is None or self.uniform_layers)
         return self.rope_selection == "global" or chosen_width
+
+    def allocation_mode(self) -> str:
+        """The allocation this config runs (``allocation``, or the method's default)."""
+        return self.allocation if self.allocation is not None else default_allocation(self.method)
 
     def policy(self) -> DevicePolicy:
         """The device policy of this run (every device move goes through it)."""
