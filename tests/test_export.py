@@ -319,6 +319,7 @@ def test_gguf_export_structure(arch: str, tmp_path: Path) -> None:
     root = _llama_cpp()
     _, model, _ = pruned_pair(arch, ratio=0.3, deploy="llamacpp", head_width=8)
     tok = build_tokenizer(tmp_path / "tok")
+    tok.chat_template = "{% for m in messages %}<eos>{{ m['content'] }}{% endfor %}"
     src = save_pruned(model, tok, tmp_path / "pruned")
     cfg = model.config
     layers = cfg.layers
@@ -331,6 +332,7 @@ def test_gguf_export_structure(arch: str, tmp_path: Path) -> None:
     assert fields["deci.feed_forward_length"] == [s["intermediate_size"] for s in layers]
     assert fields["deci.attention.key_length"] == fields["deci.attention.value_length"] == 8
     assert fields["deci.rope.dimension_count"] == 8 and fields["deci.block_count"] == len(layers)
+    assert fields["tokenizer.chat_template"] == tok.chat_template  # carried from the source
     assert len(fields["tokenizer.ggml.tokens"]) == cfg.vocab_size  # the vocabulary, padded to the embedding rows
     tensors = {t.name: t for t in reader.tensors}
     d = cfg.hidden_size
