@@ -526,6 +526,11 @@ def test_pruned_model_equals_the_reference(name: str, tmp_path: Path) -> None:
     assert type(loaded).__name__ == "IntraSliceForCausalLM"
     torch.testing.assert_close(model_logits(loaded, ids), ref, rtol=0, atol=TOL)
     torch.testing.assert_close(model_logits(result.model, ids), ref, rtol=0, atol=TOL)
+    # Decoding with the KV cache (one token at a time: the per-KV-group decode path) too.
+    with torch.no_grad():
+        cache = loaded(input_ids=ids[:, :40], use_cache=True).cache
+        steps = [loaded(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(40, 48)]
+    torch.testing.assert_close(torch.cat(steps, 1), ref[:, 40:], rtol=0, atol=TOL)
     # The pruned model is not the source: the comparison above is not a ratio-0 one.
     assert (model_logits(source, ids) - ref).abs().max() > 1e-4
 
