@@ -351,3 +351,34 @@ def test_pruned_directory_carries_only_its_modeling_code(capsys, model_dir: Path
         "configuration_intraslice.IntraSliceConfig",
         "modeling_intraslice.IntraSliceForCausalLM",
     }
+
+
+def test_ctrl_c_says_how_to_resume(capsys, model_dir: Path, calib: Path, tmp_path: Path, monkeypatch) -> None:
+    def interrupt(point: str, index: int) -> None:
+        if (point, index) == ("layer", 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume, "TEST_HOOK", interrupt)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, args(model_dir, calib, out))
+    assert code == 130 and "Traceback" not in err
+    assert "the run is kept in" in err and "(2 layers done); rerun the same command to resume" in err
+    monkeypatch.setattr(resume, "TEST_HOOK", None)
+    code, stdout, err = run(capsys, args(model_dir, calib, out))
+    assert code == 0 and "resuming the interrupted run" in stdout, err
+    assert_identical(reference(capsys, model_dir, calib, ("one-shard",)), out)
+
+
+def test_killed_after_the_final_rename(capsys, model_dir: Path, calib: Path, tmp_path: Path, monkeypatch) -> None:
+    """The output is complete; the checkpoint left next to it goes at the next run."""
+    ref = reference(capsys, model_dir, calib, ("one-shard",))
+    out = tmp_path / "out"
+    kill_at(monkeypatch, "renamed")
+    with pytest.raises(Killed):
+        main(args(model_dir, calib, out))
+    monkeypatch.setattr(resume, "TEST_HOOK", None)
+    assert_identical(ref, out)
+    code, _, err = run(capsys, args(model_dir, calib, out))
+    assert_user_error(code, err, "exists (pass --overwrite to replace it)")
+    assert_identical(ref, out)
+    assert_no_leftovers(out)

@@ -299,7 +299,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .params import parse_target_params, ratio_for_target
     from .pipeline import distributed as dist
     from .plan import refuse_unless_fits
-    from .resume import RunCheckpoint, os_error_line
+    from .resume import RunCheckpoint, kept_line, os_error_line, sweep_finished
     from .resume import hook as resume_hook
     from .saving import REPORT_FILE, atomic_directory, check_output_dir, write_report
 
@@ -321,6 +321,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.plan:
         if args.out is None:
             raise IntraSliceError("--out DIR is required (or --plan to print the memory plan only)")
+        sweep_finished(args.out)  # a run killed just after its final rename left its checkpoint
         check_output_dir(args.out, args.overwrite)
     device = _device(args.device, planning=args.plan)
     if not args.plan:
@@ -582,9 +583,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise
         ck.release()
         raise IntraSliceError(os_error_line(exc, ck)) from None
-    except BaseException:
+    except BaseException as exc:
         if ck is not None:
             ck.release()  # interrupted: the same command resumes
+            if isinstance(exc, KeyboardInterrupt):
+                print(f"intraslice: {kept_line(ck)}", file=sys.stderr)
         raise
 
 

@@ -67,7 +67,7 @@ def hook(point: str, index: int = -1) -> None:
     checkpoint's activations written), ``layer`` (layer ``index`` checkpointed),
     ``globals`` (embedding/norm/head written), ``rename`` (a shard renamed by the final
     close), ``model`` (weights and config complete), ``finish`` (all written,
-    before the final rename).
+    before the final rename), ``renamed`` (after it, before the checkpoint is deleted).
     """
     if TEST_HOOK is not None:
         TEST_HOOK(point, index)
@@ -434,6 +434,7 @@ class RunCheckpoint:
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(out, backup)
         os.replace(self.partial, out)
+        hook("renamed")
         shutil.rmtree(backup, ignore_errors=True)
         self.discard()
         return self.out
@@ -508,14 +509,45 @@ def restore_method(
         method.basis_in = None if basis is None else cfg.policy().to_math(basis, float64=False)
 
 
+def kept_line(checkpoint: RunCheckpoint, fix: str = "") -> str:
+    """Where an interrupted run is kept and how to resume it."""
+    layers = checkpoint.layers
+    done = f" ({layers['done']} layers done)" if layers else ""
+    return f"the run is kept in {checkpoint.partial}{done}; {fix}rerun the same command to resume"
+
+
 def os_error_line(exc: OSError, checkpoint: RunCheckpoint | None) -> str:
     """One line for a failed write (disk full, read-only, permissions), saying what is kept."""
     what = exc.strerror or str(exc)
     where = f" writing {exc.filename}" if exc.filename else ""
     line = f"{what}{where}"
     if checkpoint is not None and checkpoint.partial.is_dir() and checkpoint.directory.is_dir():
-        layers = checkpoint.layers
-        done = f" ({layers['done']} layers done)" if layers else ""
-        fix = "free some space and" if exc.errno == errno.ENOSPC else "fix it and"
-        line += f": the run is kept in {checkpoint.partial}{done}; {fix} rerun the same command to resume"
+        fix = "free some space and " if exc.errno == errno.ENOSPC else "fix it and "
+        line += ": " + kept_line(checkpoint, fix)
     return line
+
+
+def sweep_finished(out: str | os.PathLike[str]) -> None:
+    """Delete the checkpoint of a run that completed but was killed before deleting it.
+
+    Its state says complete and its partial output is gone (renamed to ``out``); a live
+    run holds the lock and is left alone.
+    """
+    import fcntl
+
+    partial, directory = partial_dirs(out)
+    state = directory / STATE_FILE
+    if partial.exists() or not state.is_file() or not Path(out).is_dir():
+        return
+    try:
+        complete = json.loads(state.read_text(encoding="utf-8"))["stages"].get("complete")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    if not complete:
+        return
+    try:
+        with open(directory / LOCK_FILE, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(directory, ignore_errors=True)
+    except OSError:
+        return
