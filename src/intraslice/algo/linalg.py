@@ -11,10 +11,34 @@ def damping(mat: torch.Tensor, damp: float) -> float:
     return max(lam, 1e-12) if damp > 0 else 0.0
 
 
+#: Components within this relative distance of an eigenvector's largest magnitude count as
+#: tied for :func:`canonical_signs` (rounding differs between LAPACK builds, not this much).
+SIGN_TIE_RTOL = 1e-8
+
+
+def canonical_signs(vecs: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors (columns, batched over leading dims) with a sign fixed by their values.
+
+    An eigenvector is defined up to its sign, and LAPACK builds (OpenBLAS, MKL, cuSOLVER)
+    return either. Each column is flipped so that its largest-magnitude component is
+    positive; among components tied to ``SIGN_TIE_RTOL`` (e.g. the (1, -1)/sqrt(2) of a
+    symmetric pair) the first one decides, so a rounding difference between builds cannot
+    move the choice. Bases, the allocations and saved weights computed from them are then
+    the same whatever the build (up to rounding). Not fixed: the basis of a repeated
+    eigenvalue, which no sign convention can make unique.
+    """
+    mag = vecs.abs()
+    top = mag.amax(dim=-2, keepdim=True)
+    first = (mag >= top * (1 - SIGN_TIE_RTOL)).to(torch.int8).argmax(dim=-2, keepdim=True)
+    signs = torch.gather(vecs, -2, first).sign()
+    return vecs * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def eigh_desc(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and eigenvectors of a symmetric matrix, by decreasing eigenvalue (float64)."""
+    """Eigenvalues and eigenvectors of a symmetric matrix (or a batch of them), by decreasing
+    eigenvalue, with :func:`canonical_signs` (float64)."""
     vals, vecs = torch.linalg.eigh(mat.to(torch.float64))
-    return vals.flip(0), vecs.flip(1)
+    return vals.flip(-1), canonical_signs(vecs.flip(-1))
 
 
 def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
