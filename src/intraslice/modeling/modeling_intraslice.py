@@ -135,13 +135,15 @@ class IntraSliceRotaryEmbedding(nn.Module):
             long = self.long_inv_freq.to(device)
             self.inv_freq.copy_(torch.where(seq_len > self.long_threshold, long, self.original_inv_freq.to(device)))
             return
+        # New buffers, not copies, as transformers does: a float32 table stays float32 in a
+        # model cast to a lower precision.
         max_seq_len_cached = self.max_seq_len_cached
         if seq_len > max_seq_len_cached:  # growth
             inv_freq, self.attention_scaling = self.frequencies(self.config, seq_len=seq_len, device=device)
-            self.inv_freq.copy_(inv_freq)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
             self.max_seq_len_cached = seq_len
         if seq_len < self.original_max_seq_len and max_seq_len_cached > self.original_max_seq_len:  # reset
-            self.inv_freq.copy_(self.original_inv_freq)
+            self.register_buffer("inv_freq", self.original_inv_freq.to(device), persistent=False)
             self.max_seq_len_cached = self.original_max_seq_len
 
     @torch.no_grad()
