@@ -356,6 +356,10 @@ def test_gguf_export_structure(arch: str, tmp_path: Path) -> None:
     src_freq = 1.0 / base ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     got = base ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8) / factors
     torch.testing.assert_close(got, src_freq[pairs], rtol=1e-6, atol=0)
+    # Run as llama.cpp's deci graph runs it (independent float64 code), the f32 file gives the
+    # pruned model's logits to float32 rounding of the stored weights.
+    ids = calib_tokens(1, 24, seed=11)
+    torch.testing.assert_close(deci_reference_logits(path, ids[0]), logits(model, ids)[0], atol=2e-5, rtol=1e-5)
     # f16 and Q8_0 through llama.cpp's own quantization (one architecture is enough).
     for kind, qtype in (("f16", "F16"), ("q8_0", "Q8_0")) if arch == "qwen2" else ():
         p = export_gguf(src, tmp_path / f"m-{kind}.gguf", kind, llama_cpp=root, tokenizer_pre="gpt2")
@@ -385,3 +389,51 @@ def test_cli_prune_deploy_stock_export(capsys, tiny_model_dir: Path, tmp_path: P
     # --export without the deploy constraints is refused before any work.
     code = main([*argv[:-1], "0.3", "--export", "stock-hf", "--overwrite"])
     assert code == 2 and "--deploy stock" in capsys.readouterr().err
+
+
+def deci_reference_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a ``deci`` GGUF computed as llama.cpp's graph does (``src/models/deci.cpp``),
+    written independently in float64 from the file alone: per-layer head counts, RMSNorm,
+    RoPE of type NORM (adjacent dims (2i, 2i+1) rotate by p * base^(-2i/n_rot) / rope_freqs[i]),
+    query head j reading KV head j // (n_head / n_head_kv), scale 1/sqrt(head dim), SwiGLU."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    f = {k: v.contents() for k, v in reader.fields.items()}
+    t = {x.name: torch.from_numpy(x.data.copy()).double() for x in reader.tensors}
+    eps, base, r = f["deci.attention.layer_norm_rms_epsilon"], f["deci.rope.freq_base"], f["deci.rope.dimension_count"]
+    factors = t.get("rope_freqs.weight", torch.ones(r // 2))
+
+    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # (T, heads, r)
+        pos = torch.arange(x.shape[0], dtype=torch.float64)[:, None]
+        theta = pos * base ** (-torch.arange(0, r, 2, dtype=torch.float64) / r) / factors
+        c, s = theta.cos()[:, None], theta.sin()[:, None]
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = x0 * c - x1 * s, x0 * s + x1 * c
+        return out
+
+    def lin(x: torch.Tensor, name: str) -> torch.Tensor:
+        y = x @ t[f"{name}.weight"].T
+        return y + t[f"{name}.bias"] if f"{name}.bias" in t else y
+
+    x = t["token_embd.weight"][ids]
+    n_t = ids.shape[0]
+    causal = torch.ones(n_t, n_t, dtype=torch.bool).tril()
+    for li, (n, kv) in enumerate(zip(f["deci.attention.head_count"], f["deci.attention.head_count_kv"], strict=True)):
+        p = f"blk.{li}"
+        h = norm(x, t[f"{p}.attn_norm.weight"])
+        q = rope(lin(h, f"{p}.attn_q").view(n_t, n, r))
+        k = rope(lin(h, f"{p}.attn_k").view(n_t, kv, r))
+        v = lin(h, f"{p}.attn_v").view(n_t, kv, r)
+        kq = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(n // kv, dim=1)) / r**0.5
+        att = kq.masked_fill(~causal, float("-inf")).softmax(-1)
+        o = torch.einsum("hqk,khd->qhd", att, v.repeat_interleave(n // kv, dim=1)).reshape(n_t, n * r)
+        x = x + lin(o, f"{p}.attn_output")
+        h = norm(x, t[f"{p}.ffn_norm.weight"])
+        x = x + lin(torch.nn.functional.silu(lin(h, f"{p}.ffn_gate")) * lin(h, f"{p}.ffn_up"), f"{p}.ffn_down")
+    out = t.get("output.weight", t["token_embd.weight"])
+    return norm(x, t["output_norm.weight"]) @ out.T
