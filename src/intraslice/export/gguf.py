@@ -210,6 +210,9 @@ def export_gguf(
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             raise IntraSliceError(f"llama.cpp's converter failed: {lines[-1] if lines else proc.returncode}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is shared like any other
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
