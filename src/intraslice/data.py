@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .errors import IntraSliceError
 
@@ -212,10 +213,14 @@ def calibration_windows(
     text = calibration_text(source)
     digest = hashlib.sha256(text.text.encode("utf-8")).hexdigest()[:16]
     key = f"{text.name}|{digest}|{tokenizer_fingerprint(tokenizer)}|{nsamples}|{seqlen}|{seed}"
-    cache_file = cache_dir() / "windows" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt")
+    # safetensors, never pickle: the cache is data (a damaged or foreign file is a cache miss)
+    cache_file = cache_dir() / "windows" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".safetensors")
     if use_cache and cache_file.is_file():
-        blob = torch.load(cache_file, weights_only=True)
-        return CalibrationSet(blob["tokens"], text.name, seed, int(blob["total_tokens"]))
+        try:
+            blob = load_file(str(cache_file))
+            return CalibrationSet(blob["tokens"], text.name, seed, int(blob["total_tokens"]))
+        except Exception:  # any unreadable cache entry is recomputed and rewritten
+            pass
     ids = tokenize(tokenizer, text.text)
     n_windows = ids.numel() // seqlen
     if n_windows < nsamples:
@@ -230,7 +235,7 @@ def calibration_windows(
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"tokens": windows, "total_tokens": ids.numel()}, tmp)
+            save_file({"tokens": windows.contiguous(), "total_tokens": torch.tensor(ids.numel())}, str(tmp))
             os.replace(tmp, cache_file)
         except OSError:
             pass  # a read-only cache is not an error
