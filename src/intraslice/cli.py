@@ -452,7 +452,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     from .eval.incontext import prune_report_copy_loss
 
                     t = time.perf_counter()
-                    incontext["dense"] = prune_report_copy_loss(ckpt, policy)
+                    incontext["dense"] = stage("incontext_dense", lambda: prune_report_copy_loss(ckpt, policy))
                     timings["incontext_dense"] = time.perf_counter() - t
                     print(f"dense copy loss (span {incontext['dense']['span']}): {incontext['dense']['copy_loss']:.3f}")
                 resume_hook("dense_eval")
@@ -512,8 +512,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     from .eval.incontext import prune_report_copy_loss
 
                     t = time.perf_counter()
-                    pruned_source = SourceCheckpoint.from_directory(tmp, name="pruned")
-                    incontext["pruned"] = prune_report_copy_loss(pruned_source, policy)
+                    incontext["pruned"] = stage(
+                        "incontext_pruned",
+                        lambda: prune_report_copy_loss(SourceCheckpoint.from_directory(tmp, name="pruned"), policy),
+                    )
                     timings["incontext_pruned"] = time.perf_counter() - t
             if args.target_speedup is not None:
                 _speed_check(ckpt, tmp, device, args, goal, timings)
