@@ -235,8 +235,8 @@ def main() -> int:
 def markdown(results: dict[str, Any], windows: int) -> str:
     ppl = results.get("perplexity", {})
     lines = [
-        f"SmolLM2-135M, global_pca, calibration {results['calibration']}; estimator "
-        f"{results['seconds_per_window']:.1f} s per window. Distance: mean |per-layer keep ratio - the 32-window "
+        f"SmolLM2-135M, global_pca, calibration {results['calibration']}. Distance: mean |per-layer removed ratio - "
+        "the 32-window "
         f"allocation's| (attention / MLP). Perplexity: WikiText-2 test, {windows} windows of 2048 "
         f"(dense {ppl.get('dense', float('nan')):.3f}).",
         "",
