@@ -297,6 +297,7 @@ def choose_common_width(
     uniform: bool = False,
     multiple: int = 8,
     divides: int | None = None,
+    widths: list[int] | None = None,
 ) -> tuple[int, tuple[int, int] | None]:
     """The model-wide head width maximising step C's objective summed over layers.
 
@@ -305,12 +306,13 @@ def choose_common_width(
     width, on the dense model's statistics. This is step C's own criterion with one r for
     all layers. With ``uniform`` the head/group shape is shared too: the (a, b) with a*b
     closest to K / r and the largest summed J (head counts dividing ``divides`` only).
+    ``widths`` restricts the candidates (a global RoPE set: h only, see ``methods.deploy``).
     Returns (width, group shape or None).
     """
     n_heads, head_dim = cums[0].shape[0], cums[0].shape[1] - 1
     g = n_heads // n_kv
     best: tuple[float, int, tuple[int, int] | None] | None = None
-    for r in width_candidates(head_dim, min_width_frac, multiple):
+    for r in widths or width_candidates(head_dim, min_width_frac, multiple):
         if uniform:
             shapes = group_shape_candidates(n_kv, g, keeps[0] / r, divides)
             scored = [(sum(best_groups(c[:, r], n_kv, a, b)[1] for c in cums), (a, b)) for a, b in shapes]
