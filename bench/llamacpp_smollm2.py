@@ -135,6 +135,9 @@ def main() -> None:
     import transformers
 
     res = compare(args.model, args.gguf, args.seqlen, args.windows, threads=args.threads)
+    report = Path(args.model) / "intraslice.json"
+    if report.is_file():  # how the model was made
+        res["prune_command"] = json.loads(report.read_text(encoding="utf-8")).get("command")
     res["versions"] = {
         "llama_cpp_python": llama_cpp.__version__,
         "transformers": transformers.__version__,
