@@ -10,7 +10,7 @@ llama.cpp runs through ``llama-cpp-python`` (built from its sdist, see README). 
 
     intraslice prune --ratio 0.2 --nsamples 8 --seqlen 512 --deploy llamacpp --out /tmp/sm-llamacpp \\
         --export gguf --llama-cpp llama_cpp_python-0.3.36.tar.gz
-    python bench/llamacpp_smollm2.py --model /tmp/sm-llamacpp --json bench/results/llamacpp_smollm2.json
+    python bench/llamacpp_smollm2.py --model /tmp/sm-llamacpp --json results/llamacpp-smollm2-r0.20.json
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default="bench/results/llamacpp_smollm2.json")
+    ap.add_argument("--json", default="results/llamacpp-smollm2-r0.20.json")
     args = ap.parse_args()
     import llama_cpp
     import transformers
