@@ -36,11 +36,11 @@ from ..algo.attention import (
 from ..config import PruneConfig
 from ..errors import IntraSliceError
 from ..memory import trim
-from ..modeling.modeling_intraslice import rotate_half
 from ..pipeline import distributed
 from ..pipeline.devices import DevicePolicy
 from ..pipeline.hooks import gram, hooks
 from ..pipeline.sequential import LayerAccess, LayerContext, LayerInputs, capture_inputs
+from .intraslice import qk_abs_sum
 
 
 @dataclass
@@ -53,11 +53,6 @@ class DenseLayerStats:
     cum: torch.Tensor
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
-
-
 @torch.no_grad()
 def dense_rope_statistics(
     access: LayerAccess, tokens: torch.Tensor, policy: DevicePolicy, batch_size: int = 4, progress: bool = False
@@ -66,7 +61,7 @@ def dense_rope_statistics(
     arch = access.arch
     dims = arch.dims(access.model.config)
     n_h, n_kv, h = dims["n_heads"], dims["n_kv"], dims["head_dim"]
-    g, d_o = n_h // n_kv, n_h * h
+    d_o = n_h * h
     inputs = capture_inputs(access, tokens, policy, batch_size)
     slot: dict[str, torch.Tensor] = {}
 
@@ -93,13 +88,8 @@ def dense_rope_statistics(
                 y = layer(batch, **kw)
                 outputs.append(y[0] if isinstance(y, tuple) else y)
                 h_acc += gram(slot["o"])
-                cos, sin = kw["position_embeddings"]
-                b, t, _ = slot["q"].shape
-                work = torch.float64 if slot["q"].dtype == torch.float64 else torch.float32
-                q = _rope(slot["q"].view(b, t, n_h, h).to(work), cos, sin)
-                k = _rope(slot["k"].view(b, t, n_kv, h).to(work), cos, sin)
-                mu += (q * k.repeat_interleave(g, dim=2)).abs().sum((0, 1), dtype=torch.float64)
-                n_tok += b * t
+                mu += qk_abs_sum(slot["q"], slot["k"], *kw["position_embeddings"], n_kv)
+                n_tok += slot["q"].shape[0] * slot["q"].shape[1]
                 slot.clear()
         distributed.all_reduce_(h_acc)
         distributed.all_reduce_(mu)

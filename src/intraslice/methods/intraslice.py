@@ -42,6 +42,23 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotate_half(x) * sin
 
 
+def qk_abs_sum(
+    q_out: torch.Tensor, k_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_kv: int
+) -> torch.Tensor:
+    """sum over tokens of |q_ij k_g(i)j| after RoPE, (n_heads, h) float64, from q/k_proj outputs (B, T, .).
+
+    Per token in the activation dtype (at least float32), summed in float64: the same
+    rounding argument as pipeline.hooks.cross_gram's Decision.
+    """
+    b, t, _ = q_out.shape
+    h = k_out.shape[-1] // n_kv
+    n_h = q_out.shape[-1] // h
+    work = torch.float64 if q_out.dtype == torch.float64 else torch.float32
+    q = _rope(q_out.view(b, t, n_h, h).to(work), cos, sin)
+    k = _rope(k_out.view(b, t, n_kv, h).to(work), cos, sin)
+    return (q * k.repeat_interleave(n_h // n_kv, dim=2)).abs().sum((0, 1), dtype=torch.float64)
+
+
 @dataclass
 class AttentionStats:
     plan: AttentionPlan
@@ -60,7 +77,6 @@ def dense_attention_stats(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor
     """
     q_proj, k_proj, _, o_proj = ctx.arch.qkvo(ctx.layer)
     n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
-    g = n_h // n_kv
     d_o = n_h * h
     h_acc = torch.zeros(d_o, d_o, dtype=torch.float64, device=ctx.device)
     mu = torch.zeros(n_h, h, dtype=torch.float64, device=ctx.device)
@@ -79,15 +95,8 @@ def dense_attention_stats(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor
             x = ctx.input_of(o_proj, batch, kw)
             h_acc += gram(x)
             xs.append(x)
-            cos, sin = kw["position_embeddings"]
-            b, t, _ = slot["q"].shape
-            # |q k| per token in the activation dtype (at least float32), summed in float64:
-            # the same rounding argument as pipeline.hooks.cross_gram's Decision.
-            work = torch.float64 if slot["q"].dtype == torch.float64 else torch.float32
-            q = _rope(slot["q"].view(b, t, n_h, h).to(work), cos, sin)
-            k = _rope(slot["k"].view(b, t, n_kv, h).to(work), cos, sin)
-            mu += (q * k.repeat_interleave(g, dim=2)).abs().sum((0, 1), dtype=torch.float64)
-            n_tok += b * t
+            mu += qk_abs_sum(slot["q"], slot["k"], *kw["position_embeddings"], n_kv)
+            n_tok += x.shape[0] * x.shape[1]
     ctx.reduce(h_acc, mu)
     n_tok = ctx.reduce_count(n_tok)
     ctx.check_finite(h_acc, "the o_proj input covariance")
