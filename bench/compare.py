@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: IntraSlice vs SliceGPT vs channel pruning on SmolLM2-135M-Instruct.
+"""Side-by-side benchmark: IntraSlice vs SliceGPT vs channel pruning on a built-in real model.
 
 For each requested real decoder-parameter reduction, every method prunes a fresh copy of
 the same source model from the *same* calibration windows (SliceGPT's width is searched so
@@ -9,6 +9,7 @@ two plots (perplexity vs real parameter reduction, perplexity vs measured prefil
 and a table in BENCHMARKS.md.
 
     python bench/compare.py --ratios 0.1 0.2 0.3 0.4 0.5 --nsamples 16 --seqlen 2048 --eval-windows 16
+    python bench/compare.py --model qwen2.5-coder-0.5b --nsamples 16 --seqlen 1024 --eval-seqlen 1024 ...
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ from intraslice.importance import importances, mask_gradients
 from intraslice.speed import benchmark_speed
 
 METHODS = ("intraslice", "slicegpt", "channel")
+#: built-in model name -> (file-name stem, display name)
+SHORT = {
+    "smollm2-135m": ("smollm2", "SmolLM2-135M-Instruct"),
+    "qwen2.5-coder-0.5b": ("qwen-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct"),
+}
+
+
+def _short(model: str) -> str:
+    return SHORT[model][0]
+
+
 LABELS = {
     "intraslice": "IntraSlice (global_pca)",
     "slicegpt": "SliceGPT",
@@ -41,7 +53,9 @@ LABELS = {
 }
 
 
-def _plot(rows: list[dict[str, Any]], dense: dict[str, Any], out: Path, prefill_len: int) -> list[Path]:
+def _plot(
+    rows: list[dict[str, Any]], dense: dict[str, Any], out: Path, prefill_len: int, args: argparse.Namespace
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,17 +78,17 @@ def _plot(rows: list[dict[str, Any]], dense: dict[str, Any], out: Path, prefill_
             ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[method])
         ax.scatter([0 if kind == "params" else 1.0], [dense["ppl"]], color="black", zorder=5, label="dense")
         ax.set_yscale("log")
-        ax.set_ylabel(f"WikiText-2 P1 perplexity ({dense['windows']} windows, log scale)")
+        ax.set_ylabel(f"WikiText-2 perplexity ({dense['windows']} x {args.eval_seqlen}, log scale)")
         if kind == "params":
             ax.set_xlabel("real decoder-linear parameters removed (%)")
-            ax.set_title("SmolLM2-135M: perplexity vs real size")
+            ax.set_title(f"{SHORT[args.model][1]}: perplexity vs real size")
         else:
             ax.set_xlabel(f"measured prefill speedup over dense ({prefill_len} tokens)")
-            ax.set_title("SmolLM2-135M: perplexity vs measured speed")
+            ax.set_title(f"{SHORT[args.model][1]}: perplexity vs measured speed")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out / f"compare-smollm2-ppl-vs-{kind}.png"
+        path = out / f"compare-{_short(args.model)}{args.tag}-ppl-vs-{kind}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -83,12 +97,14 @@ def _plot(rows: list[dict[str, Any]], dense: dict[str, Any], out: Path, prefill_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", choices=tuple(SHORT), help="built-in model")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib", default="wikitext2")
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (P1: 2048)")
     ap.add_argument("--prefill", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--decode", type=int, nargs="+", default=[512])
     ap.add_argument("--repeats", type=int, default=3)
@@ -111,13 +127,13 @@ def main() -> None:
         retime(args, out)
         return
 
-    src = load_model()
+    src = load_model(args.model)
     calib = calibration_windows(src.tokenizer, args.calib, args.nsamples, args.seqlen, seed=0)
     test_ids = tokenize(src.tokenizer, wikitext2_test_text().text)
     base = src.model.to(args.device)
     arch = get_arch(base.config)
     pm = param_model(arch.dims(base.config), 1, arch.qkv_bias(base.config), arch.mlp_bias(base.config))
-    dense = perplexity(base, src.tokenizer, 2048, args.eval_windows, token_ids=test_ids, progress=False)
+    dense = perplexity(base, src.tokenizer, args.eval_seqlen, args.eval_windows, token_ids=test_ids, progress=False)
     print(f"dense ppl {dense['ppl']:.3f}", flush=True)
     imp = None
     grad_seconds = 0.0
@@ -139,7 +155,9 @@ def main() -> None:
             result = prune(copy.deepcopy(base).to("cpu"), calib.tokens, cfg, progress=False)
             seconds = time.perf_counter() - t + (grad_seconds if method == "intraslice" else 0.0)
             model = result.model.to(args.device)
-            ppl = perplexity(model, src.tokenizer, 2048, args.eval_windows, token_ids=test_ids, progress=False)
+            ppl = perplexity(
+                model, src.tokenizer, args.eval_seqlen, args.eval_windows, token_ids=test_ids, progress=False
+            )
             models[method] = model
             rows.append(
                 {
@@ -168,7 +186,7 @@ def main() -> None:
                 save_pruned(
                     model.to("cpu"),
                     src.tokenizer,
-                    Path(args.save_models) / f"smollm2-{method}-{ratio:.2f}",
+                    Path(args.save_models) / f"{_short(args.model)}-{method}-{ratio:.2f}",
                     report=rows[-1],
                     overwrite=True,
                 )
@@ -198,7 +216,7 @@ def time_group(args: argparse.Namespace, out: Path, base: Any, models: dict[str,
             "batch": 1,
         }
         row["versions"] = _versions()
-        name = f"compare-smollm2-{row['method']}-r{row['ratio']:.2f}{args.tag}.json"
+        name = f"compare-{_short(args.model)}-{row['method']}-r{row['ratio']:.2f}{args.tag}.json"
         (out / name).write_text(json.dumps(row, indent=2) + "\n")
 
 
@@ -206,16 +224,18 @@ def retime(args: argparse.Namespace, out: Path) -> None:
     """Re-time saved models without pruning again (timings need a machine with nothing else running)."""
     if not args.save_models:
         raise SystemExit("--retime needs --save-models DIR (where the earlier run saved the models)")
-    base = load_model().model.to(args.device)
+    base = load_model(args.model).model.to(args.device)
     rows: list[dict[str, Any]] = []
     for ratio in args.ratios:
         group = []
         for method in args.methods:
-            group.append(json.loads((out / f"compare-smollm2-{method}-r{ratio:.2f}{args.tag}.json").read_text()))
-        models = {
-            r["method"]: load_model(str(Path(args.save_models) / f"smollm2-{r['method']}-{ratio:.2f}")).model.to(
-                args.device
+            group.append(
+                json.loads((out / f"compare-{_short(args.model)}-{method}-r{ratio:.2f}{args.tag}.json").read_text())
             )
+        models = {
+            r["method"]: load_model(
+                str(Path(args.save_models) / f"{_short(args.model)}-{r['method']}-{ratio:.2f}")
+            ).model.to(args.device)
             for r in group
         }
         print(f"ratio {ratio:.2f}", flush=True)
@@ -238,8 +258,8 @@ def write_report(
         "dense_ppl": dense,
         "rows": [{k: r[k] for k in ("method", "ratio", "reduction", "ppl", "prune_seconds", "speed")} for r in rows],
     }
-    (out / f"compare-smollm2{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plots = _plot(rows, dense, out, args.prefill[-1])
+    (out / f"compare-{_short(args.model)}{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plots = _plot(rows, dense, out, args.prefill[-1], args)
 
     n, t = calib_shape
     p_short, p_long, dec = args.prefill[0], args.prefill[-1], args.decode[0]
@@ -260,8 +280,9 @@ def write_report(
         )
     ref = rows[0]["speed"]["reference"]
     body = (
-        f"SmolLM2-135M-Instruct, calibration {n} x {t} tokens from `{calib_source}` (the same windows for every "
-        f"method), P1 perplexity on the first {dense['windows']} WikiText-2 test windows. Speedups are measured "
+        f"{SHORT[args.model][1]}, calibration {n} x {t} tokens from `{calib_source}` (the same windows for every "
+        f"method), perplexity on the first {dense['windows']} WikiText-2 test windows of {args.eval_seqlen} tokens "
+        f"({'P1' if args.eval_seqlen == 2048 else 'P1 protocol, shorter windows'}). Speedups are measured "
         f"against the dense model timed interleaved with each ratio's models (medians of {args.repeats} repeats "
         f"after 1 warm-up, batch 1, {args.device}, {torch.get_num_threads()} threads; dense prefill "
         f"{ref['prefill'][str(p_long)]['tokens_per_s']:.0f} tok/s at {p_long} tokens, decode "
@@ -271,10 +292,14 @@ def write_report(
         + "\n".join(lines)
         + "\n\n"
         + "".join(f"![{p.stem}](results/{p.name})\n" for p in plots)
-        + "\nReproduce: `python bench/compare.py --ratios "
+        + "\nReproduce: `python bench/compare.py "
+        + (f"--model {args.model} " if args.model != "smollm2-135m" else "")
+        + "--ratios "
         + " ".join(f"{r:g}" for r in args.ratios)
         + (" --methods " + " ".join(args.methods) if tuple(args.methods) != METHODS else "")
-        + f" --nsamples {n} --seqlen {t} --eval-windows {args.eval_windows} --prefill "
+        + f" --nsamples {n} --seqlen {t} --eval-windows {args.eval_windows}"
+        + (f" --eval-seqlen {args.eval_seqlen}" if args.eval_seqlen != 2048 else "")
+        + " --prefill "
         + " ".join(map(str, args.prefill))
         + " --decode "
         + " ".join(map(str, args.decode))
@@ -282,7 +307,7 @@ def write_report(
         + (f" --tag={args.tag}" if args.tag else "")
         + " --save-models DIR`; timings alone: the same command with `--retime`\n"
     )
-    update_benchmarks_md(f"compare-smollm2{args.tag}", body)
+    update_benchmarks_md(f"compare-{_short(args.model)}{args.tag}", body)
 
 
 if __name__ == "__main__":

