@@ -77,6 +77,25 @@ def test_passkey_prompts_are_seeded_and_placed(tmp_path: Path) -> None:
     assert p1[0, intro : intro + len(needle)].tolist() == needle
 
 
+def test_lookup_prompts_are_seeded_and_placed(tmp_path: Path) -> None:
+    tok = build_tokenizer(tmp_path / "tok")
+    filler = torch.arange(10, 2010) % 300
+    p1, lens, depths, values, n_lines = ic.lookup_prompts(tok, filler, context=240, depths=(0.0, 0.5, 1.0), per_depth=2)
+    p2, *_rest = ic.lookup_prompts(tok, filler, context=240, depths=(0.0, 0.5, 1.0), per_depth=2)
+    assert torch.equal(p1, p2) and p1.shape == (6, 240) and depths == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    for row, n, value, lines, depth in zip(p1, lens, values, n_lines, depths, strict=True):
+        text = tok.decode(row)
+        assert tok.decode(row[-n:]).strip() == value
+        table = text[text.index(ic.LOOKUP_INTRO.strip()) :].split("\n")[2 : 2 + lines]
+        pairs = [ln.split(": ") for ln in table]
+        assert len(pairs) == lines >= 4 and all(len(p) == 2 for p in pairs)
+        keys = [k for k, _v in pairs]
+        assert len(set(keys)) == lines  # unique keys: one right answer
+        query = text.rsplit("\n", 1)[1].split(":")[0]
+        q = keys.index(query)
+        assert q == round(depth * (lines - 1)) and pairs[q][1] == value
+
+
 # -- exact losses ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("stream", "chunk"), [(False, 512), (True, 512), (False, 7), (True, 7)])
 def test_copy_loss_matches_an_independent_computation(stream: bool, chunk: int, monkeypatch) -> None:
@@ -124,6 +143,22 @@ def test_passkey_scores_match_an_independent_computation(tmp_path: Path) -> None
     assert res["prompts"] == 6 and res["accuracy"] == pytest.approx(sum(hits) / 6)
     assert res["by_depth"]["0.2"]["answer_loss"] == pytest.approx(sum(losses[:3]) / 3, rel=1e-10)
     assert res["answer_loss"] == pytest.approx(sum(losses) / 6, rel=1e-10)
+
+
+def test_lookup_scores_match_an_independent_computation(tmp_path: Path) -> None:
+    model = make_tiny("qwen2")
+    tok = build_tokenizer(tmp_path / "tok")
+    filler = torch.arange(5, 3005) % 300
+    res = ic.lookup_retrieval(ic.model_scorer(model), tok, filler, context=200, depths=(0.3, 0.7), per_depth=2)
+    prompts, lens, *_rest = ic.lookup_prompts(tok, filler, context=200, depths=(0.3, 0.7), per_depth=2)
+    with torch.no_grad():
+        logits = model(input_ids=prompts).logits.to(torch.float64)
+    nll = reference_nll(model, prompts)
+    hits = [float(torch.equal(logits[i, 199 - n : 199].argmax(-1), prompts[i, 200 - n :])) for i, n in enumerate(lens)]
+    losses = [float(nll[i, 199 - n :].mean()) for i, n in enumerate(lens)]
+    assert res["prompts"] == 4 and res["accuracy"] == pytest.approx(sum(hits) / 4)
+    assert res["by_depth"]["0.7"]["answer_loss"] == pytest.approx(sum(losses[2:]) / 2, rel=1e-10)
+    assert res["answer_loss"] == pytest.approx(sum(losses) / 4, rel=1e-10)
 
 
 def test_streamed_checkpoint_matches_the_loaded_model(tiny_model_dir: Path) -> None:
@@ -198,7 +233,9 @@ def test_cli_eval_incontext_writes_json(capsys, tiny_model_dir: Path, tmp_path: 
     assert set(res["copy"]["spans"]) == {"20", "60"} and res["streamed"]
     assert res["position"]["seqlen"] == 128 and len(res["position"]["buckets"]) == 4
     assert res["retrieval"]["prompts"] == 6 and set(res["retrieval"]["by_depth"]) == {"0.1", "0.5", "0.9"}
+    assert res["lookup"]["prompts"] == 6 and set(res["lookup"]["by_depth"]) == {"0.1", "0.5", "0.9"}
     assert "copy loss" in stdout and "pass-key retrieval" in stdout and "loss by position" in stdout
+    assert "key-value lookup" in stdout
 
 
 @pytest.mark.parametrize(

@@ -231,23 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--json", default=None, help="also write the result to this JSON file")
     zs.add_argument("--no-progress", action="store_true")
     ic = esub.add_parser(
-        "incontext", help="in-context ability: copy loss, loss by position, pass-key retrieval (seeded)"
+        "incontext", help="in-context ability: copy loss, loss by position, pass-key and key-value retrieval"
     )
     _add_model_args(ic)
     ic.add_argument(
-        "--parts", default="copy,position,retrieval", help="comma-separated subset of copy,position,retrieval"
+        "--parts",
+        default="copy,position,retrieval,lookup",
+        help="comma-separated subset of copy,position,retrieval (pass key),lookup (key-value)",
     )
     ic.add_argument(
         "--spans", type=int, nargs="+", default=[50, 200, 1000], help="copy spans, tokens per copy (50 200 1000)"
     )
     ic.add_argument("--sequences", type=int, default=8, help="random sequences per copy span (default 8)")
-    ic.add_argument("--seed", type=int, default=0, help="seed of the copy sequences and the pass-key prompts")
+    ic.add_argument("--seed", type=int, default=0, help="seed of the copy sequences and the retrieval prompts")
     ic.add_argument("--seqlen", type=int, default=2048, help="WikiText-2 test window of the loss by position (2048)")
     ic.add_argument("--windows", type=int, default=2, help="windows of the loss by position (default 2)")
     ic.add_argument("--bucket", type=int, default=256, help="positions per bucket of the loss by position")
-    ic.add_argument("--context", type=int, default=1024, help="tokens per pass-key prompt (default 1024)")
-    ic.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="pass-key depths (0-1)")
-    ic.add_argument("--per-depth", type=int, default=8, help="pass-key prompts per depth (default 8)")
+    ic.add_argument("--context", type=int, default=1024, help="tokens per retrieval prompt (default 1024)")
+    ic.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="retrieval depths (0-1)")
+    ic.add_argument("--per-depth", type=int, default=8, help="retrieval prompts per depth and test (default 8)")
     ic.add_argument("--json", default=None, help="also write the result to this JSON file")
     ic.add_argument("--no-progress", action="store_true")
     return parser
