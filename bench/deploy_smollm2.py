@@ -1,0 +1,318 @@
+"""Issue #11, item 4: what the deployment constraints cost, and what llama.cpp gains.
+
+Two measurements on SmolLM2-135M, each resumable (every finished step leaves a file in
+``--work-dir`` and is skipped when run again):
+
+**quality**: at each ratio, IntraSlice as specified (RoPE pairs chosen per KV group) and
+four constrained variants, all from the *same* estimator importances (the first run
+computes the mask gradients; every other run reuses them with ``--ratios``), the same
+calibration windows and the same evaluation:
+
+* ``per-layer``: ``--rope-selection per-layer`` (one pair set per layer);
+* ``global``: ``--rope-selection global`` (one pair set for the model);
+* ``llamacpp``: ``--deploy llamacpp`` (global pair set, one head width, equal query heads
+  per kept KV head: what llama.cpp's ``deci`` graph runs);
+* ``stock``: ``--deploy stock`` (also every layer alike: plain LlamaForCausalLM).
+
+Each pruned model gets WikiText-2 perplexity (``intraslice eval ppl``) and the in-context
+tests of issue #14 (copy loss at span 200, key-value lookup; ``intraslice eval incontext``).
+
+**speed**: the dense model and each ratio's ``llamacpp`` model as GGUF at the same type
+(f16 and Q8_0: the dense one by llama.cpp's own ``convert_hf_to_gguf.py``, the pruned one by
+``intraslice export``), timed by llama.cpp's own ``llama-bench`` (prompt processing of
+``--pp`` tokens, generation of ``--tg`` tokens) at 1 and 2 threads. Repeats are interleaved:
+round r runs every model once (``llama-bench -r 1``) before round r+1, so a slow spell of
+the machine hits all models alike; medians are reported, with the decoder-linear FLOPs
+limit (dense / pruned decoder-linear parameters) beside them.
+
+    python bench/deploy_smollm2.py quality --ratios 0.2 0.3 --nsamples 16 --seqlen 2048 --eval-windows 16
+    bash bench/build_llama_bench.sh              # llama-bench from the llama-cpp-python sdist's sources
+    python bench/deploy_smollm2.py speed --ratios 0.2 0.3 --threads 1 2 --repeats 5
+    python bench/deploy_smollm2.py report --benchmarks-md
+
+Results: ``results/deploy-smollm2.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import ROOT, update_benchmarks_md
+
+VARIANTS: dict[str, list[str]] = {
+    "per-kv-group": [],
+    "per-layer": ["--rope-selection", "per-layer"],
+    "global": ["--rope-selection", "global"],
+    "llamacpp": ["--deploy", "llamacpp"],
+    "stock": ["--deploy", "stock"],
+}
+CACHE = Path(os.environ.get("INTRASLICE_CACHE", Path.home() / ".cache" / "intraslice"))
+SDIST = CACHE / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
+DEFAULT_BENCH = CACHE / "llama-bench" / "bin" / "llama-bench"
+PY = sys.executable
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# -- quality ---------------------------------------------------------------------------------
+def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    q = results.setdefault("quality", {})
+    q["protocol"] = {
+        "calibration": f"{args.nsamples} x {args.seqlen} wikitext2 (offline: bundled validation), seed 0",
+        "eval": f"WikiText-2 test, first {args.eval_windows} windows of 2048 (P1)",
+        "incontext": "copy loss span 200 (8 sequences), key-value lookup 24 prompts of 1024, seed 0",
+        "estimator": "global_pca, f = 1, beta = 1.0 (the CLI defaults), importances shared by every variant",
+    }
+    models = q.setdefault("models", {})
+    if "dense" not in models:
+        models["dense"] = evaluate(None, work / "dense", args)
+        save(out, results)
+    first: Path | None = None
+    for ratio in args.ratios:
+        for variant, extra in VARIANTS.items():
+            key = f"{variant}@{ratio}"
+            model_dir = work / f"{variant}-r{ratio}"
+            if first is None and variant == "per-kv-group":
+                first = model_dir
+            if key in models:
+                continue
+            if not (model_dir / "intraslice.json").exists():
+                reuse = ["--ratios", str(first / "intraslice.json")] if model_dir != first else []
+                t = time.perf_counter()
+                run(
+                    [PY, "-m", "intraslice", "prune", "--ratio", str(ratio), "--nsamples", str(args.nsamples),
+                     "--seqlen", str(args.seqlen), "--no-eval", "--no-incontext", "--no-progress", "--overwrite",
+                     "--out", str(model_dir), *reuse, *extra]
+                )  # fmt: skip
+                (model_dir / "bench-prune-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
+            report = json.loads((model_dir / "intraslice.json").read_text())
+            row = evaluate(model_dir, model_dir, args)
+            row.update(
+                {
+                    "ratio": ratio,
+                    "variant": variant,
+                    "options": extra,
+                    "reduction": report["reduction"],
+                    "params_after": report["params_after"],
+                    "shapes": [
+                        {k: layer.get(k) for k in ("num_heads", "num_kv_heads", "head_dim", "intermediate_size")}
+                        for layer in report.get("layers", [])
+                    ],
+                }
+            )
+            models[key] = row
+            save(out, results)
+            print(f"{key}: ppl {row['ppl']:.3f} copy200 {row['copy200']:.3f} lookup {row['lookup']:.1%}", flush=True)
+
+
+def evaluate(model_dir: Path | None, where: Path, args: argparse.Namespace) -> dict[str, Any]:
+    where.mkdir(parents=True, exist_ok=True)
+    model = ["--model", str(model_dir)] if model_dir else []
+    ppl_json, ic_json = where / "bench-ppl.json", where / "bench-incontext.json"
+    if not ppl_json.exists():
+        run([PY, "-m", "intraslice", "eval", "ppl", *model, "--windows", str(args.eval_windows), "--json",
+             str(ppl_json), "--no-progress"])  # fmt: skip
+    if not ic_json.exists():
+        run([PY, "-m", "intraslice", "eval", "incontext", *model, "--parts", "copy,lookup", "--spans", "200",
+             "--json", str(ic_json), "--no-progress"])  # fmt: skip
+    ppl, ic = json.loads(ppl_json.read_text()), json.loads(ic_json.read_text())
+    return {
+        "ppl": ppl["ppl"],
+        "ppl_windows": ppl["windows"],
+        "copy200": ic["copy"]["spans"]["200"]["copy_loss"],
+        "lookup": ic["lookup"]["accuracy"],
+        "lookup_loss": ic["lookup"]["answer_loss"],
+    }
+
+
+# -- speed ------------------------------------------------------------------------------------
+def dense_gguf(args: argparse.Namespace, gtype: str) -> Path:
+    """The dense SmolLM2 as GGUF, by llama.cpp's own converter from the dequantized checkpoint."""
+    from intraslice.checkpoint import SourceCheckpoint
+    from intraslice.export.gguf import find_llama_cpp
+
+    out = Path(args.work_dir) / f"dense-{gtype}.gguf"
+    if out.exists():
+        return out
+    src = SourceCheckpoint.open().directory  # the safetensors cache of the default GGUF
+    root = find_llama_cpp(args.llama_cpp or SDIST)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)])}
+    tmp = out.with_suffix(".tmp")
+    run([PY, str(root / "convert_hf_to_gguf.py"), str(src), "--outtype", gtype, "--outfile", str(tmp)], env=env)
+    os.replace(tmp, out)
+    return out
+
+
+def pruned_gguf(args: argparse.Namespace, ratio: float, gtype: str) -> Path:
+    model_dir = Path(args.work_dir) / f"llamacpp-r{ratio}"
+    out = model_dir / f"model-{gtype}.gguf"
+    if not out.exists():
+        run([PY, "-m", "intraslice", "export", str(model_dir), "--format", "gguf", "--type", gtype, "--out", str(out),
+             "--llama-cpp", str(args.llama_cpp or SDIST)])  # fmt: skip
+    return out
+
+
+def bench_once(binary: Path, gguf: Path, threads: int, pp: int, tg: int) -> dict[str, float]:
+    """One llama-bench repetition: tokens/s of prompt processing and of generation."""
+    proc = run(
+        [str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(pp), "-n", str(tg), "-r", "1", "-o", "json"],
+        capture_output=True,
+        text=True,
+    )
+    rows = json.loads(proc.stdout)
+    found = {}
+    for row in rows:
+        kind = "pp" if row["n_prompt"] and not row["n_gen"] else "tg"
+        found[kind] = float(row["avg_ts"])
+    return found
+
+
+def speed(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
+    binary = Path(args.llama_bench)
+    if not binary.is_file():
+        raise SystemExit(f"no llama-bench at {binary}: run bash bench/build_llama_bench.sh first")
+    s = results.setdefault("speed", {})
+    s["protocol"] = {
+        "tool": "llama-bench (llama.cpp of llama-cpp-python 0.3.36, built with GGML_NATIVE=ON)",
+        "pp": args.pp,
+        "tg": args.tg,
+        "repeats": args.repeats,
+        "interleaved": True,
+    }
+    params = results.get("quality", {}).get("models", {})
+    for gtype in args.types:
+        models = {"dense": dense_gguf(args, gtype)}
+        for ratio in args.ratios:
+            models[f"llamacpp@{ratio}"] = pruned_gguf(args, ratio, gtype)
+        for threads in args.threads:
+            key = f"{gtype}/t{threads}"
+            if key in s:
+                continue
+            samples: dict[str, dict[str, list[float]]] = {m: {"pp": [], "tg": []} for m in models}
+            for r in range(args.repeats):
+                for name, path in models.items():
+                    got = bench_once(binary, path, threads, args.pp, args.tg)
+                    for kind, v in got.items():
+                        samples[name][kind].append(v)
+                print(f"{key} round {r + 1}/{args.repeats}", flush=True)
+            med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in samples.items()}
+            s[key] = {"samples": samples, "median": med}
+            save(out, results)
+    s["flops_limit"] = {
+        f"llamacpp@{ratio}": 1.0 / (1.0 - params[f"llamacpp@{ratio}"]["reduction"]["decoder_linear"])
+        for ratio in args.ratios
+        if f"llamacpp@{ratio}" in params
+    }
+    save(out, results)
+
+
+# -- report -----------------------------------------------------------------------------------
+def markdown(results: dict[str, Any]) -> str:
+    q = results.get("quality", {})
+    models = q.get("models", {})
+    lines = []
+    if models:
+        d = models["dense"]
+        p = q["protocol"]
+        lines += [
+            f"SmolLM2-135M, calibration {p['calibration']}; {p['eval']}; {p['incontext']}. Estimator: "
+            f"{p['estimator']}. Cost: perplexity of a variant against IntraSlice as specified (per-KV-group pairs) "
+            "at the same ratio.",
+            "",
+            "| ratio | variant | decoder removed | perplexity | cost | copy loss 200 | key-value lookup |",
+            "|---|---|---|---|---|---|---|",
+            f"| - | dense | - | {d['ppl']:.2f} | | {d['copy200']:.2f} | {d['lookup']:.1%} |",
+        ]
+        for key, m in models.items():
+            if key == "dense":
+                continue
+            base = models.get(f"per-kv-group@{m['ratio']}")
+            cost = f"{m['ppl'] / base['ppl'] - 1:+.1%}" if base else ""
+            lines.append(
+                f"| {m['ratio']} | {m['variant']} | {m['reduction']['decoder_linear']:.1%} | {m['ppl']:.2f} | "
+                f"{cost} | {m['copy200']:.2f} | {m['lookup']:.1%} |"
+            )
+    s = results.get("speed", {})
+    runs = {k: v for k, v in s.items() if "/" in k}
+    if runs:
+        p = s["protocol"]
+        lines += [
+            "",
+            f"llama.cpp speed ({p['tool']}): prompt processing of {p['pp']} tokens and generation of {p['tg']} "
+            f"tokens, tokens/s, median of {p['repeats']} interleaved repeats; speedup over the dense GGUF of the "
+            "same type and threads; FLOPs limit = dense / pruned decoder-linear parameters.",
+            "",
+            "| type | threads | model | pp tok/s | pp speedup | tg tok/s | tg speedup | FLOPs limit | pp / limit |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, run_ in runs.items():
+            gtype, threads = key.split("/t")
+            med = run_["median"]
+            dense = med["dense"]
+            for name, m in med.items():
+                limit = s.get("flops_limit", {}).get(name)
+                pp_up, tg_up = m["pp"] / dense["pp"], m["tg"] / dense["tg"]
+                lines.append(
+                    f"| {gtype} | {threads} | {name} | {m['pp']:.0f} | {pp_up:.2f}x | {m['tg']:.1f} | {tg_up:.2f}x | "
+                    f"{'' if limit is None else f'{limit:.2f}x'} | "
+                    f"{'' if limit is None else f'{(pp_up - 1) / (limit - 1):.2f}' if name != 'dense' else ''} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("step", choices=("quality", "speed", "report"))
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--work-dir", default=str(CACHE / "bench-deploy"))
+    ap.add_argument("--llama-cpp", default=None, help="llama.cpp sources or the llama-cpp-python sdist")
+    ap.add_argument("--llama-bench", default=str(DEFAULT_BENCH))
+    ap.add_argument("--types", nargs="+", default=["f16", "q8_0"], choices=("f32", "f16", "q8_0"))
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "results" / "deploy-smollm2.json"))
+    ap.add_argument("--benchmarks-md", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    results = load(out)
+    if args.step == "quality":
+        quality(args, results, out)
+    elif args.step == "speed":
+        speed(args, results, out)
+    table = markdown(results)
+    print(table)
+    if args.benchmarks_md:
+        update_benchmarks_md("deploy-smollm2", table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
