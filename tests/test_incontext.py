@@ -80,12 +80,15 @@ def test_passkey_prompts_are_seeded_and_placed(tmp_path: Path) -> None:
 def test_lookup_prompts_are_seeded_and_placed(tmp_path: Path) -> None:
     tok = build_tokenizer(tmp_path / "tok")
     filler = torch.arange(10, 2010) % 300
-    p1, lens, depths, values, n_lines = ic.lookup_prompts(tok, filler, context=240, depths=(0.0, 0.5, 1.0), per_depth=2)
+    p1, lens, depths, values, n_lines, first = ic.lookup_prompts(
+        tok, filler, context=240, depths=(0.0, 0.5, 1.0), per_depth=2
+    )
     p2, *_rest = ic.lookup_prompts(tok, filler, context=240, depths=(0.0, 0.5, 1.0), per_depth=2)
     assert torch.equal(p1, p2) and p1.shape == (6, 240) and depths == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
-    for row, n, value, lines, depth in zip(p1, lens, values, n_lines, depths, strict=True):
+    for row, n, value, lines, depth, f in zip(p1, lens, values, n_lines, depths, first, strict=True):
         text = tok.decode(row)
         assert tok.decode(row[-n:]).strip() == value
+        assert tok.decode(row[-n + f : -n + f + 1]).strip() and not tok.decode(row[-n : -n + f]).strip()
         table = text[text.index(ic.LOOKUP_INTRO.strip()) :].split("\n")[2 : 2 + lines]
         pairs = [ln.split(": ") for ln in table]
         assert len(pairs) == lines >= 4 and all(len(p) == 2 for p in pairs)
@@ -150,12 +153,17 @@ def test_lookup_scores_match_an_independent_computation(tmp_path: Path) -> None:
     tok = build_tokenizer(tmp_path / "tok")
     filler = torch.arange(5, 3005) % 300
     res = ic.lookup_retrieval(ic.model_scorer(model), tok, filler, context=200, depths=(0.3, 0.7), per_depth=2)
-    prompts, lens, *_rest = ic.lookup_prompts(tok, filler, context=200, depths=(0.3, 0.7), per_depth=2)
+    prompts, lens, _d, _v, _n, first = ic.lookup_prompts(tok, filler, context=200, depths=(0.3, 0.7), per_depth=2)
     with torch.no_grad():
         logits = model(input_ids=prompts).logits.to(torch.float64)
     nll = reference_nll(model, prompts)
     hits = [float(torch.equal(logits[i, 199 - n : 199].argmax(-1), prompts[i, 200 - n :])) for i, n in enumerate(lens)]
     losses = [float(nll[i, 199 - n :].mean()) for i, n in enumerate(lens)]
+    firsts = [
+        float(logits[i, 199 - n + f].argmax() == prompts[i, 200 - n + f])
+        for i, (n, f) in enumerate(zip(lens, first, strict=True))
+    ]
+    assert res["first_token"] == pytest.approx(sum(firsts) / 4)
     assert res["prompts"] == 4 and res["accuracy"] == pytest.approx(sum(hits) / 4)
     assert res["by_depth"]["0.7"]["answer_loss"] == pytest.approx(sum(losses[2:]) / 2, rel=1e-10)
     assert res["answer_loss"] == pytest.approx(sum(losses) / 4, rel=1e-10)
