@@ -45,6 +45,7 @@ from torch import nn
 
 from .arch import ARCHITECTURES, ArchSpec
 from .errors import IntraSliceError
+from .models import config_dtype
 from .shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, ShardedWriter, tied_weights_to_skip
 
 #: What a hub download fetches: config/index/tokenizer json, the weights, tokenizer models.
@@ -359,7 +360,7 @@ class SourceCheckpoint:
 
     def _stored_dtype(self) -> torch.dtype:
         """The checkpoint's dtype: the config's, else the first floating tensor's."""
-        declared = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        declared = config_dtype(self.config)
         if isinstance(declared, str):
             declared = getattr(torch, declared, None)
         if isinstance(declared, torch.dtype) and declared.is_floating_point:

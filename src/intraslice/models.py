@@ -134,6 +134,15 @@ def resolve_builtin(model: str | None, gguf_file: str | None) -> tuple[str | Non
     return directory, name, DEFAULT_MODEL_NAME
 
 
+def config_dtype(config: Any) -> Any:
+    """A config's declared dtype (``dtype``; ``torch_dtype`` of older configs) without touching
+    transformers' deprecated ``torch_dtype`` property, which warns on every read."""
+    declared = getattr(config, "dtype", None)
+    if declared is None:
+        declared = vars(config).get("torch_dtype")
+    return declared
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None or name == "auto":
         return None

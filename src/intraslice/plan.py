@@ -36,6 +36,7 @@ import torch
 
 from .arch import ArchSpec, get_arch
 from .errors import IntraSliceError
+from .models import config_dtype
 
 GiB = 2**30
 #: RSS of a Python process that has imported torch, transformers and intraslice (measured
@@ -127,7 +128,7 @@ def model_shape(config: Any, dtype: torch.dtype | None = None) -> dict[str, Any]
     arch.prepare_model(model)
     dims = arch.dims(model.config)
     if dtype is None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = config_dtype(config) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
     w = _dtype_bytes(dtype)

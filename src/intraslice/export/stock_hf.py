@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import IntraSliceError
+from ..models import config_dtype
 from .common import check_deployable, check_static_rope, kept_pairs, load_pruned_config, source_frequencies
 
 FORMAT = "stock-hf"
@@ -120,7 +121,7 @@ def stock_config_dict(config: Any) -> dict[str, Any]:
         fields.update(use_sliding_window=False, sliding_window=None)
     stock = AutoConfig.for_model(src, **fields)
     stock.architectures = [CLASSES[src]]
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = config_dtype(config)
     if dtype is not None:
         stock.dtype = dtype
     return stock.to_dict()
