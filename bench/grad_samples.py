@@ -103,16 +103,16 @@ def combine(parts: list[MaskGradients]) -> MaskGradients:
     )
 
 
-def allocation_record(model: nn.Module, mg: MaskGradients, ratio: float) -> dict[str, Any]:
-    att, mlp = importances(mg, "global_pca", 1)
+def allocation_record(model: nn.Module, mg: MaskGradients, ratio: float, f: int = 1) -> dict[str, Any]:
+    att, mlp = importances(mg, "global_pca", f)
     saved = {
         "mode": "global_pca",
-        "units_per_head": 1,
+        "units_per_head": f,
         "gradient_samples": mg.samples,
         "group_size": CHUNK,
         "importance": {"attention": [a.tolist() for a in att], "mlp": [x.tolist() for x in mlp]},
     }
-    _, record = estimate_allocation(model, ratio, "global_pca", saved=saved, progress=False)
+    _, record = estimate_allocation(model, ratio, "global_pca", units_per_head=f, saved=saved, progress=False)
     record["gradient_samples"] = mg.samples
     record["estimator_seconds"] = mg.seconds
     return record
@@ -145,8 +145,13 @@ def main() -> int:
         default=str(ROOT / "results/quickstart-32x2048-streamed-final.json"),
         help="intraslice.json of a run with all 32 windows: its allocation is the reference when --chunks < 4",
     )
+    ap.add_argument(
+        "--units-per-head", type=int, default=1, help="f of the estimator (1: the CLI default; 64: one unit per dim)"
+    )
     ap.add_argument("--benchmarks-md", action="store_true")
     args = ap.parse_args()
+    sfx = "" if args.units_per_head == 1 else f"/f{args.units_per_head}"  # result keys: 8a@0.2, 8a@0.2/f64
+    fsfx = sfx.replace("/", "-")
     if args.nsamples != 4 * CHUNK:
         raise SystemExit("the variants assume 32 windows (4 chunks of 8)")
     work = Path(args.work_dir)
@@ -167,22 +172,24 @@ def main() -> int:
     allocs: dict[str, Any] = results.setdefault("allocations", {})
     for ratio in args.ratios:
         recs = {
-            name: allocation_record(skeleton, combine([parts[c] for c in idx]), ratio) for name, idx in variants.items()
+            name: allocation_record(skeleton, combine([parts[c] for c in idx]), ratio, args.units_per_head)
+            for name, idx in variants.items()
         }
-        if reference is not None:  # the 32-window allocation of a real run, at its own ratio only
+        if reference is not None and not sfx:  # the 32-window allocation of a real run, at its own ratio only
             if abs(reference["target_ratio"] - ratio) > 1e-9:
                 continue
             recs["32"] = reference
         ref = recs["32"]["layer_ratios"]
         for name, rec in recs.items():
-            allocs[f"{name}@{ratio}"] = {
+            allocs[f"{name}@{ratio}{sfx}"] = {
                 "gradient_samples": rec["gradient_samples"],
                 "planned_ratio": rec["planned_ratio"],
                 "layer_ratios": rec["layer_ratios"],
                 "distance_to_32": distance(rec["layer_ratios"], ref),
             }
-            (work / f"alloc-{name}-r{ratio}.json").write_text(json.dumps({"allocation": rec}))
-            print(f"ratio {ratio} {name:>4}: mean |keep - keep(32)| {allocs[f'{name}@{ratio}']['distance_to_32']}")
+            (work / f"alloc-{name}-r{ratio}{fsfx}.json").write_text(json.dumps({"allocation": rec}))
+            dist = allocs[f"{name}@{ratio}{sfx}"]["distance_to_32"]
+            print(f"ratio {ratio} {name:>4}{sfx}: mean |keep - keep(32)| {dist}")
 
     ppl: dict[str, Any] = results.setdefault("perplexity", {})
     if ref_run and ref_run.get("perplexity", {}).get("pruned", {}).get("windows") == args.eval_windows:
@@ -208,18 +215,19 @@ def main() -> int:
         )
         ppl["dense"] = json.loads(res.read_text())["ppl"]
     for name in args.prune:
-        key = f"{name}@{args.prune_ratio}"
+        key = f"{name}@{args.prune_ratio}{sfx}"
         if key in ppl:
             continue
-        model_dir = work / f"pruned-{name}-r{args.prune_ratio}"
+        model_dir = work / f"pruned-{name}-r{args.prune_ratio}{fsfx}"
         t = time.perf_counter()
         run(
             [py, "-m", "intraslice", "prune", "--ratio", str(args.prune_ratio), "--nsamples", str(args.nsamples),
-             "--seqlen", str(args.seqlen), "--ratios", str(work / f"alloc-{name}-r{args.prune_ratio}.json"),
+             "--seqlen", str(args.seqlen), "--ratios", str(work / f"alloc-{name}-r{args.prune_ratio}{fsfx}.json"),
+             "--units-per-head", str(args.units_per_head),
              "--no-eval", "--no-progress", "--overwrite", "--out", str(model_dir)]
         )  # fmt: skip
         prune_s = time.perf_counter() - t
-        res = work / f"ppl-{name}-r{args.prune_ratio}.json"
+        res = work / f"ppl-{name}-r{args.prune_ratio}{fsfx}.json"
         run([py, "-m", "intraslice", "eval", "ppl", "--model", str(model_dir), "--windows", str(args.eval_windows),
              "--json", str(res), "--no-progress"])  # fmt: skip
         ppl[key] = {"ppl": json.loads(res.read_text())["ppl"], "prune_seconds": prune_s}
@@ -236,20 +244,25 @@ def markdown(results: dict[str, Any], windows: int) -> str:
     ppl = results.get("perplexity", {})
     lines = [
         f"SmolLM2-135M, global_pca, calibration {results['calibration']}. Distance: mean |per-layer removed ratio - "
-        "the 32-window "
-        f"allocation's| (attention / MLP). Perplexity: WikiText-2 test, {windows} windows of 2048 "
-        f"(dense {ppl.get('dense', float('nan')):.3f}).",
+        "the 32-window allocation's (same f)| (attention / MLP). Perplexity: WikiText-2 test, "
+        f"{windows} windows of 2048 (dense {ppl.get('dense', float('nan')):.3f}); every model pruned from all 32 "
+        "windows, only the allocation differs.",
         "",
-        "| windows for the gradients | ratio | distance attention | distance MLP | perplexity |",
-        "|---|---|---|---|---|",
+        "| f | windows for the gradients | ratio | distance attention | distance MLP | perplexity |",
+        "|---|---|---|---|---|---|",
     ]
     for key, a in results["allocations"].items():
-        name, ratio = key.split("@")
-        p = ppl.get(key, {}).get("ppl")
+        name, rest = key.split("@")
+        ratio, _, f = rest.partition("/f")
+        cell = ppl.get(key, {})
+        p = cell.get("ppl")
+        text = "" if p is None else f"{p:.3f}"
+        if p is not None and "from" in cell:
+            text += " (the quick start's own run, before canonical eigenvector signs)"
+        first, last = VARIANTS[name][0] * CHUNK, (VARIANTS[name][-1] + 1) * CHUNK - 1
         lines.append(
-            f"| {VARIANTS[name][0] * CHUNK}-{(VARIANTS[name][-1] + 1) * CHUNK - 1} ({a['gradient_samples']}) | {ratio} "
-            f"| {a['distance_to_32']['attention']:.4f} | {a['distance_to_32']['mlp']:.4f} "
-            f"| {'' if p is None else f'{p:.3f}'} |"
+            f"| {f or 1} | {first}-{last} ({a['gradient_samples']}) "
+            f"| {ratio} | {a['distance_to_32']['attention']:.4f} | {a['distance_to_32']['mlp']:.4f} | {text} |"
         )
     return "\n".join(lines) + "\n"
 
