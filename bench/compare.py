@@ -119,12 +119,21 @@ def main() -> None:
         help="prune nothing: re-time the models saved by an earlier --save-models run (on a quiet machine) "
         "and rewrite the results, plots and table",
     )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="prune and time nothing: rewrite the table and plots from the per-run JSONs already written "
+        "(the ratios of an interrupted run that finished)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.retime:
         retime(args, out)
+        return
+    if args.report_only:
+        report_only(args, out)
         return
 
     src = load_model(args.model)
@@ -246,6 +255,24 @@ def retime(args: argparse.Namespace, out: Path) -> None:
     write_report(args, out, rows, rows[0]["dense_ppl"], (calib["nsamples"], calib["seqlen"]), calib["source"])
 
 
+def report_only(args: argparse.Namespace, out: Path) -> None:
+    """The table and plots from the per-(method, ratio) JSONs on disk; missing ratios are left out."""
+    rows = []
+    done = []
+    for ratio in args.ratios:
+        paths = [out / f"compare-{_short(args.model)}-{m}-r{ratio:.2f}{args.tag}.json" for m in args.methods]
+        if all(p.exists() for p in paths):
+            rows.extend(json.loads(p.read_text()) for p in paths)
+            done.append(ratio)
+    if not rows:
+        raise SystemExit("no finished ratio to report")
+    args.ratios = done
+    setup = rows[0]["speed_setup"]  # how the timings on disk were taken
+    args.threads, args.repeats, args.device = setup["threads"], setup["repeats"], setup["device"]
+    calib = rows[0]["calibration"]
+    write_report(args, out, rows, rows[0]["dense_ppl"], (calib["nsamples"], calib["seqlen"]), calib["source"])
+
+
 def write_report(
     args: argparse.Namespace,
     out: Path,
@@ -284,7 +311,7 @@ def write_report(
         f"method), perplexity on the first {dense['windows']} WikiText-2 test windows of {args.eval_seqlen} tokens "
         f"({'P1' if args.eval_seqlen == 2048 else 'P1 protocol, shorter windows'}). Speedups are measured "
         f"against the dense model timed interleaved with each ratio's models (medians of {args.repeats} repeats "
-        f"after 1 warm-up, batch 1, {args.device}, {torch.get_num_threads()} threads; dense prefill "
+        f"after 1 warm-up, batch 1, {args.device}, {args.threads} threads; dense prefill "
         f"{ref['prefill'][str(p_long)]['tokens_per_s']:.0f} tok/s at {p_long} tokens, decode "
         f"{ref['decode'][str(dec)]['ms_per_token']:.1f} ms/token at a {dec}-token cache). The linear-FLOPs "
         "limit is dense / pruned decoder-linear parameters (SliceGPT's shortcuts included). IntraSlice prune time "
