@@ -192,6 +192,9 @@ def main() -> int:
             print(f"ratio {ratio} {name:>4}{sfx}: mean |keep - keep(32)| {dist}")
 
     ppl: dict[str, Any] = results.setdefault("perplexity", {})
+    if reference is None:  # all four chunks here: "32" is this code's own 32-window allocation
+        for key in [k for k, v in ppl.items() if isinstance(v, dict) and "from" in v]:
+            results["quickstart_reference"] = {"key": key, **ppl.pop(key)}
     if ref_run and ref_run.get("perplexity", {}).get("pruned", {}).get("windows") == args.eval_windows:
         ratio = ref_run["allocation"]["target_ratio"]
         ppl.setdefault("dense", ref_run["perplexity"]["dense"]["ppl"])
@@ -263,6 +266,12 @@ def markdown(results: dict[str, Any], windows: int) -> str:
         lines.append(
             f"| {f or 1} | {first}-{last} ({a['gradient_samples']}) "
             f"| {ratio} | {a['distance_to_32']['attention']:.4f} | {a['distance_to_32']['mlp']:.4f} | {text} |"
+        )
+    ref = results.get("quickstart_reference")
+    if ref:
+        lines.append(
+            f"| 1 | 0-31 (32), the quick start's own run before canonical eigenvector signs | "
+            f"{ref['key'].split('@')[1]} | | | {ref['ppl']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
