@@ -61,7 +61,12 @@ def test_two_gloo_processes_equal_one(method: str, tmp_path: Path) -> None:
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert a.keys() == b.keys() and a
+    # Two processes sum the covariances in another order (float64 rounding, 1e-16 relative). IntraSlice's
+    # outputs move by about that; SliceGPT's rotation is made of eigenvectors of the whole residual
+    # covariance, which amplify it by 1/eigengap: seen 2.6e-10 on one machine, 0 on another. A wrong
+    # all-reduce (a missed or doubled shard) moves weights by 1e-2 or more.
+    tol = 1e-10 if method == "intraslice" else 1e-8
     for k in a:
         assert a[k].shape == b[k].shape, k
-        torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-10, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=tol, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "one", "src", "two"]  # one output
