@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ CALIB = {"nsamples": 8, "seqlen": 512, "seed": 0}
 
 @pytest.fixture(scope="module")
 def qwen():
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 cores; 1 beside another job
     return load_model("qwen2.5-coder-0.5b")
 
 
