@@ -148,6 +148,9 @@ def main() -> int:
     ap.add_argument(
         "--units-per-head", type=int, default=1, help="f of the estimator (1: the CLI default; 64: one unit per dim)"
     )
+    ap.add_argument(
+        "--incontext", action="store_true", help="also copy loss (spans 50, 200) and key-value lookup of --prune models"
+    )
     ap.add_argument("--benchmarks-md", action="store_true")
     args = ap.parse_args()
     sfx = "" if args.units_per_head == 1 else f"/f{args.units_per_head}"  # result keys: 8a@0.2, 8a@0.2/f64
@@ -235,12 +238,35 @@ def main() -> int:
              "--json", str(res), "--no-progress"])  # fmt: skip
         ppl[key] = {"ppl": json.loads(res.read_text())["ppl"], "prune_seconds": prune_s}
         out.write_text(json.dumps(results, indent=1))
+    if args.incontext:  # what perplexity does not show (issue #14): copying and lookup of each model
+        ic_all: dict[str, Any] = results.setdefault("incontext", {})
+        for name in args.prune:
+            key = f"{name}@{args.prune_ratio}{sfx}"
+            res = work / f"incontext-{name}-r{args.prune_ratio}{fsfx}.json"
+            if not res.exists():
+                model_dir = work / f"pruned-{name}-r{args.prune_ratio}{fsfx}"
+                run([py, "-m", "intraslice", "eval", "incontext", "--model", str(model_dir), "--parts", "copy,lookup",
+                     "--spans", "50", "200", "--json", str(res), "--no-progress"])  # fmt: skip
+            r = json.loads(res.read_text())
+            ic_all[key] = {
+                "copy50": r["copy"]["spans"]["50"]["copy_loss"],
+                "copy200": r["copy"]["spans"]["200"]["copy_loss"],
+                "lookup": r["lookup"]["accuracy"],
+            }
+        out.write_text(json.dumps(results, indent=1))
     out.write_text(json.dumps(results, indent=1))
     table = markdown(results, args.eval_windows)
     print(table)
     if args.benchmarks_md:
         update_benchmarks_md("grad-samples", table)
     return 0
+
+
+def _ic(cell: dict[str, float] | None) -> str:
+    if not cell:
+        return " | "
+    lookup = "" if cell.get("lookup") is None else f"{cell['lookup']:.1%}"
+    return f"{cell['copy50']:.2f} / {cell['copy200']:.2f} | {lookup}"
 
 
 def markdown(results: dict[str, Any], windows: int) -> str:
@@ -251,10 +277,19 @@ def markdown(results: dict[str, Any], windows: int) -> str:
         f"{windows} windows of 2048 (dense {ppl.get('dense', float('nan')):.3f}); every model pruned from all 32 "
         "windows, only the allocation differs.",
         "",
-        "| f | windows for the gradients | ratio | distance attention | distance MLP | perplexity |",
-        "|---|---|---|---|---|---|",
+        "| f | windows for the gradients | ratio | distance attention | distance MLP | perplexity "
+        "| copy loss 50 / 200 | key-value lookup |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for key, a in results["allocations"].items():
+    ic_all = results.get("incontext", {})
+
+    def order(key: str) -> tuple:
+        name, rest = key.split("@")
+        ratio, _, f = rest.partition("/f")
+        return (int(f or 1), float(ratio), list(VARIANTS).index(name))
+
+    for key in sorted(results["allocations"], key=order):
+        a = results["allocations"][key]
         name, rest = key.split("@")
         ratio, _, f = rest.partition("/f")
         cell = ppl.get(key, {})
@@ -265,13 +300,14 @@ def markdown(results: dict[str, Any], windows: int) -> str:
         first, last = VARIANTS[name][0] * CHUNK, (VARIANTS[name][-1] + 1) * CHUNK - 1
         lines.append(
             f"| {f or 1} | {first}-{last} ({a['gradient_samples']}) "
-            f"| {ratio} | {a['distance_to_32']['attention']:.4f} | {a['distance_to_32']['mlp']:.4f} | {text} |"
+            f"| {ratio} | {a['distance_to_32']['attention']:.4f} | {a['distance_to_32']['mlp']:.4f} | {text} "
+            f"| {_ic(ic_all.get(key))} |"
         )
     ref = results.get("quickstart_reference")
     if ref:
         lines.append(
             f"| 1 | 0-31 (32), the quick start's own run before canonical eigenvector signs | "
-            f"{ref['key'].split('@')[1]} | | | {ref['ppl']:.3f} |"
+            f"{ref['key'].split('@')[1]} | | | {ref['ppl']:.3f} | {_ic(results.get('quickstart_incontext'))} |"
         )
     return "\n".join(lines) + "\n"
 
