@@ -31,7 +31,7 @@ measurements, identical for every model:
   copying names and identifiers from a document needs. The queried line sits at a depth of
   10 / 50 / 90 % of the list; scored as the pass key. **Decision**: word keys, not number
   keys: with five-digit keys even the dense SmolLM2 finds no value in a list of 50 lines
-  (0/12; with word keys 9/12), and a test every model fails tells nothing. Under teacher
+  (0/12 in an ad-hoc probe; with word keys 9/12), and a test every model fails tells nothing. Under teacher
   forcing, once the value's first digit is given the rest is copied almost always, so the
   first value token is the retrieval step: its accuracy is reported apart (``first_token``).
 
