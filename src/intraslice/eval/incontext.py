@@ -588,16 +588,14 @@ def evaluate_incontext(
         out["position"] = position_loss(
             score, tokenize(tokenizer, text.text), seqlen, windows, bucket, text.name, limit
         )
-    if "retrieval" in names:
+    if "retrieval" in names or "lookup" in names:
         from ..data import calibration_text, tokenize
 
-        filler = tokenize(tokenizer, calibration_text("wikitext2-valid").text)
-        out["retrieval"] = passkey_retrieval(score, tokenizer, filler, context, depths, per_depth, seed, limit)
-    if "lookup" in names:
-        from ..data import calibration_text, tokenize
-
-        filler = tokenize(tokenizer, calibration_text("wikitext2-valid").text)
-        out["lookup"] = lookup_retrieval(score, tokenizer, filler, context, depths, per_depth, seed, limit)
+        filler = tokenize(tokenizer, calibration_text("wikitext2-valid").text)  # once for both tests
+        if "retrieval" in names:
+            out["retrieval"] = passkey_retrieval(score, tokenizer, filler, context, depths, per_depth, seed, limit)
+        if "lookup" in names:
+            out["lookup"] = lookup_retrieval(score, tokenizer, filler, context, depths, per_depth, seed, limit)
     out["seconds"] = time.perf_counter() - t0
     return out
 
