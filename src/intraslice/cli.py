@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="per-kv-group",
         help="which heads share a RoPE pair set: per KV group (the method), per layer, or one for the model",
     )
+    p.add_argument(
+        "--rope-score",
+        choices=("qk", "attention", "low-frequency"),
+        default="qk",
+        help="what a RoPE pair is worth: mean |q k| (the method), its effect on the attention rows, "
+        "or slowest first (an ablation)",
+    )
     p.add_argument("--head-width", type=int, default=None, help="one head width for the model (a multiple of 8)")
     p.add_argument("--equal-kv-groups", action="store_true", help="every kept KV head keeps equally many query heads")
     p.add_argument("--uniform-layers", action="store_true", help="every layer the same shape (stock Llama/Qwen2)")
@@ -357,6 +364,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         math_device=args.math_device,
         offload_dir=args.offload_dir,
         rope_selection=args.rope_selection,
+        rope_score=args.rope_score,
         head_width=args.head_width,
         equal_kv_groups=args.equal_kv_groups,
         uniform_layers=args.uniform_layers,

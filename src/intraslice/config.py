@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .algo.attention import ROPE_SELECTIONS
+from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
 from .errors import IntraSliceError
 from .pipeline.devices import DevicePolicy
 
@@ -73,6 +73,9 @@ class PruneConfig:
     #: Which heads share a RoPE pair set: "per-kv-group" (the method), "per-layer", or
     #: "global" (one set for the model, scored on the dense model before pruning).
     rope_selection: str = "per-kv-group"
+    #: What a RoPE pair is worth in step D: "qk" (mean |q k|, method.md 2.D), "attention"
+    #: (its effect on the attention rows) or "low-frequency" (slowest first; an ablation).
+    rope_score: str = "qk"
     #: A model-wide common head width (rounded to a multiple of 8); None: per layer, unless
     #: ``common_width`` asks the dense-model statistics to choose one.
     head_width: int | None = None
@@ -124,6 +127,8 @@ class PruneConfig:
             self.common_width = True
             if self.deploy == "stock":
                 self.uniform_layers = True
+        if self.rope_score not in ROPE_SCORES:
+            raise IntraSliceError(f"unknown --rope-score {self.rope_score!r}: choose one of {', '.join(ROPE_SCORES)}")
         if self.rope_selection not in ROPE_SELECTIONS:
             raise IntraSliceError(
                 f"unknown --rope-selection {self.rope_selection!r}: choose one of {', '.join(ROPE_SELECTIONS)}"
@@ -141,6 +146,8 @@ class PruneConfig:
             or self.equal_kv_groups
             or self.uniform_layers
         )
+        if self.rope_score != "qk" and self.method != "intraslice":
+            raise IntraSliceError("--rope-score chooses IntraSlice's RoPE pairs: it needs --method intraslice")
         if constrained and self.method != "intraslice":
             raise IntraSliceError("the export constraints (--deploy, --rope-selection, ...) need --method intraslice")
         if self.uniform_layers and self.layer_ratios is not None:

@@ -162,6 +162,58 @@ def select_rope_pairs(
     return pairs
 
 
+# -- what a RoPE pair is worth (issue #14) ----------------------------------------------------
+#
+# Step D as specified scores a pair by sigma = mean_t |q_j k_j| + |q_j' k_j'| at the same
+# position: the pair's *magnitude*, whatever it does to the attention pattern. The
+# alternatives below are measured in BENCHMARKS.md ("What perplexity hides").
+
+#: "qk": method.md 2.D (mean |q k| per pair); "attention": the pair's second-order effect on
+#: the attention rows (:func:`attention_pair_variance`); "low-frequency": keep the slowest
+#: pairs (an ablation: the pairs that carry position-independent content matching).
+ROPE_SCORES = ("qk", "attention", "low-frequency")
+
+
+def attention_pair_variance(q: torch.Tensor, k: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Sum over the sampled queries t of Var_{s ~ A(t, .)}[c_p(t, s) / sqrt(h)], (n_heads, h/2).
+
+    ``q`` (T, n_heads, h) and ``k`` (T, n_kv, h) are one sequence after RoPE; ``queries`` the
+    positions scored. c_p(t, s) = q_p(t) k_p(s) + q_p'(t) k_p'(s) is pair p's part of the
+    logit of key s (dims p and p' = p + h/2, already rotated, so it holds the relative
+    position), and A(t, .) the causal attention row of the unpruned head.
+
+    Why this score: dropping pair p shifts row t's logits by delta_s = -c_p(t, s)/sqrt(h),
+    and KL(A || A') = Var_{s~A}(delta) / 2 + O(delta^3). A pair matters by how much it
+    *reorders* the keys the head attends to, not by its magnitude: a large, constant
+    contribution (an attention sink, a pair that is the same for every key) costs nothing,
+    and a small one that singles out the copied token costs a lot. Pairs are scored one at a
+    time (the cross terms of dropping several are left out, as step D's sum leaves them out).
+    The moments come from products with A (never the (Q, T, h/2) tensor of contributions):
+    E[c] = q_p (A k_p) + q_p' (A k_p'), E[c^2] = q_p^2 A(k_p^2) + 2 q_p q_p' A(k_p k_p') +
+    q_p'^2 A(k_p'^2).
+    """
+    t_len, n_h, h = q.shape
+    g = n_h // k.shape[1]
+    half = h // 2
+    qs = q[queries].transpose(0, 1)  # (n_h, Q, h)
+    kk = k.transpose(0, 1).repeat_interleave(g, 0)  # (n_h, T, h)
+    logits = qs @ kk.transpose(1, 2) / math.sqrt(h)
+    future = torch.arange(t_len, device=q.device)[None, :] > queries[:, None]
+    attn = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    ka, kb = kk[..., :half], kk[..., half:]
+    qa, qb = qs[..., :half].double(), qs[..., half:].double()
+    mean = qa * (attn @ ka).double() + qb * (attn @ kb).double()
+    second = qa * qa * (attn @ (ka * ka)).double() + qb * qb * (attn @ (kb * kb)).double()
+    second = second + 2 * qa * qb * (attn @ (ka * kb)).double()
+    return ((second - mean * mean).clamp_min(0) / h).sum(1)
+
+
+def low_frequency_scores(n_heads: int, head_dim: int) -> torch.Tensor:
+    """A pair score that keeps the slowest pairs: pair p rotates at base^(-2p/h), so p + 1."""
+    half = head_dim // 2
+    return torch.arange(1, half + 1, dtype=torch.float64).repeat(n_heads, 1)
+
+
 # -- export-compatible constraints (issue #11) ------------------------------------------------
 #
 # Stock engines cannot run what steps C-D produce in general: llama.cpp's ``deci`` architecture

@@ -40,14 +40,14 @@ from ..pipeline import distributed
 from ..pipeline.devices import DevicePolicy
 from ..pipeline.hooks import gram, hooks
 from ..pipeline.sequential import LayerAccess, LayerContext, LayerInputs, capture_inputs
-from .intraslice import qk_abs_sum
+from .intraslice import pair_statistic
 
 
 @dataclass
 class DenseLayerStats:
     """Step C/D statistics of one dense layer (float64, on the CPU)."""
 
-    #: (n_heads, h/2): sigma[i, p] = mu[i, p] + mu[i, p + h/2], mu = mean |q k| after RoPE
+    #: (n_heads, h/2): sigma[i, p] = mu[i, p] + mu[i, p + h/2], mu the pair statistic (``--rope-score``)
     sigma: torch.Tensor
     #: (n_heads, h + 1): captured spectrum cum[i, r] of step C
     cum: torch.Tensor
@@ -55,7 +55,12 @@ class DenseLayerStats:
 
 @torch.no_grad()
 def dense_rope_statistics(
-    access: LayerAccess, tokens: torch.Tensor, policy: DevicePolicy, batch_size: int = 4, progress: bool = False
+    access: LayerAccess,
+    tokens: torch.Tensor,
+    policy: DevicePolicy,
+    batch_size: int = 4,
+    progress: bool = False,
+    rope_score: str = "qk",
 ) -> list[DenseLayerStats]:
     """One pass of the calibration windows through the dense layers (see module docstring)."""
     arch = access.arch
@@ -88,8 +93,9 @@ def dense_rope_statistics(
                 y = layer(batch, **kw)
                 outputs.append(y[0] if isinstance(y, tuple) else y)
                 h_acc += gram(slot["o"])
-                mu += qk_abs_sum(slot["q"], slot["k"], *kw["position_embeddings"], n_kv)
-                n_tok += slot["q"].shape[0] * slot["q"].shape[1]
+                stat, count = pair_statistic(rope_score, slot["q"], slot["k"], *kw["position_embeddings"], n_kv)
+                mu += stat
+                n_tok += count
                 slot.clear()
         distributed.all_reduce_(h_acc)
         distributed.all_reduce_(mu)
@@ -199,7 +205,7 @@ def prepare_constraints(
     dims = access.arch.dims(access.model.config)
     stats = None
     if cfg.needs_dense_pass:
-        stats = dense_rope_statistics(access, tokens, policy, cfg.batch_size, progress)
+        stats = dense_rope_statistics(access, tokens, policy, cfg.batch_size, progress, cfg.rope_score)
     constraints = resolve_constraints(cfg, dims, stats, str(getattr(access.model.config, "model_type", "")))
     step.constraints = constraints
     if constraints is None:

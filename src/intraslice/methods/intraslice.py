@@ -20,8 +20,10 @@ from torch import nn
 from ..algo.attention import (
     AttentionConstraints,
     AttentionPlan,
+    attention_pair_variance,
     compress_attention,
     head_channel_mask,
+    low_frequency_scores,
     plan_attention,
     qk_row_masks,
 )
@@ -59,6 +61,43 @@ def qk_abs_sum(
     return (q * k.repeat_interleave(n_h // n_kv, dim=2)).abs().sum((0, 1), dtype=torch.float64)
 
 
+#: Query positions per calibration window scored by the "attention" pair score.
+#: **Decision**: 128, evenly spaced (position 0, which attends to itself only, left out):
+#: the score is a mean over queries, and 128 rows cost about a sixteenth of full attention
+#: at 2048 tokens while covering short and long ranges alike.
+SCORED_QUERIES = 128
+
+
+def scored_queries(t_len: int, device: torch.device | str) -> torch.Tensor:
+    """The query positions of one window the attention pair score averages over."""
+    n = min(SCORED_QUERIES, t_len - 1)
+    return torch.linspace(0, t_len - 1, n + 1, device=device)[1:].round().long().unique()
+
+
+def pair_statistic(
+    rope_score: str, q_out: torch.Tensor, k_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_kv: int
+) -> tuple[torch.Tensor, int]:
+    """(sum of the per-dim pair statistic (n_heads, h) float64, how many terms it sums).
+
+    Step D folds dims j and j + h/2 into one pair score, so scores given per pair
+    ("attention", "low-frequency") are split evenly over the pair's two dims.
+    """
+    if rope_score == "qk":
+        return qk_abs_sum(q_out, k_out, cos, sin, n_kv), q_out.shape[0] * q_out.shape[1]
+    b, t, _ = q_out.shape
+    h = k_out.shape[-1] // n_kv
+    n_h = q_out.shape[-1] // h
+    if rope_score == "low-frequency":
+        pair = low_frequency_scores(n_h, h).to(q_out.device) * (b * t)
+        return torch.cat([pair, pair], dim=1) / 2, b * t
+    work = torch.float64 if q_out.dtype == torch.float64 else torch.float32
+    q = _rope(q_out.view(b, t, n_h, h).to(work), cos, sin)
+    k = _rope(k_out.view(b, t, n_kv, h).to(work), cos, sin)
+    queries = scored_queries(t, q.device)
+    pair = sum(attention_pair_variance(q[i], k[i], queries) for i in range(b))
+    return torch.cat([pair, pair], dim=1) / 2, b * len(queries)
+
+
 @dataclass
 class AttentionStats:
     plan: AttentionPlan
@@ -68,8 +107,12 @@ class AttentionStats:
 
 
 @torch.no_grad()
-def dense_attention_stats(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor, ActivationStore]:
-    """Pass A: H = X^T X of the o_proj input, mu[i, j] = mean |q_ij k_g(i)j| after RoPE, and X.
+def dense_attention_stats(
+    ctx: LayerContext, rope_score: str = "qk"
+) -> tuple[torch.Tensor, torch.Tensor, ActivationStore]:
+    """Pass A: H = X^T X of the o_proj input, the pair statistic mu (:func:`pair_statistic`), and X.
+
+    With the spec's score, mu[i, j] = mean |q_ij k_g(i)j| after RoPE.
 
     X (the unpruned o_proj input) is kept per batch where the policy keeps activations:
     pass B needs it token-aligned with the pruned attention output, and recomputing it
@@ -95,8 +138,9 @@ def dense_attention_stats(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor
             x = ctx.input_of(o_proj, batch, kw)
             h_acc += gram(x)
             xs.append(x)
-            mu += qk_abs_sum(slot["q"], slot["k"], *kw["position_embeddings"], n_kv)
-            n_tok += x.shape[0] * x.shape[1]
+            stat, count = pair_statistic(rope_score, slot["q"], slot["k"], *kw["position_embeddings"], n_kv)
+            mu += stat
+            n_tok += count
     ctx.reduce(h_acc, mu)
     n_tok = ctx.reduce_count(n_tok)
     ctx.check_finite(h_acc, "the o_proj input covariance")
@@ -136,7 +180,7 @@ class IntraSliceAttentionStep:
 
     def collect(self, ctx: LayerContext, att_ratio: float) -> AttentionStats:
         n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
-        h_dense, mu, dense_x = dense_attention_stats(ctx)
+        h_dense, mu, dense_x = dense_attention_stats(ctx, self.cfg.rope_score)
         keep = n_h * h - round(n_h * h * att_ratio)
         w_o = ctx.arch.qkvo(ctx.layer)[3].weight
         plan = plan_attention(
