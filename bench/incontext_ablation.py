@@ -55,6 +55,15 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
         "attn spec, attention score": {**a, "options": ["--rope-score", "attention"]},
         "attn spec, low-frequency score": {**a, "options": ["--rope-score", "low-frequency"]},
         "attn width-only, attention score": {**a, "options": ["--head-width", str(width), "--rope-score", "attention"]},
+        "attn spec, repeated-span calibration": {**a, "options": ["--calib-repeat", "0.25"]},
+        "attn heads-only, repeated-span calibration": {
+            **a,
+            "options": ["--head-width", str(head_dim), "--calib-repeat", "0.25"],
+        },
+        "attn spec, attention score, repeated-span calibration": {
+            **a,
+            "options": ["--rope-score", "attention", "--calib-repeat", "0.25"],
+        },
         "mlp only": {"layers": (0.0, att), "options": []},
         "uniform spec": {"ratio": ratio, "options": ["--allocation", "uniform"]},
         "uniform, attention score": {
@@ -64,6 +73,11 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
         "global_pca spec": {"ratio": ratio, "options": []},
         "global_pca, attention score": {"ratio": ratio, "options": ["--rope-score", "attention"]},
         "global_pca spec, C4 calibration": {"ratio": ratio, "options": ["--calib", "c4"]},
+        "global_pca, repeated-span calibration": {"ratio": ratio, "options": ["--calib-repeat", "0.25"]},
+        "global_pca, attention score, repeated-span calibration": {
+            "ratio": ratio,
+            "options": ["--rope-score", "attention", "--calib-repeat", "0.25"],
+        },
     }
 
 
@@ -89,13 +103,15 @@ def prune_layers(
     from intraslice import stages
     from intraslice.arch import get_arch
     from intraslice.config import PruneConfig
-    from intraslice.data import calibration_windows
+    from intraslice.data import calibration_windows, with_repeated_spans
 
     ckpt = stages.load(args.model)
     n_layers = get_arch(ckpt.config).dims(ckpt.config)["n_layers"]
     tokenizer = ckpt.tokenizer()
     calib = calibration_windows(tokenizer, "wikitext2", nsamples, seqlen, seed)
     opts = spec["options"]
+    if "--calib-repeat" in opts:
+        calib = with_repeated_spans(calib, float(opts[opts.index("--calib-repeat") + 1]))
     cfg = PruneConfig(
         layer_ratios=[tuple(spec["layers"])] * n_layers,
         allocation="uniform",
@@ -138,6 +154,10 @@ def key_of(name: str, nsamples: int, seqlen: int, seed: int, args: argparse.Name
     if (nsamples, seqlen, seed) == (args.nsamples, args.seqlen, 0):
         return name
     return f"{name} [{nsamples}x{seqlen} seed {seed}]"
+
+
+def dir_name(key: str) -> str:
+    return key.replace(" ", "_").replace(",", "").replace("[", "").replace("]", "")
 
 
 def main() -> int:
@@ -195,13 +215,19 @@ def main() -> int:
             if key in rows:
                 continue
             spec = table[name]
-            model_dir = work / key.replace(" ", "_").replace(",", "").replace("[", "").replace("]", "")
+            model_dir = work / dir_name(key)
             if not (model_dir / "intraslice.json").exists():
                 t = time.perf_counter()
                 if "layers" in spec:
                     prune_layers(args, spec, model_dir, n, length, seed)
                 else:
-                    run(prune_cmd(args, spec, model_dir, n, length, seed))
+                    cmd = prune_cmd(args, spec, model_dir, n, length, seed)
+                    first = work / dir_name(key_of("global_pca spec", n, length, seed, args))
+                    own_calib = {"--calib", "--calib-repeat"} & set(spec["options"])
+                    estimated = "--allocation" not in spec["options"] and not own_calib
+                    if estimated and first != model_dir and (first / "intraslice.json").exists():
+                        cmd += ["--ratios", str(first / "intraslice.json")]  # the same importances
+                    run(cmd)
                 (model_dir / "bench-prune-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
             row = evaluate(model_dir, model_dir, args)
             row.update({"variant": name, "calibration": f"{n}x{length}", "seed": seed})

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="wikitext2",
         help="wikitext2, wikitext2-valid, c4, c4-sample, or a .txt/.jsonl path (default: wikitext2)",
     )
+    p.add_argument(
+        "--calib-repeat",
+        type=float,
+        default=0.0,
+        help="share of each calibration window that repeats an earlier span of it (0-0.5; exercises copying)",
+    )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window selection")
@@ -305,7 +311,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .algo.allocation import Allocation
     from .checkpoint import SourceCheckpoint
     from .config import PruneConfig, check_ratio, default_allocation
-    from .data import calibration_windows
+    from .data import calibration_windows, with_repeated_spans
     from .importance import load_ratios_file
     from .models import parse_dtype
     from .params import parse_target_params, ratio_for_target
@@ -320,6 +326,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise IntraSliceError("give one of --ratio, --target-params, --target-speedup")
     if args.ratio is not None:
         check_ratio(args.ratio)
+    if not 0.0 <= args.calib_repeat <= 0.5:
+        raise IntraSliceError(f"--calib-repeat must be between 0 and 0.5, got {args.calib_repeat}")
     if args.allocation is None:
         args.allocation = default_allocation(args.method)  # the Python API's default too
         if args.deploy == "stock" or args.uniform_layers:
@@ -398,6 +406,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     tokenizer = ckpt.tokenizer()
     t = time.perf_counter()
     calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    calib = with_repeated_spans(calib, args.calib_repeat)
     timings["calibration_data"] = time.perf_counter() - t
     print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)
     stages.check_vocabulary(ckpt, calib.tokens, tokenizer)

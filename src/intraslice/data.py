@@ -48,16 +48,21 @@ class CalibrationSet:
     source: str
     seed: int
     total_tokens: int
+    #: share of each window that repeats an earlier span of it (:func:`with_repeated_spans`)
+    repeat_share: float = 0.0
 
     def describe(self) -> dict[str, Any]:
         n, t = self.tokens.shape
-        return {
+        out = {
             "source": self.source,
             "nsamples": n,
             "seqlen": t,
             "seed": self.seed,
             "tokens_available": self.total_tokens,
         }
+        if self.repeat_share:
+            out["repeat_share"] = self.repeat_share
+        return out
 
 
 def _bundled(name: str) -> bytes:
@@ -240,3 +245,29 @@ def calibration_windows(
         except OSError:
             pass  # a read-only cache is not an error
     return CalibrationSet(windows, text.name, seed, int(ids.numel()))
+
+
+def with_repeated_spans(calib: CalibrationSet, share: float) -> CalibrationSet:
+    """Each window's last ``share`` of tokens replaced by a copy of an earlier span of the same window.
+
+    Why (issue #14): WikiText windows hold little verbatim repetition, so the heads that copy
+    from the context (induction heads) are nearly idle on them, and every statistic the
+    method prunes by (the o_proj input energy of step C, the pair scores of step D, the
+    mask gradients) calls them unimportant. A repeated span makes them work on the
+    calibration text itself. The span of m = round(share * L) tokens is copied from a
+    start drawn uniformly (seeded by the window selection's seed) in [0, L - 2m], so it is
+    at least m tokens back: retrieval at long range, not the previous sentence.
+    """
+    if not 0.0 <= share <= 0.5:
+        raise IntraSliceError(f"--calib-repeat must be between 0 and 0.5, got {share}")
+    n, length = calib.tokens.shape
+    m = round(share * length)
+    if m == 0:
+        return calib
+    gen = torch.Generator().manual_seed(calib.seed + 1)
+    tokens = calib.tokens.clone()
+    starts = torch.randint(0, length - 2 * m + 1, (n,), generator=gen)
+    for row, start in enumerate(starts.tolist()):
+        tokens[row, length - m :] = tokens[row, start : start + m]
+    return CalibrationSet(tokens, calib.source, calib.seed, calib.total_tokens, share)
+
