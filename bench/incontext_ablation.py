@@ -156,6 +156,29 @@ def key_of(name: str, nsamples: int, seqlen: int, seed: int, args: argparse.Name
     return f"{name} [{nsamples}x{seqlen} seed {seed}]"
 
 
+def calibration_options(options: list[str]) -> dict[str, str]:
+    return {o: options[i + 1] for i, o in enumerate(options) if o in ("--calib", "--calib-repeat")}
+
+
+def same_importances(
+    table: dict[str, dict[str, Any]], name: str, work: Path, n: int, length: int, seed: int, args: argparse.Namespace
+) -> Path | None:
+    """An earlier estimated variant on the same calibration windows: its importances are this one's."""
+    spec = table[name]
+    if "ratio" not in spec or "--allocation" in spec["options"]:
+        return None
+    calib = calibration_options(spec["options"])
+    for other, o_spec in table.items():
+        if other == name:
+            return None
+        if "ratio" not in o_spec or "--allocation" in o_spec["options"]:
+            continue
+        folder = work / dir_name(key_of(other, n, length, seed, args))
+        if calibration_options(o_spec["options"]) == calib and (folder / "intraslice.json").exists():
+            return folder
+    return None
+
+
 def dir_name(key: str) -> str:
     return key.replace(" ", "_").replace(",", "").replace("[", "").replace("]", "")
 
@@ -222,11 +245,9 @@ def main() -> int:
                     prune_layers(args, spec, model_dir, n, length, seed)
                 else:
                     cmd = prune_cmd(args, spec, model_dir, n, length, seed)
-                    first = work / dir_name(key_of("global_pca spec", n, length, seed, args))
-                    own_calib = {"--calib", "--calib-repeat"} & set(spec["options"])
-                    estimated = "--allocation" not in spec["options"] and not own_calib
-                    if estimated and first != model_dir and (first / "intraslice.json").exists():
-                        cmd += ["--ratios", str(first / "intraslice.json")]  # the same importances
+                    same = same_importances(table, name, work, n, length, seed, args)
+                    if same is not None:
+                        cmd += ["--ratios", str(same / "intraslice.json")]
                     run(cmd)
                 (model_dir / "bench-prune-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
             row = evaluate(model_dir, model_dir, args)
