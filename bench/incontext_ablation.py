@@ -74,6 +74,16 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
         "global_pca, attention score": {"ratio": ratio, "options": ["--rope-score", "attention"]},
         "global_pca spec, C4 calibration": {"ratio": ratio, "options": ["--calib", "c4"]},
         "global_pca, repeated-span calibration": {"ratio": ratio, "options": ["--calib-repeat", "0.25"]},
+        "global_pca, repeated spans in the layer steps": {
+            "ratio": ratio,
+            "options": ["--calib-repeat", "0.25"],
+            "importances_from": "global_pca spec",
+        },
+        "global_pca, attention score, repeated spans in the layer steps": {
+            "ratio": ratio,
+            "options": ["--rope-score", "attention", "--calib-repeat", "0.25"],
+            "importances_from": "global_pca spec",
+        },
         "global_pca, attention score, repeated-span calibration": {
             "ratio": ratio,
             "options": ["--rope-score", "attention", "--calib-repeat", "0.25"],
@@ -167,6 +177,11 @@ def same_importances(
     spec = table[name]
     if "ratio" not in spec or "--allocation" in spec["options"]:
         return None
+    if "importances_from" in spec:  # the allocation of another variant: only the layer steps differ
+        folder = work / dir_name(key_of(spec["importances_from"], n, length, seed, args))
+        if not (folder / "intraslice.json").exists():
+            raise SystemExit(f"{name} needs {spec['importances_from']!r} first (its importances)")
+        return folder
     calib = calibration_options(spec["options"])
     for other, o_spec in table.items():
         if other == name:
