@@ -198,3 +198,39 @@ def assert_loads_without_package(out: Path, ids: torch.Tensor, ref: torch.Tensor
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
     return proc.stdout.split()[-1]
+
+
+def dense_rotated_qk(dense: torch.nn.Module, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per dense layer, (q, k) after RoPE, each (b, t, n_heads, h) (k repeated over its group).
+
+    Independent of the pruning code: hooks on the Hugging Face q/k projections, the model's
+    own rotary tables, an explicit rotate_half.
+    """
+    from intraslice.modeling.modeling_intraslice import rotate_half
+
+    c = dense.config
+    n_h, n_kv, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+    for li, layer in enumerate(dense.model.layers):
+        for name in ("q_proj", "k_proj"):
+
+            def hook(_m, _i, y, li=li, name=name):
+                out.setdefault(li, {})[name] = y
+
+            handles.append(getattr(layer.self_attn, name).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            dense(input_ids=tokens, use_cache=False)
+    finally:
+        for hd in handles:
+            hd.remove()
+    b, t = tokens.shape
+    cos, sin = dense.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.arange(t)[None])
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    result = []
+    for li in range(len(dense.model.layers)):
+        q = out[li]["q_proj"].view(b, t, n_h, h)
+        k = out[li]["k_proj"].view(b, t, n_kv, h).repeat_interleave(n_h // n_kv, dim=2)
+        result.append((q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin))
+    return result

@@ -24,9 +24,8 @@ import torch
 from intraslice import IntraSliceError, PruneConfig, prune, save_pruned
 from intraslice.algo.attention import pair_dims
 from intraslice.cli import main
-from intraslice.modeling.modeling_intraslice import rotate_half
 
-from .conftest import build_tokenizer, calib_tokens, make_tiny
+from .conftest import build_tokenizer, calib_tokens, dense_rotated_qk, make_tiny
 
 torch.set_num_threads(2)
 
@@ -48,38 +47,10 @@ def pruned_pair(arch: str, n_layers: int = 3, **cfg: object) -> tuple[torch.nn.M
 
 
 def dense_pair_scores(dense: torch.nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """sigma[l][i, p] = mean_t |q_ip k_g(i)p| + |q_i,p+h/2 k_g(i),p+h/2| after RoPE, per dense layer.
-
-    Computed independently of the pruning code: hooks on the Hugging Face q/k projections,
-    the model's own rotary tables, an explicit rotate_half.
-    """
-    c = dense.config
-    n_h, n_kv = c.num_attention_heads, c.num_key_value_heads
-    h = c.head_dim
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    handles = []
-    for li, layer in enumerate(dense.model.layers):
-        for name in ("q_proj", "k_proj"):
-
-            def hook(_m, _i, y, li=li, name=name):
-                out.setdefault(li, {})[name] = y
-
-            handles.append(getattr(layer.self_attn, name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            dense(input_ids=tokens, use_cache=False)
-    finally:
-        for hd in handles:
-            hd.remove()
-    pos = torch.arange(tokens.shape[1])[None]
-    cos, sin = dense.model.rotary_emb(torch.zeros(1, dtype=torch.float64), pos)
-    cos, sin = cos[:, :, None], sin[:, :, None]
+    """sigma[l][i, p] = mean_t |q_ip k_g(i)p| + |q_i,p+h/2 k_g(i),p+h/2| after RoPE, per dense layer."""
+    h = dense.config.head_dim
     sig = []
-    for li in range(len(dense.model.layers)):
-        b, t = tokens.shape
-        q = out[li]["q_proj"].view(b, t, n_h, h)
-        k = out[li]["k_proj"].view(b, t, n_kv, h).repeat_interleave(n_h // n_kv, dim=2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    for q, k in dense_rotated_qk(dense, tokens):
         mu = (q * k).abs().mean((0, 1))
         sig.append(mu[:, : h // 2] + mu[:, h // 2 :])
     return sig

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
+from intraslice import prune
 from intraslice.algo.attention import attention_pair_variance, low_frequency_scores
 from intraslice.config import PruneConfig
 from intraslice.errors import IntraSliceError
 from intraslice.methods.intraslice import pair_statistic, scored_queries
+
+from .conftest import calib_tokens, dense_rotated_qk, make_tiny
 
 
 def brute_force(q: torch.Tensor, k: torch.Tensor, queries: list[int]) -> torch.Tensor:
@@ -105,44 +109,19 @@ def test_unknown_rope_score_is_refused() -> None:
 def dense_attention_pair_scores(dense: torch.nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Per dense layer, sum over windows and scored queries of Var_{s~A}[c_p / sqrt(h)], (n_heads, h/2).
 
-    Independent of the pruning code: hooks on the Hugging Face q/k projections, the model's
-    own rotary tables, the explicit (Q, T, h/2) tensor of contributions, masked softmax.
+    Independent of the pruning code: the hooked dense q/k (``dense_rotated_qk``), the explicit
+    (Q, T, h/2) tensor of contributions, a masked softmax, the variance from its definition.
     """
-    from intraslice.modeling.modeling_intraslice import rotate_half
-
-    c = dense.config
-    n_h, n_kv, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    handles = []
-    for li, layer in enumerate(dense.model.layers):
-        for name in ("q_proj", "k_proj"):
-
-            def hook(_m, _i, y, li=li, name=name):
-                out.setdefault(li, {})[name] = y
-
-            handles.append(getattr(layer.self_attn, name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            dense(input_ids=tokens, use_cache=False)
-    finally:
-        for hd in handles:
-            hd.remove()
-    b, t = tokens.shape
-    cos, sin = dense.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.arange(t)[None])
-    cos, sin = cos[:, :, None], sin[:, :, None]
-    queries = scored_queries(t, "cpu")
+    h = dense.config.head_dim
     half = h // 2
     scores = []
-    for li in range(len(dense.model.layers)):
-        q = out[li]["q_proj"].view(b, t, n_h, h)
-        k = out[li]["k_proj"].view(b, t, n_kv, h).repeat_interleave(n_h // n_kv, dim=2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        qs = q[:, queries]  # (b, Q, n_h, h)
-        prod = qs[:, :, None] * k[:, None]  # (b, Q, T, n_h, h)
+    for q, k in dense_rotated_qk(dense, tokens):
+        t = q.shape[1]
+        queries = scored_queries(t, "cpu")
+        prod = q[:, queries][:, :, None] * k[:, None]  # (b, Q, T, n_h, h)
         contrib = (prod[..., :half] + prod[..., half:]) / math.sqrt(h)  # (b, Q, T, n_h, h/2)
-        logits = contrib.sum(-1)
         future = torch.arange(t)[None, :] > queries[:, None]
-        a = torch.softmax(logits.masked_fill(future[None, :, :, None], float("-inf")), dim=2)[..., None]
+        a = torch.softmax(contrib.sum(-1).masked_fill(future[None, :, :, None], float("-inf")), dim=2)[..., None]
         mean = (a * contrib).sum(2)
         var = (a * (contrib - mean[:, :, None]) ** 2).sum(2)  # (b, Q, n_h, h/2)
         scores.append(var.sum((0, 1)))
@@ -150,12 +129,6 @@ def dense_attention_pair_scores(dense: torch.nn.Module, tokens: torch.Tensor) ->
 
 
 def test_global_attention_score_selects_the_independently_computed_top_pairs() -> None:
-    import copy
-
-    from intraslice import prune
-
-    from .conftest import calib_tokens, make_tiny
-
     dense = make_tiny("llama-gqa", seed=2, n_layers=3)
     tokens = calib_tokens()
     scores = dense_attention_pair_scores(dense, tokens)
@@ -172,12 +145,6 @@ def test_global_attention_score_selects_the_independently_computed_top_pairs() -
 def test_per_kv_group_pairs_follow_the_score(score: str) -> None:
     """Layer 0 sees the dense embeddings, so its pairs are the top r/2 of the dense layer-0 score
     summed over each KV group's query heads (width 8 at half the attention: every head kept)."""
-    import copy
-
-    from intraslice import prune
-
-    from .conftest import calib_tokens, make_tiny
-
     dense = make_tiny("llama-gqa", n_layers=2)
     tokens = calib_tokens()
     cfg = PruneConfig(layer_ratios=[(0.5, 0.0)] * 2, head_width=8, rope_score=score)
