@@ -73,7 +73,10 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
         "global_pca spec": {"ratio": ratio, "options": []},
         "global_pca, attention score": {"ratio": ratio, "options": ["--rope-score", "attention"]},
         "global_pca spec, C4 calibration": {"ratio": ratio, "options": ["--calib", "c4"]},
-        "global_pca, repeated-span calibration": {"ratio": ratio, "options": ["--calib-repeat", "0.25"]},
+        "global_pca, repeated-span calibration": {
+            "ratio": ratio,
+            "options": ["--calib-repeat", "0.25", "--calib-repeat-estimator"],
+        },
         "global_pca, repeated spans in the layer steps": {
             "ratio": ratio,
             "options": ["--calib-repeat", "0.25"],
@@ -86,7 +89,7 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
         },
         "global_pca, attention score, repeated-span calibration": {
             "ratio": ratio,
-            "options": ["--rope-score", "attention", "--calib-repeat", "0.25"],
+            "options": ["--rope-score", "attention", "--calib-repeat", "0.25", "--calib-repeat-estimator"],
         },
     }
 
@@ -167,7 +170,10 @@ def key_of(name: str, nsamples: int, seqlen: int, seed: int, args: argparse.Name
 
 
 def calibration_options(options: list[str]) -> dict[str, str]:
-    return {o: options[i + 1] for i, o in enumerate(options) if o in ("--calib", "--calib-repeat")}
+    out = {o: options[i + 1] for i, o in enumerate(options) if o in ("--calib", "--calib-repeat")}
+    if "--calib-repeat-estimator" not in options:
+        out.pop("--calib-repeat", None)  # the estimator sees the plain windows
+    return out
 
 
 def same_importances(

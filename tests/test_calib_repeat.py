@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -46,3 +48,35 @@ def test_bad_share_is_refused(capsys: pytest.CaptureFixture[str], tmp_path) -> N
     err = capsys.readouterr().err
     assert code == 2 and "--calib-repeat must be between 0 and 0.5" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("estimator_too", [False, True])
+def test_cli_layer_steps_see_the_repeats_and_the_estimator_the_plain_windows(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir, tmp_path, monkeypatch, estimator_too: bool
+) -> None:
+    from intraslice import stages
+
+    seen: dict[str, torch.Tensor] = {}
+    allocate, prune = stages.allocate, stages.prune
+
+    def spy_allocate(ckpt, policy, tokens, *a, **kw):
+        seen["estimator"] = tokens.clone()
+        return allocate(ckpt, policy, tokens, *a, **kw)
+
+    def spy_prune(ckpt, tokens, *a, **kw):
+        seen["layers"] = tokens.clone()
+        return prune(ckpt, tokens, *a, **kw)
+
+    monkeypatch.setattr(stages, "allocate", spy_allocate)
+    monkeypatch.setattr(stages, "prune", spy_prune)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"item {i} of the list." for i in range(600)), encoding="utf-8")  # no period
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tiny_model_dir), "--calib", str(calib), "--nsamples", "4", "--seqlen", "32",
+            "--calib-repeat", "0.25", "--out", str(out), "--no-progress", "--no-eval", "--device", "cpu"]  # fmt: skip
+    code = main(argv + (["--calib-repeat-estimator"] if estimator_too else []))
+    assert code == 0, capsys.readouterr().err
+    layers, estimator = seen["layers"], seen["estimator"]
+    assert torch.equal(layers[:, :-8], estimator[:, :-8])
+    assert torch.equal(layers, estimator) == estimator_too
+    assert json.loads((out / "intraslice.json").read_text())["calibration"]["repeat_share"] == 0.25

@@ -91,7 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-repeat",
         type=float,
         default=0.0,
-        help="share of each calibration window that repeats an earlier span of it (0-0.5; exercises copying)",
+        help="share of each calibration window that repeats an earlier span of it, for the layer steps "
+        "(0-0.5; exercises copying; the estimator keeps the plain windows)",
+    )
+    p.add_argument(
+        "--calib-repeat-estimator",
+        action="store_true",
+        help="the estimator sees the repeated spans too (an ablation: measured worse, BENCHMARKS.md)",
     )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
@@ -405,8 +411,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     tokenizer = ckpt.tokenizer()
     t = time.perf_counter()
-    calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    calib = with_repeated_spans(calib, args.calib_repeat)
+    plain = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    # the layer steps see the repeated spans, the estimator the plain windows (method.md 8)
+    calib = with_repeated_spans(plain, args.calib_repeat)
+    grad_tokens = calib.tokens if args.calib_repeat_estimator else plain.tokens
     timings["calibration_data"] = time.perf_counter() - t
     print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)
     stages.check_vocabulary(ckpt, calib.tokens, tokenizer)
@@ -486,7 +494,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 alloc, record = stages.allocate(
                     ckpt,
                     policy,
-                    calib.tokens[: args.grad_samples] if args.grad_samples else calib.tokens,
+                    grad_tokens[: args.grad_samples] if args.grad_samples else grad_tokens,
                     cfg.ratio,
                     args.allocation,
                     progress=progress,

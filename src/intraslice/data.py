@@ -270,4 +270,3 @@ def with_repeated_spans(calib: CalibrationSet, share: float) -> CalibrationSet:
     for row, start in enumerate(starts.tolist()):
         tokens[row, length - m :] = tokens[row, start : start + m]
     return CalibrationSet(tokens, calib.source, calib.seed, calib.total_tokens, share)
-
