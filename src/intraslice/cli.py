@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
 from .errors import IntraSliceError
 
 
@@ -153,13 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Export-compatible pruning (issue #11): the shapes stock engines can run.
     p.add_argument(
         "--rope-selection",
-        choices=("per-kv-group", "per-layer", "global"),
+        choices=ROPE_SELECTIONS,
         default="per-kv-group",
         help="which heads share a RoPE pair set: per KV group (the method), per layer, or one for the model",
     )
     p.add_argument(
         "--rope-score",
-        choices=("qk", "attention", "low-frequency"),
+        choices=ROPE_SCORES,
         default="qk",
         help="what a RoPE pair is worth: mean |q k| (the method), its effect on the attention rows, "
         "or slowest first (an ablation)",
@@ -317,7 +318,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .algo.allocation import Allocation
     from .checkpoint import SourceCheckpoint
     from .config import PruneConfig, check_ratio, default_allocation
-    from .data import calibration_windows, with_repeated_spans
+    from .data import calibration_windows, check_repeat_share, with_repeated_spans
     from .importance import load_ratios_file
     from .models import parse_dtype
     from .params import parse_target_params, ratio_for_target
@@ -332,8 +333,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise IntraSliceError("give one of --ratio, --target-params, --target-speedup")
     if args.ratio is not None:
         check_ratio(args.ratio)
-    if not 0.0 <= args.calib_repeat <= 0.5:
-        raise IntraSliceError(f"--calib-repeat must be between 0 and 0.5, got {args.calib_repeat}")
+    check_repeat_share(args.calib_repeat)  # before any work
     if args.allocation is None:
         args.allocation = default_allocation(args.method)  # the Python API's default too
         if args.deploy == "stock" or args.uniform_layers:

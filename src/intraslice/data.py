@@ -247,6 +247,12 @@ def calibration_windows(
     return CalibrationSet(windows, text.name, seed, int(ids.numel()))
 
 
+def check_repeat_share(share: float) -> None:
+    """Refuse a ``--calib-repeat`` share outside [0, 0.5] (the copy must fit before the tail)."""
+    if not 0.0 <= share <= 0.5:
+        raise IntraSliceError(f"--calib-repeat must be between 0 and 0.5, got {share}")
+
+
 def with_repeated_spans(calib: CalibrationSet, share: float) -> CalibrationSet:
     """Each window's last ``share`` of tokens replaced by a copy of an earlier span of the same window.
 
@@ -258,8 +264,7 @@ def with_repeated_spans(calib: CalibrationSet, share: float) -> CalibrationSet:
     start drawn uniformly (seeded by the window selection's seed) in [0, L - 2m], so it is
     at least m tokens back: retrieval at long range, not the previous sentence.
     """
-    if not 0.0 <= share <= 0.5:
-        raise IntraSliceError(f"--calib-repeat must be between 0 and 0.5, got {share}")
+    check_repeat_share(share)
     n, length = calib.tokens.shape
     m = round(share * length)
     if m == 0:

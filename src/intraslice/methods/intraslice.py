@@ -52,13 +52,20 @@ def qk_abs_sum(
     Per token in the activation dtype (at least float32), summed in float64: the same
     rounding argument as pipeline.hooks.cross_gram's Decision.
     """
+    q, k = _rotated_qk(q_out, k_out, cos, sin, n_kv)
+    return (q * k.repeat_interleave(q.shape[2] // n_kv, dim=2)).abs().sum((0, 1), dtype=torch.float64)
+
+
+def _rotated_qk(
+    q_out: torch.Tensor, k_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_kv: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, T, n_heads, h) and k (B, T, n_kv, h) after RoPE, in the activation dtype (at least float32)."""
     b, t, _ = q_out.shape
     h = k_out.shape[-1] // n_kv
-    n_h = q_out.shape[-1] // h
     work = torch.float64 if q_out.dtype == torch.float64 else torch.float32
-    q = _rope(q_out.view(b, t, n_h, h).to(work), cos, sin)
+    q = _rope(q_out.view(b, t, -1, h).to(work), cos, sin)
     k = _rope(k_out.view(b, t, n_kv, h).to(work), cos, sin)
-    return (q * k.repeat_interleave(n_h // n_kv, dim=2)).abs().sum((0, 1), dtype=torch.float64)
+    return q, k
 
 
 #: Query positions per calibration window scored by the "attention" pair score.
@@ -86,13 +93,10 @@ def pair_statistic(
         return qk_abs_sum(q_out, k_out, cos, sin, n_kv), q_out.shape[0] * q_out.shape[1]
     b, t, _ = q_out.shape
     h = k_out.shape[-1] // n_kv
-    n_h = q_out.shape[-1] // h
     if rope_score == "low-frequency":
-        pair = low_frequency_scores(n_h, h).to(q_out.device) * (b * t)
+        pair = low_frequency_scores(q_out.shape[-1] // h, h).to(q_out.device) * (b * t)
         return torch.cat([pair, pair], dim=1) / 2, b * t
-    work = torch.float64 if q_out.dtype == torch.float64 else torch.float32
-    q = _rope(q_out.view(b, t, n_h, h).to(work), cos, sin)
-    k = _rope(k_out.view(b, t, n_kv, h).to(work), cos, sin)
+    q, k = _rotated_qk(q_out, k_out, cos, sin, n_kv)
     queries = scored_queries(t, q.device)
     pair = sum(attention_pair_variance(q[i], k[i], queries) for i in range(b))
     return torch.cat([pair, pair], dim=1) / 2, b * len(queries)
