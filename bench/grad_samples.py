@@ -25,8 +25,12 @@ start's 8 windows (``intraslice eval ppl``).
 
     python bench/grad_samples.py --ratios 0.2 0.3 --prune 8a 8b 16a 32 --prune-ratio 0.2
 
+``--model qwen2.5-coder-0.5b`` runs the same study on the second built-in model (its
+own work directory, results file and table); ``--rope-score`` passes the pair score to
+the prunes.
+
 Chunk gradients are cached in ``--work-dir`` (safetensors), so an interrupted run resumes.
-Results: ``results/grad-samples-smollm2.json``; ``--benchmarks-md`` writes the table.
+Results: ``results/grad-samples-<model>.json``; ``--benchmarks-md`` writes the table.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ from intraslice.pipeline.devices import DevicePolicy
 from intraslice.pipeline.streaming import StreamedLayers
 
 CHUNK = 8
+#: --model -> (name in the table, results-file slug, BENCHMARKS.md section)
+MODELS = {
+    "smollm2-135m": ("SmolLM2-135M", "smollm2", "grad-samples"),
+    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B", "qwen-coder-0.5b", "grad-samples-qwen"),
+}
 VARIANTS = {
     "8a": [0],
     "8b": [1],
@@ -131,14 +140,16 @@ def run(cmd: list[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", choices=list(MODELS))
+    ap.add_argument("--rope-score", default=None, help="the prunes' --rope-score (default: the CLI's)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--prune", nargs="*", default=[], choices=list(VARIANTS), help="variants to prune and evaluate")
     ap.add_argument("--prune-ratio", type=float, default=0.2)
     ap.add_argument("--eval-windows", type=int, default=8)
-    ap.add_argument("--work-dir", default=str(Path.home() / ".cache/intraslice/bench-grad-samples"))
-    ap.add_argument("--out", default=str(ROOT / "results/grad-samples-smollm2.json"))
+    ap.add_argument("--work-dir", default=None, help="default: ~/.cache/intraslice/bench-grad-samples[-<model>]")
+    ap.add_argument("--out", default=None, help="default: results/grad-samples-<model>.json")
     ap.add_argument("--chunks", type=int, default=4, help="compute only the first N chunks of 8 windows (1-4)")
     ap.add_argument(
         "--reference",
@@ -153,6 +164,14 @@ def main() -> int:
     )
     ap.add_argument("--benchmarks-md", action="store_true")
     args = ap.parse_args()
+    name_, slug, section = MODELS[args.model]
+    if args.work_dir is None:
+        suffix = "" if args.model == "smollm2-135m" else f"-{slug}"
+        args.work_dir = str(Path.home() / f".cache/intraslice/bench-grad-samples{suffix}")
+    if args.out is None:
+        args.out = str(ROOT / f"results/grad-samples-{slug}.json")
+    model_args = ["--model", args.model]
+    prune_args = model_args + (["--rope-score", args.rope_score] if args.rope_score else [])
     sfx = "" if args.units_per_head == 1 else f"/f{args.units_per_head}"  # result keys: 8a@0.2, 8a@0.2/f64
     fsfx = sfx.replace("/", "-")
     if args.nsamples != 4 * CHUNK:
@@ -161,15 +180,19 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
-    results.update({"model": "SmolLM2-135M-Instruct", "calibration": f"{args.nsamples} x {args.seqlen}, seed 0"})
+    results.update({"model": name_, "calibration": f"{args.nsamples} x {args.seqlen}, seed 0"})
+    if args.rope_score:
+        results["rope_score"] = args.rope_score
 
-    ckpt = stages.load()
+    ckpt = stages.load(args.model)
     tokens = calibration_windows(ckpt.tokenizer(), "wikitext2", args.nsamples, args.seqlen, 0).tokens
     parts = [chunk_gradients(ckpt, tokens, work, c) for c in range(args.chunks)]
     results["seconds_per_window"] = sum(p.seconds for p in parts) / (CHUNK * len(parts))
     skeleton = ckpt.skeleton()
     variants = {name: idx for name, idx in VARIANTS.items() if max(idx) < len(parts)}
-    ref_run = json.loads(Path(args.reference).read_text()) if len(parts) < 4 else None
+    ref_run = json.loads(Path(args.reference).read_text()) if len(parts) < 4 and args.model == "smollm2-135m" else None
+    if len(parts) < 4 and ref_run is None:
+        raise SystemExit("--chunks < 4 needs a reference run (SmolLM2 only)")
     reference = ref_run["allocation"] if ref_run else None
 
     allocs: dict[str, Any] = results.setdefault("allocations", {})
@@ -212,6 +235,7 @@ def main() -> int:
                 "intraslice",
                 "eval",
                 "ppl",
+                *model_args,
                 "--windows",
                 str(args.eval_windows),
                 "--json",
@@ -227,8 +251,9 @@ def main() -> int:
         model_dir = work / f"pruned-{name}-r{args.prune_ratio}{fsfx}"
         t = time.perf_counter()
         run(
-            [py, "-m", "intraslice", "prune", "--ratio", str(args.prune_ratio), "--nsamples", str(args.nsamples),
-             "--seqlen", str(args.seqlen), "--ratios", str(work / f"alloc-{name}-r{args.prune_ratio}{fsfx}.json"),
+            [py, "-m", "intraslice", "prune", *prune_args, "--ratio", str(args.prune_ratio),
+             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+             "--ratios", str(work / f"alloc-{name}-r{args.prune_ratio}{fsfx}.json"),
              "--units-per-head", str(args.units_per_head),
              "--no-eval", "--no-progress", "--overwrite", "--out", str(model_dir)]
         )  # fmt: skip
@@ -258,7 +283,7 @@ def main() -> int:
     table = markdown(results, args.eval_windows)
     print(table)
     if args.benchmarks_md:
-        update_benchmarks_md("grad-samples", table)
+        update_benchmarks_md(section, table)
     return 0
 
 
@@ -272,7 +297,9 @@ def _ic(cell: dict[str, float] | None) -> str:
 def markdown(results: dict[str, Any], windows: int) -> str:
     ppl = results.get("perplexity", {})
     lines = [
-        f"SmolLM2-135M, global_pca, calibration {results['calibration']}. Distance: mean |per-layer removed ratio - "
+        f"{results['model']}, global_pca, calibration {results['calibration']}"
+        + (f", pair score {results['rope_score']}" if results.get("rope_score") else "")
+        + ". Distance: mean |per-layer removed ratio - "
         "the 32-window allocation's (same f)| (attention / MLP). Perplexity: WikiText-2 test, "
         f"{windows} windows of 2048 (dense {ppl.get('dense', float('nan')):.3f}); every model pruned from all 32 "
         "windows, only the allocation differs.",

@@ -106,6 +106,8 @@ def prune_cmd(
     cmd = [PY, "-m", "intraslice", "prune", "--model", args.model, "--ratio", str(ratio), "--nsamples",
            str(nsamples), "--seqlen", str(seqlen), "--seed", str(seed), "--no-eval", "--no-incontext",
            "--no-progress", "--overwrite", "--out", str(out), *spec["options"]]  # fmt: skip
+    if "--rope-score" not in spec["options"]:  # rows without a score are the spec's, whatever the CLI default
+        cmd += ["--rope-score", "qk"]
     return cmd
 
 

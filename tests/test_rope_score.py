@@ -99,6 +99,16 @@ def test_scored_queries_skip_position_zero_and_end_at_the_last() -> None:
     assert scored_queries(5, "cpu").tolist() == [1, 2, 3, 4]
 
 
+def test_the_default_score_is_recorded_and_only_for_intraslice() -> None:
+    cfg = PruneConfig()
+    cfg.validate(2)
+    assert cfg.rope_score == "attention" and cfg.to_dict()["rope_score"] == "attention"
+    for method in ("channel", "slicegpt"):  # the baselines have no pair score: nothing to refuse or record
+        other = PruneConfig(method=method)
+        other.validate(2)
+        assert other.rope_score is None
+
+
 def test_unknown_rope_score_is_refused() -> None:
     with pytest.raises(IntraSliceError, match="--rope-score"):
         PruneConfig(rope_score="bogus").validate(2)
@@ -136,8 +146,8 @@ def test_global_attention_score_selects_the_independently_computed_top_pairs() -
     result = prune(copy.deepcopy(dense), tokens, cfg, progress=False)
     expected = sorted(torch.topk(torch.stack(scores).sum((0, 1)), 4).indices.tolist())
     assert result.method["constraints"]["global_rope_pairs"] == expected
-    spec_pairs = prune(copy.deepcopy(dense), tokens, PruneConfig(ratio=0.3, rope_selection="global", head_width=8),
-                       progress=False).method["constraints"]["global_rope_pairs"]  # fmt: skip
+    spec_pairs = prune(copy.deepcopy(dense), tokens, PruneConfig(ratio=0.3, rope_selection="global", head_width=8,
+                       rope_score="qk"), progress=False).method["constraints"]["global_rope_pairs"]  # fmt: skip
     assert spec_pairs != expected  # the two scores disagree here, so the test can tell them apart
 
 

@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rope-score",
         choices=ROPE_SCORES,
-        default="qk",
-        help="what a RoPE pair is worth: mean |q k| (the method), its effect on the attention rows, "
-        "or slowest first (an ablation)",
+        default=None,
+        help="what a RoPE pair is worth: its effect on the attention rows (attention, the default), mean "
+        "|q k| (qk: the method as specified), or slowest first (an ablation); IntraSlice only",
     )
     p.add_argument("--head-width", type=int, default=None, help="one head width for the model (a multiple of 8)")
     p.add_argument("--equal-kv-groups", action="store_true", help="every kept KV head keeps equally many query heads")

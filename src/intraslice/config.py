@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
+
+#: Step D's pair score unless told otherwise: measured better than the spec's mean |q k| on both
+#: built-in models (docs/method.md section 8, BENCHMARKS.md "What perplexity hides").
+DEFAULT_ROPE_SCORE = "attention"
 from .errors import IntraSliceError
 from .pipeline.devices import DevicePolicy
 
@@ -73,9 +77,11 @@ class PruneConfig:
     #: Which heads share a RoPE pair set: "per-kv-group" (the method), "per-layer", or
     #: "global" (one set for the model, scored on the dense model before pruning).
     rope_selection: str = "per-kv-group"
-    #: What a RoPE pair is worth in step D: "qk" (mean |q k|, method.md 2.D), "attention"
-    #: (its effect on the attention rows) or "low-frequency" (slowest first; an ablation).
-    rope_score: str = "qk"
+    #: What a RoPE pair is worth in step D: "attention" (its effect on the attention rows;
+    #: the default, docs/method.md section 8), "qk" (mean |q k|, method.md 2.D as specified)
+    #: or "low-frequency" (slowest first; an ablation). None: the default for IntraSlice,
+    #: nothing for the baselines (``validate`` resolves it, so reports record what ran).
+    rope_score: str | None = None
     #: A model-wide common head width (rounded to a multiple of 8); None: per layer, unless
     #: ``common_width`` asks the dense-model statistics to choose one.
     head_width: int | None = None
@@ -127,7 +133,9 @@ class PruneConfig:
             self.common_width = True
             if self.deploy == "stock":
                 self.uniform_layers = True
-        if self.rope_score not in ROPE_SCORES:
+        if self.rope_score is None and self.method == "intraslice":
+            self.rope_score = DEFAULT_ROPE_SCORE
+        if self.rope_score is not None and self.rope_score not in ROPE_SCORES:
             raise IntraSliceError(f"unknown --rope-score {self.rope_score!r}: choose one of {', '.join(ROPE_SCORES)}")
         if self.rope_selection not in ROPE_SELECTIONS:
             raise IntraSliceError(
@@ -146,7 +154,7 @@ class PruneConfig:
             or self.equal_kv_groups
             or self.uniform_layers
         )
-        if self.rope_score != "qk" and self.method != "intraslice":
+        if self.rope_score is not None and self.method != "intraslice":
             raise IntraSliceError("--rope-score chooses IntraSlice's RoPE pairs: it needs --method intraslice")
         if constrained and self.method != "intraslice":
             raise IntraSliceError("the export constraints (--deploy, --rope-selection, ...) need --method intraslice")
