@@ -18,6 +18,7 @@ from intraslice.algo.allocation import (
     unit_importance,
 )
 from intraslice.arch import get_arch
+from intraslice.config import DEFAULT_GRAD_SAMPLES
 from intraslice.importance import causal_lm_loss, estimate_allocation, head_bases, load_ratios_file, mask_gradients
 
 from .conftest import calib_tokens, make_tiny
@@ -176,3 +177,14 @@ def test_global_modes_hit_the_real_target(mode: str, tmp_path: Path) -> None:
     assert other.planned_ratio == pytest.approx(0.2, abs=0.02)
     with pytest.raises(IntraSliceError, match="another model"):
         load_ratios_file(str(path), make_tiny("llama-mha").config)
+
+
+def test_gradients_use_the_first_default_windows_and_zero_means_all() -> None:
+    model = make_tiny("llama-gqa")
+    tokens = calib_tokens(12, 24)
+    _, default = estimate_allocation(model, 0.3, "global_pca", tokens, group_size=4, progress=False)
+    _, first8 = estimate_allocation(model, 0.3, "global_pca", tokens[:8], group_size=4, progress=False, grad_samples=0)
+    _, every = estimate_allocation(model, 0.3, "global_pca", tokens, group_size=4, progress=False, grad_samples=0)
+    assert DEFAULT_GRAD_SAMPLES == 8
+    assert default["gradient_samples"] == first8["gradient_samples"] == 8 and every["gradient_samples"] == 12
+    assert default["importance"] == first8["importance"] and default["importance"] != every["importance"]

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
+from .config import DEFAULT_GRAD_SAMPLES
 from .errors import IntraSliceError
 
 
@@ -117,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-bias", type=float, default=1.0, help="β: share of the reduction taken by the MLP")
     p.add_argument("--max-layer-ratio", type=float, default=0.8, help="per-layer ratio cap (excess redistributed)")
     p.add_argument("--group-size", type=int, default=8, help="calibration samples per gradient group")
-    p.add_argument("--grad-samples", type=int, default=None, help="use only the first N windows for the gradients")
+    p.add_argument(
+        "--grad-samples",
+        type=int,
+        default=DEFAULT_GRAD_SAMPLES,
+        help=f"calibration windows for the mask gradients (the first N; default {DEFAULT_GRAD_SAMPLES}; 0: all)",
+    )
     p.add_argument(
         "--grad-checkpointing",
         action="store_true",
@@ -494,7 +500,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 alloc, record = stages.allocate(
                     ckpt,
                     policy,
-                    grad_tokens[: args.grad_samples] if args.grad_samples else grad_tokens,
+                    grad_tokens,
                     cfg.ratio,
                     args.allocation,
                     progress=progress,
@@ -504,6 +510,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     mlp_bias=args.mlp_bias,
                     cap=args.max_layer_ratio,
                     group_size=args.group_size,
+                    grad_samples=args.grad_samples,
                 )
                 return {"allocation": asdict(alloc), "record": record}
 

@@ -48,6 +48,7 @@ from .algo.allocation import (
 )
 from .algo.linalg import eigh_desc
 from .arch import ArchSpec, get_arch
+from .config import DEFAULT_GRAD_SAMPLES
 from .errors import IntraSliceError, NonFiniteError
 from .memory import trim
 from .pipeline import distributed as dist
@@ -456,8 +457,11 @@ def estimate_allocation(
     onload: Onload | None = None,
     offload: Offload | None = None,
     resident: bool = False,
+    grad_samples: int | None = DEFAULT_GRAD_SAMPLES,
 ) -> tuple[Allocation, dict[str, Any]]:
     """The per-layer ratios for ``mode`` and a JSON-able record of how they were obtained.
+
+    The gradients use the first ``grad_samples`` windows of ``tokens`` (0 or None: all).
 
     ``saved`` is the ``allocation`` record of an earlier run (its importances): with it no
     gradient is recomputed, and a different ``ratio`` re-runs only the budget.
@@ -498,6 +502,8 @@ def estimate_allocation(
         else:
             if tokens is None:
                 raise IntraSliceError(f"allocation {mode} needs calibration tokens for the mask gradients")
+            if grad_samples:
+                tokens = tokens[:grad_samples]
             mg = mask_gradients(
                 model,
                 tokens,
