@@ -29,7 +29,9 @@ pytestmark = [
 # WikiText-2 validation split, seed 0. Recorded on 2 CPU cores (torch 2.13.0, transformers 5.24)
 # with exactly the calls of these tests. First recorded in this file; re-measured on 2026-11-25
 # (src at 9784aad): dense 24.14545, intraslice 42.92581, slicegpt 160.63381, channel 72.29027.
-GOLDEN_PPL_4 = {"dense": 24.145, "intraslice": 42.93, "slicegpt": 160.64, "channel": 72.29}
+# IntraSlice re-measured on 2026-12-02 when its RoPE pair score became `attention` (the default;
+# the spec's `qk` gave 42.92581): 43.01965 (1 thread).
+GOLDEN_PPL_4 = {"dense": 24.145, "intraslice": 43.02, "slicegpt": 160.64, "channel": 72.29}
 # Tolerances: the dense model differs across machines by BLAS summation order only (rel 2e-3). A
 # pruned model also goes through top-k choices and eigendecompositions on calibration statistics:
 # a near-tie flipped by rounding changes one channel or one PCA direction, which moves the

@@ -520,7 +520,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             timings["allocation"] = time.perf_counter() - t
             if args.allocation != "uniform":
                 planned, seconds = alloc.planned_ratio, timings["allocation"]
-                print(f"allocation {args.allocation}: planned ratio {planned:.4f} in {seconds:.1f}s")
+                used = alloc_record.get("gradient_samples")
+                grads = "" if used is None else f" (mask gradients from {used} of {len(grad_tokens)} windows)"
+                print(f"allocation {args.allocation}: planned ratio {planned:.4f} in {seconds:.1f}s{grads}")
             cfg.layer_ratios = None if args.allocation == "uniform" else [tuple(r) for r in alloc.layer_ratios]
 
             # -- prune (layer by layer into the output shards) -------------------------------------
