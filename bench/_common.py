@@ -12,6 +12,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: built-in model name -> (stem of the scripts' result files, display name)
+BUILTIN_MODELS = {
+    "smollm2-135m": ("smollm2", "SmolLM2-135M-Instruct"),
+    "qwen2.5-coder-0.5b": ("qwen-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct"),
+}
+
 
 class PeakRSS:
     """Peak resident set size (MB) while the block runs, sampled from /proc every 20 ms."""

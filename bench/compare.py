@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import ROOT, update_benchmarks_md
+from _common import BUILTIN_MODELS, ROOT, update_benchmarks_md
 
 from intraslice import PruneConfig, calibration_windows, load_model, prune
 from intraslice.algo.allocation import allocate, param_model
@@ -34,11 +34,7 @@ from intraslice.importance import importances, mask_gradients
 from intraslice.speed import benchmark_speed
 
 METHODS = ("intraslice", "slicegpt", "channel")
-#: built-in model name -> (file-name stem, display name)
-SHORT = {
-    "smollm2-135m": ("smollm2", "SmolLM2-135M-Instruct"),
-    "qwen2.5-coder-0.5b": ("qwen-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct"),
-}
+SHORT = BUILTIN_MODELS
 
 
 def _short(model: str) -> str:

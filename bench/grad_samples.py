@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import ROOT, update_benchmarks_md
+from _common import BUILTIN_MODELS, ROOT, update_benchmarks_md
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -55,10 +55,10 @@ from intraslice.pipeline.devices import DevicePolicy
 from intraslice.pipeline.streaming import StreamedLayers
 
 CHUNK = 8
-#: --model -> (name in the table, results-file slug, BENCHMARKS.md section)
+#: --model -> (name in the table, BENCHMARKS.md section); result files use the shared stem
 MODELS = {
-    "smollm2-135m": ("SmolLM2-135M", "smollm2", "grad-samples"),
-    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B", "qwen-coder-0.5b", "grad-samples-qwen"),
+    "smollm2-135m": ("SmolLM2-135M", "grad-samples"),
+    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B", "grad-samples-qwen"),
 }
 VARIANTS = {
     "8a": [0],
@@ -164,7 +164,8 @@ def main() -> int:
     )
     ap.add_argument("--benchmarks-md", action="store_true")
     args = ap.parse_args()
-    name_, slug, section = MODELS[args.model]
+    name_, section = MODELS[args.model]
+    slug = BUILTIN_MODELS[args.model][0]
     if args.work_dir is None:
         suffix = "" if args.model == "smollm2-135m" else f"-{slug}"
         args.work_dir = str(Path.home() / f".cache/intraslice/bench-grad-samples{suffix}")

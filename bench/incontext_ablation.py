@@ -38,10 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, update_benchmarks_md
+from _common import BUILTIN_MODELS, ROOT, update_benchmarks_md
 
 PY = sys.executable
-SHORT = {"smollm2-135m": "smollm2", "qwen2.5-coder-0.5b": "qwen-coder-0.5b"}
 
 
 def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any]]:
@@ -227,7 +226,7 @@ def main() -> int:
     from intraslice import stages
     from intraslice.arch import get_arch
 
-    tag = SHORT.get(args.model, Path(args.model).name)
+    tag = BUILTIN_MODELS[args.model][0] if args.model in BUILTIN_MODELS else Path(args.model).name
     out = ROOT / "results" / f"incontext-ablation-{tag}.json"
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     results["protocol"] = {

@@ -57,8 +57,7 @@ def main() -> int:
     args = ap.parse_args()
 
     cmd = readme_command() + shlex.split(args.extra)
-    exe = shutil.which("intraslice") or sys.executable
-    argv = [exe, *cmd[1:]] if exe != sys.executable else [sys.executable, "-m", "intraslice", *cmd[1:]]
+    argv = [sys.executable, "-m", "intraslice", *cmd[1:]]  # the `intraslice` entry point of this venv
     out_idx = cmd.index("--out") + 1
     work = Path(tempfile.mkdtemp(prefix="intraslice-quickstart-"))
     load_before = os.getloadavg()

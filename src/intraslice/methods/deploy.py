@@ -58,9 +58,9 @@ def dense_rope_statistics(
     access: LayerAccess,
     tokens: torch.Tensor,
     policy: DevicePolicy,
+    rope_score: str,
     batch_size: int = 4,
     progress: bool = False,
-    rope_score: str = "qk",
 ) -> list[DenseLayerStats]:
     """One pass of the calibration windows through the dense layers (see module docstring)."""
     arch = access.arch
@@ -205,7 +205,7 @@ def prepare_constraints(
     dims = access.arch.dims(access.model.config)
     stats = None
     if cfg.needs_dense_pass:
-        stats = dense_rope_statistics(access, tokens, policy, cfg.batch_size, progress, cfg.rope_score)
+        stats = dense_rope_statistics(access, tokens, policy, cfg.rope_score, cfg.batch_size, progress)
     constraints = resolve_constraints(cfg, dims, stats, str(getattr(access.model.config, "model_type", "")))
     step.constraints = constraints
     if constraints is None:

@@ -111,9 +111,7 @@ class AttentionStats:
 
 
 @torch.no_grad()
-def dense_attention_stats(
-    ctx: LayerContext, rope_score: str = "qk"
-) -> tuple[torch.Tensor, torch.Tensor, ActivationStore]:
+def dense_attention_stats(ctx: LayerContext, rope_score: str) -> tuple[torch.Tensor, torch.Tensor, ActivationStore]:
     """Pass A: H = X^T X of the o_proj input, the pair statistic mu (:func:`pair_statistic`), and X.
 
     With the spec's score, mu[i, j] = mean |q_ij k_g(i)j| after RoPE.
