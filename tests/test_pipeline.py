@@ -75,3 +75,47 @@ def test_policy_resolution() -> None:
 
     with pytest.raises(IntraSliceError, match="activation store"):
         DevicePolicy("cpu", store="ram")
+
+
+def test_each_layer_is_pruned_on_the_pruned_outputs_of_the_one_before(arch_name: str, monkeypatch) -> None:
+    """The inputs the pipeline hands layer i + 1 are the *pruned model's* layer-i outputs.
+
+    The pipeline forms them without running the pruned layer as a module: the attention
+    output comes from pass B's X~ through ``output_map`` (a parallel block runs the layer),
+    then the installed MLP. An independent check: pre-hooks on the finished model's layers,
+    run on the same calibration tokens, must see the same tensors (float64, 1e-10).
+    """
+    import intraslice.api as api
+
+    seen: dict[int, torch.Tensor] = {}
+    real = api.run_layers
+
+    def spy(*args, **kwargs):
+        def capture(index: int, inputs, outcome) -> None:
+            seen[index + 1] = torch.cat(list(inputs))
+
+        kwargs["after_layer"] = capture
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "run_layers", spy)
+    ids = calib_tokens(6, 16)
+    model = make_tiny(arch_name, n_layers=3)
+    pruned = prune(model, ids, PruneConfig(ratio=0.4, batch_size=4), progress=False).model
+    layers = list(pruned.model.layers)
+    got: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda _m, args, kw, i=i: got[i].append(args[0] if args else kw["hidden_states"]), with_kwargs=True
+        )
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], 4):
+                pruned(input_ids=ids[start : start + 4], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(seen) >= {1, 2}
+    for i in (1, 2):
+        torch.testing.assert_close(seen[i], torch.cat(got[i]), rtol=0, atol=1e-10)

@@ -540,3 +540,19 @@ def compress_attention(
     new_k = w_k.to(f64)[k_rows]
     new_bk = b_k.to(f64)[k_rows] if b_k is not None else None
     return CompressedAttention(new_q, new_bq, new_k, new_bk, new_v, new_bv, new_o, rel_error, bases)
+
+
+def output_map(plan: AttentionPlan, comp: CompressedAttention) -> torch.Tensor:
+    """W_o' C^T (d, n_heads*h): the compressed o_proj as a map on the *unpruned-width* input X~.
+
+    The compressed attention feeds o_proj with X~ C (X~: the planned Q/K's attention output
+    over the dense V, deleted heads zeroed; C: the per-KV-group bases placed per kept head),
+    and V is linear, so its output is X~ C W_o'^T = X~ (W_o' C^T)^T. A method that kept X~
+    from its statistics pass gets the pruned attention's output from this map with one
+    matrix product, instead of running the layer's attention a third time.
+    """
+    h, g, r = plan.head_dim, plan.group, plan.width
+    out = torch.zeros(comp.w_o.shape[0], plan.n_heads * h, dtype=comp.w_o.dtype, device=comp.w_o.device)
+    for a, i in enumerate(plan.kept_heads):
+        out[:, i * h : (i + 1) * h] = comp.w_o[:, a * r : (a + 1) * r] @ comp.bases[i // g].T.to(comp.w_o.dtype)
+    return out

@@ -167,6 +167,17 @@ class ArchSpec:
         """Weight matrices per MLP channel (3 gated, 2 plain): what one removed channel saves."""
         return 3 if self.mlp_gated else 2
 
+    def attention_residual(self, layer: nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the attention block of a pre-norm layer: ``h + attn``.
+
+        ``attn_out`` is the attention block's output (after o_proj). Lets a method that
+        already holds that output build the MLP block's input without running the layer's
+        attention again. A parallel block has no such point: its MLP reads the layer input.
+        """
+        if self.parallel_block:
+            raise IntraSliceError(f"{self.name} layers run attention and MLP in parallel: no residual between them")
+        return hidden + attn_out
+
     def mlp_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Second half of a pre-norm decoder layer: ``h + mlp(norm(h))``.
 

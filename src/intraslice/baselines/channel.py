@@ -194,7 +194,8 @@ class ChannelMLPStep:
     def __init__(self, cfg: PruneConfig) -> None:
         self.cfg = cfg
 
-    def collect(self, ctx: LayerContext) -> tuple[ChannelStats, ActivationStore]:
+    def collect(self, ctx: LayerContext, mids: ActivationStore | None = None) -> tuple[ChannelStats, ActivationStore]:
+        # The channel attention step keeps no attention output, so ``mids`` is always None here.
         down = ctx.arch.gate_up_down(ctx.layer)[2]
         stats, mids = _input_stats(ctx, down, ctx.arch.mlp_input_module(ctx.layer))
         ctx.check_finite(stats.squares, "the down_proj input statistics")

@@ -2,10 +2,11 @@
 
 Attention: pass A collects H = X^T X of the o_proj input and the post-RoPE |q k| means;
 the plan (heads, width, RoPE pairs) comes from those; pass B reruns the attention with the
-pruned Q/K to get H~ = X~^T X~ and X~^T X; the math then builds the V/O bases and the
-corrected o_proj. MLP: pass C collects Z^T Z of the down_proj input with this layer's
-attention already pruned (and keeps the residual after attention); the math keeps channels
-and corrects down_proj. Statistics accumulate in float64 on the compute device; the math
+pruned Q/K to get H~ = X~^T X~ and X~^T X (and keeps X~); the math then builds the V/O
+bases and the corrected o_proj, and the pruned attention's output follows from the kept X~
+by one product (``algo.attention.output_map``). MLP: pass C collects Z^T Z of the down_proj
+input from the residual after the pruned attention; the math keeps channels and corrects
+down_proj. Statistics accumulate in float64 on the compute device; the math
 receives them through ``ctx.math`` (the policy's math device).
 """
 
@@ -24,6 +25,7 @@ from ..algo.attention import (
     compress_attention,
     head_channel_mask,
     low_frequency_scores,
+    output_map,
     plan_attention,
     qk_row_masks,
 )
@@ -32,7 +34,7 @@ from ..config import PruneConfig
 from ..modeling import IntraSliceConfig
 from ..modeling.modeling_intraslice import rotate_half
 from ..pipeline.devices import ActivationStore
-from ..pipeline.hooks import cross_gram, gram, hooks, masked_rows
+from ..pipeline.hooks import cross_gram, gram, hooks, input_of_call, masked_rows
 from ..pipeline.modules import bias_of, install_attention, new_linear, row_linear
 from ..pipeline.sequential import LayerContext
 from .layerwise import AttentionDone, LayerwiseMethod, MLPDone
@@ -108,6 +110,8 @@ class AttentionStats:
     h_dense: torch.Tensor  # (d_o, d_o) float64, compute device
     h_tilde: torch.Tensor
     cross: torch.Tensor
+    #: X~ per batch (pass B's o_proj input, deleted heads zeroed), for the attention output.
+    pruned_x: ActivationStore
 
 
 @torch.no_grad()
@@ -153,23 +157,32 @@ def dense_attention_stats(ctx: LayerContext, rope_score: str) -> tuple[torch.Ten
 @torch.no_grad()
 def pruned_attention_stats(
     ctx: LayerContext, plan: AttentionPlan, dense_x: ActivationStore
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass B: H~ = X~^T X~ and X~^T X on the same tokens (X~: pruned Q/K, deleted heads zeroed)."""
+) -> tuple[torch.Tensor, torch.Tensor, ActivationStore]:
+    """Pass B: H~ = X~^T X~ and X~^T X on the same tokens (X~: pruned Q/K, deleted heads zeroed), and X~.
+
+    X~ replaces X batch by batch in the activation store (each X batch is released once
+    used), so the pass holds no more activations than pass A did.
+    """
     q_proj, k_proj, _, o_proj = ctx.arch.qkvo(ctx.layer)
     q_mask, k_mask = qk_row_masks(plan)
     head_mask = ctx.policy.to_compute(head_channel_mask(plan))
     d_o = plan.n_heads * plan.head_dim
     h_t = torch.zeros(d_o, d_o, dtype=torch.float64, device=ctx.device)
     cross = torch.zeros_like(h_t)
+    xts = ctx.store("o_proj_pruned_inputs")
     with masked_rows(q_proj, q_mask), masked_rows(k_proj, k_mask):
-        for (batch, kw), x in zip(ctx.batches(), dense_x, strict=True):
-            xt = ctx.input_of(o_proj, batch, kw).reshape(-1, d_o)
+        for i, (batch, kw) in enumerate(ctx.batches()):
+            xt = ctx.input_of(o_proj, batch, kw)
             xt = xt * head_mask.to(xt.dtype)  # 0/1: exact in any dtype
             h_t += gram(xt)
-            cross += cross_gram(xt, x)
+            cross += cross_gram(xt, dense_x[i])
+            dense_x.release(i)
+            xts.append(xt)
+    if len(xts) != len(dense_x):
+        raise RuntimeError("pass B saw a different number of batches than pass A")
     ctx.reduce(h_t, cross)
     ctx.check_finite(h_t, "the pruned attention output covariance")
-    return h_t, cross
+    return h_t, cross, xts
 
 
 class IntraSliceAttentionStep:
@@ -196,9 +209,9 @@ class IntraSliceAttentionStep:
             self.cfg.min_head_width,
             constraints=self.constraints[ctx.index] if self.constraints else None,
         )
-        h_t, cross = pruned_attention_stats(ctx, plan, dense_x)
+        h_t, cross, xts = pruned_attention_stats(ctx, plan, dense_x)
         dense_x.clear()
-        return AttentionStats(plan, h_dense, h_t, cross)
+        return AttentionStats(plan, h_dense, h_t, cross, xts)
 
     def compress(
         self, ctx: LayerContext, stats: AttentionStats, att_ratio: float, pruned: IntraSliceConfig
@@ -230,17 +243,57 @@ class IntraSliceAttentionStep:
         pruned.layers[ctx.index] = spec
         weights = ((comp.w_q, comp.b_q), (comp.w_k, comp.b_k), (comp.w_v, comp.b_v), (comp.w_o, bias_of(o_proj)))
         install_attention(ctx.arch, ctx.layer, pruned, ctx.index, spec, weights, ctx.dtype, ctx.device)
-        return AttentionDone(spec, comp.rel_error)
+        mids = None
+        if not ctx.arch.parallel_block:
+            with ctx.timed("attention_output"):
+                mids = attention_residuals(ctx, output_map(plan, comp), bias_of(o_proj), stats.pruned_x)
+        stats.pruned_x.clear()
+        return AttentionDone(spec, comp.rel_error, mids)
 
 
 @torch.no_grad()
-def mlp_input_stats(ctx: LayerContext) -> tuple[torch.Tensor, ActivationStore]:
+def attention_residuals(
+    ctx: LayerContext, w_eff: torch.Tensor, b_o: torch.Tensor | None, pruned_x: ActivationStore
+) -> ActivationStore:
+    """The residual after the pruned attention, per batch, from pass B's X~ (no attention pass).
+
+    **Decision (pass C reuses pass B):** the pruned attention's output is X~ (W_o' C^T)^T + b_o
+    (``algo.attention.output_map``), the same function the installed modules compute, so
+    the MLP statistics and the layer's outputs are taken on it instead of rerunning q/k/v,
+    the attention and o_proj: about a fifth of the pruning time on SmolLM2. It differs from
+    running the installed modules only by rounding (one product instead of v_proj's basis
+    then o_proj, in the model's dtype); the float64 tests bound it against the pruned
+    module's own forward.
+    """
+    w = ctx.policy.to_compute(w_eff).to(ctx.dtype)
+    b = ctx.policy.to_compute(b_o).to(ctx.dtype) if b_o is not None else None
+    mids = ctx.store("mids")
+    for i, (batch, _kw) in enumerate(ctx.batches()):
+        xt = pruned_x[i]
+        mids.append(ctx.arch.attention_residual(ctx.layer, batch, torch.nn.functional.linear(xt, w, b)))
+        pruned_x.release(i)
+    return mids
+
+
+@torch.no_grad()
+def mlp_input_stats(ctx: LayerContext, mids: ActivationStore | None = None) -> tuple[torch.Tensor, ActivationStore]:
     """Pass C: H = Z^T Z of the down_proj input, with this layer's attention already pruned.
 
-    Also keeps the residual stream after the (pruned) attention, so that the layer's
-    outputs only need the pruned MLP block instead of the whole layer again.
+    ``mids`` (the residual after the pruned attention, from the attention step) makes this
+    an MLP-only pass that stops at down_proj. Without them (a parallel block) the whole
+    layer runs, and the residual after attention is kept here, so that the layer's outputs
+    only need the pruned MLP block instead of the whole layer again.
     """
     _, _, down = ctx.arch.gate_up_down(ctx.layer)
+    if mids is not None:
+        h_z = None
+        for mid in mids:
+            z = input_of_call(down, lambda mid=mid: ctx.arch.mlp_block(ctx.layer, mid))
+            h_z = gram(z) if h_z is None else h_z + gram(z)
+        assert h_z is not None
+        ctx.reduce(h_z)
+        ctx.check_finite(h_z, "the down_proj input covariance")
+        return h_z, mids
     acc: dict[str, torch.Tensor] = {}
     mids = ctx.store("mids")
 
@@ -264,8 +317,8 @@ class IntraSliceMLPStep:
     def __init__(self, cfg: PruneConfig) -> None:
         self.cfg = cfg
 
-    def collect(self, ctx: LayerContext) -> tuple[torch.Tensor, ActivationStore]:
-        return mlp_input_stats(ctx)
+    def collect(self, ctx: LayerContext, mids: ActivationStore | None = None) -> tuple[torch.Tensor, ActivationStore]:
+        return mlp_input_stats(ctx, mids)
 
     def compress(self, ctx: LayerContext, stats: tuple[torch.Tensor, ActivationStore], keep: int) -> MLPDone:
         h_z, mids = stats

@@ -25,6 +25,9 @@ from ..pipeline.sequential import LayerContext, LayerReport, LayerResult
 class AttentionDone:
     spec: dict[str, Any]
     rel_error: float | None = None
+    #: The residual stream after the pruned attention, per batch, when the step could form
+    #: it without another attention pass (None: the MLP step runs the layer for it).
+    mids: ActivationStore | None = None
 
 
 @dataclass
@@ -41,7 +44,7 @@ class AttentionStep(Protocol):
 
 
 class MLPStep(Protocol):
-    def collect(self, ctx: LayerContext) -> Any: ...
+    def collect(self, ctx: LayerContext, mids: ActivationStore | None = None) -> Any: ...
     def compress(self, ctx: LayerContext, stats: Any, keep: int) -> MLPDone: ...
 
 
@@ -103,7 +106,7 @@ class LayerwiseMethod:
         del att_stats
         keep = self.budget.mlp_keep(layer, ctx.dims["m"], mlp_ratio, planned)
         with ctx.timed("mlp_stats"):
-            mlp_stats = self.mlp.collect(ctx)
+            mlp_stats = self.mlp.collect(ctx, att.mids)
         with ctx.timed("mlp_math"):
             mlp = self.mlp.compress(ctx, mlp_stats, keep)
         del mlp_stats

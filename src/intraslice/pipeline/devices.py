@@ -120,7 +120,7 @@ class ActivationStore:
     def __init__(self, policy: DevicePolicy, name: str = "activations") -> None:
         self.policy = policy
         self.name = name
-        self._items: list[torch.Tensor | Path] = []
+        self._items: list[torch.Tensor | Path | None] = []
         self._dir: Path | None = None
 
     def append(self, t: torch.Tensor) -> None:
@@ -154,6 +154,8 @@ class ActivationStore:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         item = self._items[i]
+        if item is None:
+            raise IndexError(f"{self.name} batch {i} was released")
         if isinstance(item, Path):
             from safetensors.torch import load_file
 
@@ -179,6 +181,17 @@ class ActivationStore:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._items if isinstance(t, torch.Tensor))
+
+    def release(self, i: int) -> None:
+        """Free batch ``i`` (memory or its file) while the others stay readable.
+
+        A pass that turns one store into another batch by batch releases each source batch
+        once it is used, so the two stores together never hold more than one extra batch.
+        """
+        item = self._items[i]
+        self._items[i] = None
+        if isinstance(item, Path):
+            item.unlink(missing_ok=True)
 
     def clear(self) -> None:
         self._items.clear()

@@ -36,6 +36,11 @@ def input_of(layer: nn.Module, module: nn.Module, batch: torch.Tensor, kw: dict[
     Statistics of the attention never need the rest of the layer (the MLP), so the forward
     stops there: roughly half the cost of a full layer pass.
     """
+    return input_of_call(module, lambda: layer(batch, **kw))
+
+
+def input_of_call(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
+    """Call ``run`` only until it reaches ``module``; return that module's first input."""
     slot: dict[str, torch.Tensor] = {}
 
     def grab(_m: nn.Module, args: tuple) -> None:
@@ -44,11 +49,13 @@ def input_of(layer: nn.Module, module: nn.Module, batch: torch.Tensor, kw: dict[
 
     handle = module.register_forward_pre_hook(grab)
     try:
-        layer(batch, **kw)
+        run()
     except StopForward:
         pass
     finally:
         handle.remove()
+    if "x" not in slot:
+        raise RuntimeError(f"the forward never reached {type(module).__name__}")
     return slot["x"]
 
 
