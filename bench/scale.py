@@ -181,10 +181,11 @@ def child_env(threads: int | None) -> dict[str, str]:
 
 
 def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float, int]:
-    """Run ``cmd`` with output to ``log``: (exit code, wall seconds, peak RSS bytes of that child).
+    """Run ``cmd`` with output to ``log``: (exit code, wall seconds, wait4's peak RSS bytes).
 
-    ``os.wait4`` returns the rusage of this one child (and its descendants), unlike
-    ``RUSAGE_CHILDREN``, which is the maximum over every child this process ever waited for.
+    ``wait4``'s ``ru_maxrss`` starts at *this* process's RSS at fork (Linux carries the old
+    address space's high-water mark across ``exec``), so it is only an upper bound when this
+    script is the larger process; rows use the child's own ``VmHWM`` (``peak_rss_bytes``).
     """
     with open(log, "w", encoding="utf-8") as fh:
         t0 = time.perf_counter()
@@ -196,12 +197,18 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, f
 
 
 def process_base_rss(env: dict[str, str], log: Path) -> int:
-    """Peak RSS of a process that only imports what the CLI imports (the plan's ``PROCESS_BASE``)."""
-    code = "import torch, transformers, safetensors, tokenizers, intraslice, intraslice.cli, intraslice.stages"
-    rc, _, rss = run_measured([sys.executable, "-c", code], env, log)
-    if rc != 0:
-        raise SystemExit(f"the baseline import failed:\n{log.read_text(encoding='utf-8')}")
-    return rss
+    """Peak RSS (its own VmHWM) of a process that only imports what the CLI imports (the
+    plan's ``PROCESS_BASE``)."""
+    code = (
+        "import torch, transformers, safetensors, tokenizers, intraslice, intraslice.cli, intraslice.stages\n"
+        "from intraslice.memory import peak_rss_bytes\nprint('peak_rss_bytes', peak_rss_bytes())"
+    )
+    rc, _, _ = run_measured([sys.executable, "-c", code], env, log)
+    text = log.read_text(encoding="utf-8")
+    m = re.search(r"^peak_rss_bytes (\d+)$", text, flags=re.M)
+    if rc != 0 or m is None:
+        raise SystemExit(f"the baseline import failed:\n{text}")
+    return int(m.group(1))
 
 
 def plan_block(text: str) -> str:
@@ -235,12 +242,13 @@ def measure(model_dir: Path, depth: int, args: argparse.Namespace, work: Path) -
 
     out = work / f"pruned-L{depth}"
     log = work / f"prune-L{depth}.log"
-    rc, wall, rss = run_measured([*base, "--out", str(out)], env, log)
+    rc, wall, wait4_rss = run_measured([*base, "--out", str(out)], env, log)
     log_text = log.read_text(encoding="utf-8")
     if rc != 0:
         raise SystemExit(f"depth {depth}: prune failed ({rc}):\n{log_text[-4000:]}")
     report = json.loads((out / "intraslice.json").read_text(encoding="utf-8"))
     shutil.rmtree(out)
+    rss = int(report["peak_memory"]["host_peak_rss_mb"] * 2**20)  # the child's own VmHWM
 
     layer_s = [float(layer["seconds"]) for layer in report["layers"]]
     timings = report["timings_s"]
@@ -251,7 +259,7 @@ def measure(model_dir: Path, depth: int, args: argparse.Namespace, work: Path) -
         "exit_code": rc,
         "wall_seconds": wall,
         "peak_rss_bytes": rss,
-        "peak_rss_self_reported_mb": report.get("peak_memory", {}).get("host_peak_rss_mb"),
+        "peak_rss_wait4_bytes": wait4_rss,
         "plan_peak_host_bytes": int(plan["peak_host"]),
         "plan_stage_host_bytes": {k: int(v["host"]) for k, v in plan["stages"].items()},
         "plan_policy": plan["policy"],

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 import warnings
@@ -293,7 +292,9 @@ def _device(name: str | None, planning: bool = False) -> str:
 
 
 def peak_memory_mb(device: str) -> dict[str, float]:
-    out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    from .memory import peak_rss_bytes
+
+    out = {"host_peak_rss_mb": peak_rss_bytes() / 2**20}
     if device.startswith("cuda"):
         out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

@@ -57,3 +57,25 @@ def trim() -> None:
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set size.
+
+    Linux's ``VmHWM`` (the high-water mark of this process's address space since its
+    ``exec``), not ``getrusage``'s ``ru_maxrss``: that one starts at the RSS of the parent
+    at ``fork``, so a run started from a large process (pytest, a benchmark script, a
+    notebook) would report the parent's footprint. Elsewhere ``ru_maxrss`` is all there is
+    (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024

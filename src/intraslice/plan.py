@@ -178,27 +178,31 @@ def _stages(
     # inputs + (o_proj inputs | mid residuals); the inputs are freed before the outputs are built
     store_bytes = tokens * (d + max(d_o, d)) * w
     stats = 3 * d_o * d_o * 8 + m * m * 8
-    solve = int(3.5 * m * m * 8) + 2 * d * m * 8  # compress_mlp's working set (keep ~ m at worst)
+    # compress_mlp's float64 working set: H_KK, its Cholesky factor, H_KD and R_D (2 keep m,
+    # at most 2 m^2), and W_down with the error terms (3 d m)
+    solve = 2 * m * m * 8 + 3 * d * m * 8
     batch_act = batch * seqlen * ((4 * d + qkv + 3 * m) * w + m * 8)
-    dev = 2 * layer + stats + batch_act + (solve if math_on_device else 0)
-    host = PROCESS_BASE + nsamples * seqlen * 8  # the token ids
-    # Streamed: one source layer being read and one output shard being filled (closed at the
-    # first layer boundary past 64 MiB; never more than the whole pruned model).
-    host += layer + min(shard_bytes, 64 * 2**20 + layer, s["params"] * w) if weights == "stream" else s["params"] * w
-    if store == "device":
-        dev += store_bytes
-    elif store == "cpu":
-        host += store_bytes
-    else:  # disk: one batch at a time in host memory
-        host += batch * seqlen * (d + max(d_o, d)) * w
-    if not math_on_device:
-        host += solve
+    # A layer's statistics passes (batch activations) and its solves never overlap in time.
+    work = 2 * layer + stats
+    # Streamed: one output shard being filled (closed at the first layer boundary past
+    # 64 MiB; never more than the whole pruned model) besides the layer in work.
+    shard = min(shard_bytes, 64 * 2**20 + layer, s["params"] * w)
+    store_host = 0 if store == "device" else store_bytes if store == "cpu" else batch * seqlen * (d + max(d_o, d)) * w
+    base = PROCESS_BASE + nsamples * seqlen * 8  # the token ids
+    # The embedding is only resident while the layer-0 inputs are captured, the embedding and
+    # the LM head while they are written at the end: never during a layer's work.
     capture = globals_bytes if weights == "stream" else 0
     if on_gpu:
-        dev += CUDA_CONTEXT
+        dev = work + (max(batch_act, solve) if math_on_device else batch_act) + CUDA_CONTEXT
+        dev += store_bytes if store == "device" else 0
+        host = base + store_host + (layer + shard if weights == "stream" else s["params"] * w)
+        host += 0 if math_on_device else solve
         prune = StagePeak(max(dev, capture + CUDA_CONTEXT), host + capture)
     else:
-        prune = StagePeak(0, host + dev + capture)
+        # One memory: the streamed source layer is the one in work (counted in ``work``).
+        resident = shard if weights == "stream" else s["params"] * w
+        stored = store_bytes if store != "disk" else store_host
+        prune = StagePeak(0, base + stored + resident + max(work + max(batch_act, solve), capture))
     out = {"prune": prune}
 
     # -- estimator (mask gradients, one sample at a time) ---------------------------------

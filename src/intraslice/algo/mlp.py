@@ -8,7 +8,8 @@ dropped channels are regressed onto the kept ones (Nystrom-like):
     R = (S^T H S + λI)^{-1} (S^T H + λ S^T),   W_down <- W_down R^T,
 
 with H = Z^T Z (float64). Adding λ to both sides keeps R[:, K] = I exactly, so the ridge
-only shrinks the *reconstruction of the dropped channels* and ratio 0 is lossless.
+only shrinks the *reconstruction of the dropped channels* and ratio 0 is lossless; the
+code solves for the dropped columns R_D = (H_KK + λI)^{-1} H_KD alone.
 """
 
 from __future__ import annotations
@@ -47,11 +48,22 @@ def compress_mlp(h: torch.Tensor, w_down: torch.Tensor, keep: int, damp: float =
     scores = w.pow(2).sum(0) * torch.diagonal(h)
     kept = torch.topk(scores, keep).indices.sort().values
     lam = damping(h, damp)
-    h_kk = h[kept][:, kept]
-    rhs = h[kept].clone()  # S^T H  (keep x m)
-    rhs[torch.arange(keep, device=h.device), kept] += lam  # + λ S^T
-    r = solve_spd(h_kk + lam * torch.eye(keep, dtype=f64, device=h.device), rhs)  # (keep, m)
-    new_down = w @ r.T
+    # R's kept columns are exactly I (λ on both sides), so only its dropped columns
+    # R_D = (H_KK + λI)^{-1} H_KD are solved for and W_down R^T = W_K + W_D R_D^T. Solving for
+    # the (keep x m-keep) block instead of the whole (keep x m) R, and adding λ to H_KK's
+    # diagonal in place, roughly halves the float64 working set (at m = 5632 and 30% dropped,
+    # ~0.5 GiB less; the largest term of the prune stage's host peak on CPU).
+    dropped = torch.ones(m, dtype=torch.bool, device=h.device)
+    dropped[kept] = False
+    dropped = dropped.nonzero().squeeze(1)
+    new_down = w[:, kept]
+    if dropped.numel():
+        rows = kept.unsqueeze(1)  # gathered blocks, without a (keep x m) intermediate
+        h_kk = h[rows, kept]
+        h_kk.diagonal().add_(lam)
+        r_d = solve_spd(h_kk, h[rows, dropped])  # (keep, m - keep)
+        del h_kk
+        new_down += w[:, dropped] @ r_d.T
     # ||Z W^T - Z S R W^T||^2 = tr(D H D^T), D = W - W R^T S^T.
     d = w.clone()
     d[:, kept] -= new_down
