@@ -38,7 +38,8 @@ def run_once(src: Path, prune_args: list[str], out: Path, threads: int | None) -
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "intraslice", "prune", *prune_args, "--no-progress", "--out", str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    # cwd: ``python -m`` puts the working directory before PYTHONPATH, so run from the tree's root
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=src.parent)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{src}: prune failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -57,6 +58,8 @@ def main() -> None:
     args = ap.parse_args()
     prune_args = [a for a in args.prune_args if a != "--"]
     shas = {rev: git("rev-parse", "--short", rev) for rev in args.revs}
+    if len(set(shas.values())) != len(shas):
+        raise SystemExit(f"two revisions are the same commit: {shas}")
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="intraslice-revs-"))
     runs: dict[str, list[dict[str, Any]]] = {rev: [] for rev in args.revs}

@@ -85,6 +85,31 @@ def test_each_layer_is_pruned_on_the_pruned_outputs_of_the_one_before(arch_name:
     then the installed MLP. An independent check: pre-hooks on the finished model's layers,
     run on the same calibration tokens, must see the same tensors (float64, 1e-10).
     """
+    _check_layer_inputs(make_tiny(arch_name, n_layers=3), _spy_layer_inputs(monkeypatch))
+
+
+def test_layer_inputs_with_attention_and_mlp_biases(monkeypatch) -> None:
+    """As above, for a Llama with q/k/v/o and MLP biases: the o_proj bias enters the residual
+    that pass C builds from X~ once, as the installed o_proj adds it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .conftest import COMMON
+
+    cfg = LlamaConfig(**{**COMMON, "num_hidden_layers": 3}, hidden_size=96, num_attention_heads=6)
+    cfg.update(dict(num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True))
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.float64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    assert model.model.layers[0].self_attn.o_proj.bias is not None
+    _check_layer_inputs(model, _spy_layer_inputs(monkeypatch))
+
+
+def _spy_layer_inputs(monkeypatch) -> dict[int, torch.Tensor]:
+    """Record, for each layer index i > 0, the inputs the pipeline hands layer i."""
     import intraslice.api as api
 
     seen: dict[int, torch.Tensor] = {}
@@ -98,8 +123,11 @@ def test_each_layer_is_pruned_on_the_pruned_outputs_of_the_one_before(arch_name:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(api, "run_layers", spy)
+    return seen
+
+
+def _check_layer_inputs(model: torch.nn.Module, seen: dict[int, torch.Tensor]) -> None:
     ids = calib_tokens(6, 16)
-    model = make_tiny(arch_name, n_layers=3)
     pruned = prune(model, ids, PruneConfig(ratio=0.4, batch_size=4), progress=False).model
     layers = list(pruned.model.layers)
     got: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
@@ -119,3 +147,18 @@ def test_each_layer_is_pruned_on_the_pruned_outputs_of_the_one_before(arch_name:
     assert set(seen) >= {1, 2}
     for i in (1, 2):
         torch.testing.assert_close(seen[i], torch.cat(got[i]), rtol=0, atol=1e-10)
+
+
+def test_nested_stage_timers_count_each_second_once(monkeypatch) -> None:
+    """A stage timed inside another (the attention output inside the attention math) is
+    not counted in the outer stage too, so the per-stage times add up to the layer's."""
+    from intraslice.pipeline import sequential
+
+    clock = iter([0.0, 1.0, 4.0, 10.0])  # outer starts, inner starts, inner ends, outer ends
+    monkeypatch.setattr(sequential.time, "perf_counter", lambda: next(clock))
+    timings: dict[str, float] = {}
+    ctx = sequential.LayerContext(0, None, None, {}, None, None, timings)  # type: ignore[arg-type]
+    with ctx.timed("outer"):
+        with ctx.timed("inner"):
+            pass
+    assert timings == {"outer": 7.0, "inner": 3.0}

@@ -196,7 +196,7 @@ def _stages(
         dev = work + (max(batch_act, solve) if math_on_device else batch_act) + CUDA_CONTEXT
         dev += store_bytes if store == "device" else 0
         host = base + store_host + (layer + shard if weights == "stream" else s["params"] * w)
-        host += 0 if math_on_device else solve
+        host += 0 if math_on_device else solve + stats  # the float64 math reads host copies of the statistics
         prune = StagePeak(max(dev, capture + CUDA_CONTEXT), host + capture)
     else:
         # One memory: the streamed source layer is the one in work (counted in ``work``).

@@ -64,10 +64,11 @@ def compress_mlp(h: torch.Tensor, w_down: torch.Tensor, keep: int, damp: float =
         r_d = solve_spd(h_kk, h[rows, dropped])  # (keep, m - keep)
         del h_kk
         new_down += w[:, dropped] @ r_d.T
+        del r_d
     # ||Z W^T - Z S R W^T||^2 = tr(D H D^T), D = W - W R^T S^T.
+    ref = float(torch.einsum("ij,ij->", w @ h, w))
     d = w.clone()
     d[:, kept] -= new_down
-    ref = float(((w @ h) * w).sum())
-    err = float(((d @ h) * d).sum())
+    err = float(torch.einsum("ij,ij->", d @ h, d))
     rel = max(err, 0.0) / ref if ref > 0 else 0.0
     return CompressedMLP(kept=kept, w_down=new_down, rel_error=rel)

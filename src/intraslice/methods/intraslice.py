@@ -170,6 +170,8 @@ def pruned_attention_stats(
     h_t = torch.zeros(d_o, d_o, dtype=torch.float64, device=ctx.device)
     cross = torch.zeros_like(h_t)
     xts = ctx.store("o_proj_pruned_inputs")
+    keep_xt = not ctx.arch.parallel_block  # a parallel block's MLP reads x, not the attention output
+    seen = 0
     with masked_rows(q_proj, q_mask), masked_rows(k_proj, k_mask):
         for i, (batch, kw) in enumerate(ctx.batches()):
             xt = ctx.input_of(o_proj, batch, kw)
@@ -177,8 +179,10 @@ def pruned_attention_stats(
             h_t += gram(xt)
             cross += cross_gram(xt, dense_x[i])
             dense_x.release(i)
-            xts.append(xt)
-    if len(xts) != len(dense_x):
+            if keep_xt:
+                xts.append(xt)
+            seen += 1
+    if seen != len(dense_x):
         raise RuntimeError("pass B saw a different number of batches than pass A")
     ctx.reduce(h_t, cross)
     ctx.check_finite(h_t, "the pruned attention output covariance")
@@ -265,8 +269,8 @@ def attention_residuals(
     then o_proj, in the model's dtype); the float64 tests bound it against the pruned
     module's own forward.
     """
-    w = ctx.policy.to_compute(w_eff).to(ctx.dtype)
-    b = ctx.policy.to_compute(b_o).to(ctx.dtype) if b_o is not None else None
+    w = ctx.policy.to_compute(w_eff.to(ctx.dtype))  # cast first: no float64 copy on the device
+    b = ctx.policy.to_compute(b_o.to(ctx.dtype)) if b_o is not None else None
     mids = ctx.store("mids")
     for i, (batch, _kw) in enumerate(ctx.batches()):
         xt = pruned_x[i]

@@ -172,6 +172,8 @@ class ActivationStore:
 
     def _shape(self, i: int) -> tuple[int, ...]:
         item = self._items[i]
+        if item is None:
+            raise IndexError(f"{self.name} batch {i} was released")
         if isinstance(item, Path):
             from safetensors import safe_open
 

@@ -201,6 +201,7 @@ class LayerContext:
     policy: DevicePolicy
     inputs: LayerInputs
     timings: dict[str, float]
+    _timer_stack: list[_Timer] = field(default_factory=list, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -257,18 +258,26 @@ class LayerContext:
         return distributed.all_reduce_int(n, self.device)
 
     def timed(self, key: str) -> _Timer:
-        return _Timer(self.timings, key)
+        """Time a block into ``timings[key]``; a nested block's time counts for itself only
+        (the stages then add up to the layer's time)."""
+        return _Timer(self.timings, key, self._timer_stack)
 
 
 class _Timer:
-    def __init__(self, timings: dict[str, float], key: str) -> None:
-        self.timings, self.key = timings, key
+    def __init__(self, timings: dict[str, float], key: str, stack: list[_Timer]) -> None:
+        self.timings, self.key, self.stack = timings, key, stack
+        self.inner = 0.0
 
     def __enter__(self) -> None:
+        self.stack.append(self)
         self.t = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.t
+        elapsed = time.perf_counter() - self.t
+        self.stack.pop()
+        if self.stack:
+            self.stack[-1].inner += elapsed
+        self.timings[self.key] = self.timings.get(self.key, 0.0) + elapsed - self.inner
 
 
 class LayerMethod(Protocol):
