@@ -16,7 +16,7 @@ fi
 cmake -S "$src" -B "$cache/llama-bench/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
   -DLLAMA_BUILD_TOOLS=ON -DBUILD_SHARED_LIBS=OFF > /dev/null
-cmake --build "$cache/llama-bench/build" --target llama-bench -j "$(nproc)"
+cmake --build "$cache/llama-bench/build" --target llama-bench -j "${JOBS:-$(nproc)}"
 mkdir -p "$cache/llama-bench/bin"
 cp "$cache/llama-bench/build/bin/llama-bench" "$cache/llama-bench/bin/llama-bench"
 echo "$cache/llama-bench/bin/llama-bench"
