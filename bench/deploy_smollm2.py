@@ -58,6 +58,7 @@ VARIANTS: dict[str, list[str]] = {
 CACHE = Path(os.environ.get("INTRASLICE_CACHE", Path.home() / ".cache" / "intraslice"))
 SDIST = CACHE / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
 DEFAULT_BENCH = CACHE / "llama-bench" / "bin" / "llama-bench"
+LLAMA_SRC = CACHE / "llama-bench" / "src"  # the full llama.cpp tree build_llama_bench.sh unpacks
 PY = sys.executable
 
 
@@ -151,7 +152,8 @@ def evaluate(model_dir: Path | None, where: Path, args: argparse.Namespace) -> d
 
 # -- speed ------------------------------------------------------------------------------------
 def dense_gguf(args: argparse.Namespace, gtype: str) -> Path:
-    """The dense SmolLM2 as GGUF, by llama.cpp's own converter from the dequantized checkpoint."""
+    """The dense SmolLM2 as GGUF, by llama.cpp's own converter from the dequantized checkpoint
+    (its Llama vocabulary path imports ``sentencepiece``: ``pip install sentencepiece``)."""
     from intraslice.checkpoint import SourceCheckpoint
     from intraslice.export.gguf import find_llama_cpp
 
@@ -159,7 +161,11 @@ def dense_gguf(args: argparse.Namespace, gtype: str) -> Path:
     if out.exists():
         return out
     src = SourceCheckpoint.open().directory  # the safetensors cache of the default GGUF
-    root = find_llama_cpp(args.llama_cpp or SDIST)
+    # The whole llama.cpp tree (the export's cache unpacks only its ``conversion`` package):
+    # the sources build_llama_bench.sh unpacked, else the one given.
+    root = LLAMA_SRC if (LLAMA_SRC / "convert_hf_to_gguf.py").is_file() else find_llama_cpp(args.llama_cpp or SDIST)
+    if not (root / "convert_hf_to_gguf.py").is_file():
+        raise SystemExit(f"no convert_hf_to_gguf.py in {root}: run bash bench/build_llama_bench.sh first")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)])}
     tmp = out.with_suffix(".tmp")
     run([PY, str(root / "convert_hf_to_gguf.py"), str(src), "--outtype", gtype, "--outfile", str(tmp)], env=env)

@@ -417,3 +417,26 @@ def test_child_conversion_reports_the_childs_error(tmp_path: Path) -> None:
     with pytest.raises(IntraSliceError, match=r"could not convert GGUF .*bad\.gguf: \S"):
         converted_gguf(bad, tmp_path / "cache")
     assert [p for p in (tmp_path / "cache").iterdir()] == []
+
+
+def test_gguf_conversion_writes_a_plain_checkpoint_other_tools_read(tmp_path: Path, monkeypatch) -> None:
+    """``convert_gguf``'s config names the model class and carries no ``quantization_config``:
+    transformers' GGUF loading records ``{"quant_method": "gguf"}``, but the weights written
+    are plain floats, and llama.cpp's converter and vLLM refuse or misread such a config."""
+    import transformers
+
+    model = make_tiny("llama-gqa", dtype=torch.float32)
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.config.architectures = None
+    tok_dir = tmp_path / "tok"
+    build_tokenizer(tok_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
+    out = tmp_path / "out"
+    ckpt_mod.convert_gguf(tmp_path / "tiny.gguf", out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in config
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)

@@ -91,6 +91,13 @@ def gguf_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) / "gguf" if env else Path.home() / ".cache" / "intraslice" / "gguf"
 
 
+#: What a conversion writes; a new version gets new cache entries. 2: ``config.json`` names
+#: the model class (``architectures``) and carries no ``quantization_config`` (transformers
+#: records the GGUF as one, but the weights written are plain floats): llama.cpp's converter
+#: and vLLM read both.
+CONVERSION_VERSION = 3
+
+
 def gguf_cache_key(gguf_path: str | os.PathLike[str]) -> str:
     """Directory name of a GGUF file's conversion: its stem and a hash of (path, size, mtime).
 
@@ -98,7 +105,8 @@ def gguf_cache_key(gguf_path: str | os.PathLike[str]) -> str:
     """
     path = Path(gguf_path).resolve()
     st = path.stat()
-    digest = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0v{CONVERSION_VERSION}"
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return f"{path.stem}-{digest}"
 
 
@@ -115,6 +123,9 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
     model.config.dtype = model.dtype  # what the weights are stored in, read back by SourceCheckpoint.dtype
+    model.config.architectures = [type(model).__name__]  # other tools (llama.cpp, vLLM) dispatch on it
+    if hasattr(model.config, "quantization_config"):  # {"quant_method": "gguf"}: the weights here are plain
+        del model.config.quantization_config
     with ShardedWriter(out, skip=tied_weights_to_skip(model)) as writer:
         writer.add_state_dict(model.state_dict())
     model.config.save_pretrained(out)
