@@ -178,9 +178,9 @@ def _stages(
     # inputs + (o_proj inputs | mid residuals); the inputs are freed before the outputs are built
     store_bytes = tokens * (d + max(d_o, d)) * w
     stats = 3 * d_o * d_o * 8 + m * m * 8
-    # compress_mlp's float64 working set: H_KK, its Cholesky factor, H_KD and R_D (2 keep m,
-    # at most 2 m^2), and W_down with the error terms (3 d m)
-    solve = 2 * m * m * 8 + 3 * d * m * 8
+    # compress_mlp's float64 working set: H_KK (factored in place), H_KD and R_D
+    # (2 keep m - keep^2, at most m^2), and W_down with the error terms (3 d m)
+    solve = m * m * 8 + 3 * d * m * 8
     batch_act = batch * seqlen * ((4 * d + qkv + 3 * m) * w + m * 8)
     # A layer's statistics passes (batch activations) and its solves never overlap in time.
     work = 2 * layer + stats

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -53,3 +55,17 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if int(info) == 0:
         return torch.cholesky_solve(b, chol)
     return torch.linalg.lstsq(a, b).solution
+
+
+def solve_spd_consuming(a: torch.Tensor, b: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """:func:`solve_spd` that factors ``a`` in place (``a`` is overwritten by its Cholesky factor).
+
+    Why: for the MLP correction ``a`` is (keep x keep) float64, up to m^2 x 8 bytes (6 GiB for
+    a 28672-wide MLP); factoring into a second matrix doubled that. The lstsq fallback needs
+    the matrix itself, so ``rebuild()`` makes it again (only on that rare path).
+    """
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    chol, info = torch.linalg.cholesky_ex(a, out=(a, info))
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.lstsq(rebuild(), b).solution

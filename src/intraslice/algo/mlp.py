@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import damping, solve_spd
+from .linalg import damping, solve_spd_consuming
 
 
 def mlp_keep_count(width: int, ratio: float, multiple: int = 8) -> int:
@@ -59,10 +59,13 @@ def compress_mlp(h: torch.Tensor, w_down: torch.Tensor, keep: int, damp: float =
     new_down = w[:, kept]
     if dropped.numel():
         rows = kept.unsqueeze(1)  # gathered blocks, without a (keep x m) intermediate
-        h_kk = h[rows, kept]
-        h_kk.diagonal().add_(lam)
-        r_d = solve_spd(h_kk, h[rows, dropped])  # (keep, m - keep)
-        del h_kk
+
+        def damped_kk() -> torch.Tensor:
+            a = h[rows, kept]
+            a.diagonal().add_(lam)
+            return a
+
+        r_d = solve_spd_consuming(damped_kk(), h[rows, dropped], damped_kk)  # (keep, m - keep)
         new_down += w[:, dropped] @ r_d.T
         del r_d
     # ||Z W^T - Z S R W^T||^2 = tr(D H D^T), D = W - W R^T S^T.
