@@ -91,7 +91,7 @@ def gguf_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) / "gguf" if env else Path.home() / ".cache" / "intraslice" / "gguf"
 
 
-#: What a conversion writes; a new version gets new cache entries. 2: ``config.json`` names
+#: What a conversion writes; a new version gets new cache entries. Since 3: ``config.json`` names
 #: the model class (``architectures``) and carries no ``quantization_config`` (transformers
 #: records the GGUF as one, but the weights written are plain floats): llama.cpp's converter
 #: and vLLM read both.

@@ -50,11 +50,7 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     so that a degenerate calibration set degrades the correction instead of crashing.
     """
     a = a.to(torch.float64)
-    b = b.to(torch.float64)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(b, chol)
-    return torch.linalg.lstsq(a, b).solution
+    return solve_spd_consuming(a.clone(), b.to(torch.float64), lambda: a)
 
 
 def solve_spd_consuming(a: torch.Tensor, b: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -50,9 +50,9 @@ def compress_mlp(h: torch.Tensor, w_down: torch.Tensor, keep: int, damp: float =
     lam = damping(h, damp)
     # R's kept columns are exactly I (λ on both sides), so only its dropped columns
     # R_D = (H_KK + λI)^{-1} H_KD are solved for and W_down R^T = W_K + W_D R_D^T. Solving for
-    # the (keep x m-keep) block instead of the whole (keep x m) R, and adding λ to H_KK's
-    # diagonal in place, roughly halves the float64 working set (at m = 5632 and 30% dropped,
-    # ~0.5 GiB less; the largest term of the prune stage's host peak on CPU).
+    # the (keep x m-keep) block instead of the whole (keep x m) R, adding λ to H_KK's diagonal
+    # in place and factoring H_KK in place keeps the float64 working set at most m^2 (the
+    # largest term of the prune stage's host peak on CPU).
     dropped = torch.ones(m, dtype=torch.bool, device=h.device)
     dropped[kept] = False
     dropped = dropped.nonzero().squeeze(1)
