@@ -14,6 +14,9 @@ calibration windows and the same evaluation:
   per kept KV head: what llama.cpp's ``deci`` graph runs);
 * ``stock``: ``--deploy stock`` (also every layer alike: plain LlamaForCausalLM).
 
+``--variants llamacpp-w56 llamacpp-w48`` adds the llamacpp set at a fixed narrower head width
+(a global pair set of 28 or 24 pairs instead of deleting whole heads only).
+
 Each pruned model gets WikiText-2 perplexity (``intraslice eval ppl``) and the in-context
 tests of issue #14 (copy loss at span 200, key-value lookup; ``intraslice eval incontext``).
 
@@ -55,6 +58,13 @@ VARIANTS: dict[str, list[str]] = {
     "per-layer": ["--rope-selection", "per-layer"],
     "global": ["--rope-selection", "global"],
 }
+#: Run only when named in ``--variants``: the llamacpp set at a fixed narrower head width (the
+#: default keeps every pair, r = h, and deletes heads; a global pair set at r < h is the other
+#: way to meet llama.cpp's one head dimension).
+EXTRA: dict[str, list[str]] = {
+    "llamacpp-w56": ["--deploy", "llamacpp", "--head-width", "56"],
+    "llamacpp-w48": ["--deploy", "llamacpp", "--head-width", "48"],
+}
 CACHE = Path(os.environ.get("INTRASLICE_CACHE", Path.home() / ".cache" / "intraslice"))
 SDIST = CACHE / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
 DEFAULT_BENCH = CACHE / "llama-bench" / "bin" / "llama-bench"
@@ -92,13 +102,14 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
     if "dense" not in models:
         models["dense"] = evaluate(None, work / "dense", args)
         save(out, results)
-    first: Path | None = None
+    # every variant reuses the importances of the first ratio's unconstrained run (pruned first)
+    first = work / f"per-kv-group-r{args.ratios[0]}"
+    chosen = ["per-kv-group", *[v for v in args.variants if v != "per-kv-group"]]
     for ratio in args.ratios:
-        for variant, extra in VARIANTS.items():
+        for variant in chosen:
+            extra = {**VARIANTS, **EXTRA}[variant]
             key = f"{variant}@{ratio}"
             model_dir = work / f"{variant}-r{ratio}"
-            if first is None and variant == "per-kv-group":
-                first = model_dir
             if key in models:
                 continue
             if not (model_dir / "intraslice.json").exists():
@@ -297,6 +308,9 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *EXTRA], help="quality: which to run"
+    )
     ap.add_argument("--work-dir", default=str(CACHE / "bench-deploy"))
     ap.add_argument("--llama-cpp", default=None, help="llama.cpp sources or the llama-cpp-python sdist")
     ap.add_argument("--llama-bench", default=str(DEFAULT_BENCH))

@@ -112,7 +112,9 @@ def combine(parts: list[MaskGradients]) -> MaskGradients:
     )
 
 
-def allocation_record(model: nn.Module, mg: MaskGradients, ratio: float, f: int = 1) -> dict[str, Any]:
+def allocation_record(
+    model: nn.Module, mg: MaskGradients, ratio: float, f: int = 1, beta: float = 1.0
+) -> dict[str, Any]:
     att, mlp = importances(mg, "global_pca", f)
     saved = {
         "mode": "global_pca",
@@ -121,7 +123,9 @@ def allocation_record(model: nn.Module, mg: MaskGradients, ratio: float, f: int 
         "group_size": CHUNK,
         "importance": {"attention": [a.tolist() for a in att], "mlp": [x.tolist() for x in mlp]},
     }
-    _, record = estimate_allocation(model, ratio, "global_pca", units_per_head=f, saved=saved, progress=False)
+    _, record = estimate_allocation(
+        model, ratio, "global_pca", units_per_head=f, mlp_bias=beta, saved=saved, progress=False
+    )
     record["gradient_samples"] = mg.samples
     record["estimator_seconds"] = mg.seconds
     return record
@@ -159,6 +163,7 @@ def main() -> int:
     ap.add_argument(
         "--units-per-head", type=int, default=1, help="f of the estimator (1: the CLI default; 64: one unit per dim)"
     )
+    ap.add_argument("--mlp-bias", type=float, default=1.0, help="beta of the estimator (1.0: the CLI default)")
     ap.add_argument(
         "--incontext", action="store_true", help="also copy loss (spans 50, 200) and key-value lookup of --prune models"
     )
@@ -173,7 +178,10 @@ def main() -> int:
         args.out = str(ROOT / f"results/grad-samples-{slug}.json")
     model_args = ["--model", args.model]
     prune_args = model_args + (["--rope-score", args.rope_score] if args.rope_score else [])
-    sfx = "" if args.units_per_head == 1 else f"/f{args.units_per_head}"  # result keys: 8a@0.2, 8a@0.2/f64
+    # result keys: 8a@0.2, 8a@0.2/f64, 8a@0.2/b1.2, 8a@0.2/f64/b1.2
+    sfx = ("" if args.units_per_head == 1 else f"/f{args.units_per_head}") + (
+        "" if args.mlp_bias == 1.0 else f"/b{args.mlp_bias:g}"
+    )
     fsfx = sfx.replace("/", "-")
     if args.nsamples != 4 * CHUNK:
         raise SystemExit("the variants assume 32 windows (4 chunks of 8)")
@@ -199,7 +207,9 @@ def main() -> int:
     allocs: dict[str, Any] = results.setdefault("allocations", {})
     for ratio in args.ratios:
         recs = {
-            name: allocation_record(skeleton, combine([parts[c] for c in idx]), ratio, args.units_per_head)
+            name: allocation_record(
+                skeleton, combine([parts[c] for c in idx]), ratio, args.units_per_head, args.mlp_bias
+            )
             for name, idx in variants.items()
         }
         if reference is not None and not sfx:  # the 32-window allocation of a real run, at its own ratio only
@@ -255,7 +265,7 @@ def main() -> int:
             [py, "-m", "intraslice", "prune", *prune_args, "--ratio", str(args.prune_ratio),
              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
              "--ratios", str(work / f"alloc-{name}-r{args.prune_ratio}{fsfx}.json"),
-             "--units-per-head", str(args.units_per_head),
+             "--units-per-head", str(args.units_per_head), "--mlp-bias", str(args.mlp_bias),
              "--no-eval", "--no-progress", "--overwrite", "--out", str(model_dir)]
         )  # fmt: skip
         prune_s = time.perf_counter() - t
@@ -295,31 +305,39 @@ def _ic(cell: dict[str, float] | None) -> str:
     return f"{cell['copy50']:.2f} / {cell['copy200']:.2f} | {lookup}"
 
 
+def parse_key(key: str) -> tuple[str, float, int, float]:
+    """``8a@0.3/f64/b1.2`` -> (variant, ratio, f, beta); a missing part is the CLI default."""
+    name, rest = key.split("@")
+    ratio, *opts = rest.split("/")
+    f = next((int(o[1:]) for o in opts if o.startswith("f")), 1)
+    beta = next((float(o[1:]) for o in opts if o.startswith("b")), 1.0)
+    return name, float(ratio), f, beta
+
+
 def markdown(results: dict[str, Any], windows: int) -> str:
     ppl = results.get("perplexity", {})
+    betas = any(parse_key(k)[3] != 1.0 for k in results["allocations"])  # a beta column only when varied
     lines = [
         f"{results['model']}, global_pca, calibration {results['calibration']}"
         + (f", pair score {results['rope_score']}" if results.get("rope_score") else "")
         + ". Distance: mean |per-layer removed ratio - "
-        "the 32-window allocation's (same f)| (attention / MLP). Perplexity: WikiText-2 test, "
-        f"{windows} windows of 2048 (dense {ppl.get('dense', float('nan')):.3f}); every model pruned from all 32 "
-        "windows, only the allocation differs.",
+        f"the 32-window allocation's (same f{' and beta' if betas else ''})| (attention / MLP). Perplexity: "
+        f"WikiText-2 test, {windows} windows of 2048 (dense {ppl.get('dense', float('nan')):.3f}); every model "
+        "pruned from all 32 windows, only the allocation differs.",
         "",
-        "| f | windows for the gradients | ratio | distance attention | distance MLP | perplexity "
-        "| copy loss 50 / 200 | key-value lookup |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| f |{' beta |' if betas else ''} windows for the gradients | ratio | distance attention | distance MLP "
+        "| perplexity | copy loss 50 / 200 | key-value lookup |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if betas else ""),
     ]
     ic_all = results.get("incontext", {})
 
     def order(key: str) -> tuple:
-        name, rest = key.split("@")
-        ratio, _, f = rest.partition("/f")
-        return (int(f or 1), float(ratio), list(VARIANTS).index(name))
+        name, ratio, f, beta = parse_key(key)
+        return (f, beta, ratio, list(VARIANTS).index(name))
 
     for key in sorted(results["allocations"], key=order):
         a = results["allocations"][key]
-        name, rest = key.split("@")
-        ratio, _, f = rest.partition("/f")
+        name, ratio, f, beta = parse_key(key)
         cell = ppl.get(key, {})
         p = cell.get("ppl")
         text = "" if p is None else f"{p:.3f}"
@@ -327,8 +345,8 @@ def markdown(results: dict[str, Any], windows: int) -> str:
             text += " (the quick start's own run, before canonical eigenvector signs)"
         first, last = VARIANTS[name][0] * CHUNK, (VARIANTS[name][-1] + 1) * CHUNK - 1
         lines.append(
-            f"| {f or 1} | {first}-{last} ({a['gradient_samples']}) "
-            f"| {ratio} | {a['distance_to_32']['attention']:.4f} | {a['distance_to_32']['mlp']:.4f} | {text} "
+            f"| {f} |{f' {beta:g} |' if betas else ''} {first}-{last} ({a['gradient_samples']}) "
+            f"| {ratio:g} | {a['distance_to_32']['attention']:.4f} | {a['distance_to_32']['mlp']:.4f} | {text} "
             f"| {_ic(ic_all.get(key))} |"
         )
     ref = results.get("quickstart_reference")
