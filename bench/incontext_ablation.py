@@ -70,6 +70,9 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
             "options": ["--allocation", "uniform", "--rope-score", "attention"],
         },
         "global_pca spec": {"ratio": ratio, "options": []},
+        # the README quick start's settings (ratio 0.2, every CLI default): the copy
+        # target, repeated over calibration seeds and sizes with --repeat
+        "quick start (0.2, CLI defaults)": {"ratio": 0.2, "options": ["--rope-score", "attention"]},
         "global_pca, attention score": {"ratio": ratio, "options": ["--rope-score", "attention"]},
         "global_pca spec, C4 calibration": {"ratio": ratio, "options": ["--calib", "c4"]},
         "global_pca, repeated-span calibration": {
