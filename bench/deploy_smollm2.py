@@ -1,6 +1,7 @@
 """Issue #11, item 4: what the deployment constraints cost, and what llama.cpp gains.
 
-Two measurements on SmolLM2-135M, each resumable (every finished step leaves a file in
+Two measurements on SmolLM2-135M (``--model qwen2.5-coder-0.5b``: the second built-in model,
+its own work directory, results file and table), each resumable (every finished step leaves a file in
 ``--work-dir`` and is skipped when run again):
 
 **quality**: at each ratio, IntraSlice as specified (RoPE pairs chosen per KV group) and
@@ -48,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, update_benchmarks_md
+from _common import BUILTIN_MODELS, ROOT, update_benchmarks_md
 
 #: In the order they run: the method, then the target comparison (issue #11's 5% at 0.3) first.
 VARIANTS: dict[str, list[str]] = {
@@ -99,6 +100,7 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
         "estimator": "global_pca, f = 1, beta = 1.0 (the CLI defaults), importances shared by every variant",
     }
     models = q.setdefault("models", {})
+    results["model"] = BUILTIN_MODELS[args.model][1]
     if "dense" not in models:
         models["dense"] = evaluate(None, work / "dense", args)
         save(out, results)
@@ -116,9 +118,9 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
                 reuse = ["--ratios", str(first / "intraslice.json")] if model_dir != first else []
                 t = time.perf_counter()
                 run(
-                    [PY, "-m", "intraslice", "prune", "--ratio", str(ratio), "--nsamples", str(args.nsamples),
-                     "--seqlen", str(args.seqlen), "--no-eval", "--no-incontext", "--no-progress", "--overwrite",
-                     "--out", str(model_dir), *reuse, *extra]
+                    [PY, "-m", "intraslice", "prune", "--model", args.model, "--ratio", str(ratio),
+                     "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-eval", "--no-incontext",
+                     "--no-progress", "--overwrite", "--out", str(model_dir), *reuse, *extra]
                 )  # fmt: skip
                 (model_dir / "bench-prune-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
             report = json.loads((model_dir / "intraslice.json").read_text())
@@ -143,7 +145,7 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
 
 def evaluate(model_dir: Path | None, where: Path, args: argparse.Namespace) -> dict[str, Any]:
     where.mkdir(parents=True, exist_ok=True)
-    model = ["--model", str(model_dir)] if model_dir else []
+    model = ["--model", str(model_dir) if model_dir else args.model]
     ppl_json, ic_json = where / "bench-ppl.json", where / "bench-incontext.json"
     if not ppl_json.exists():
         run([PY, "-m", "intraslice", "eval", "ppl", *model, "--windows", str(args.eval_windows), "--json",
@@ -163,7 +165,7 @@ def evaluate(model_dir: Path | None, where: Path, args: argparse.Namespace) -> d
 
 # -- speed ------------------------------------------------------------------------------------
 def dense_gguf(args: argparse.Namespace, gtype: str) -> Path:
-    """The dense SmolLM2 as GGUF, by llama.cpp's own converter from the dequantized checkpoint
+    """The dense model as GGUF, by llama.cpp's own converter from the dequantized checkpoint
     (its Llama vocabulary path imports ``sentencepiece``: ``pip install sentencepiece``)."""
     from intraslice.checkpoint import SourceCheckpoint
     from intraslice.export.gguf import find_llama_cpp
@@ -171,7 +173,7 @@ def dense_gguf(args: argparse.Namespace, gtype: str) -> Path:
     out = Path(args.work_dir) / f"dense-{gtype}.gguf"
     if out.exists():
         return out
-    src = SourceCheckpoint.open().directory  # the safetensors cache of the default GGUF
+    src = SourceCheckpoint.open(args.model).directory  # the safetensors cache of the built-in GGUF
     # The whole llama.cpp tree (the export's cache unpacks only its ``conversion`` package):
     # the sources build_llama_bench.sh unpacked, else the one given.
     root = LLAMA_SRC if (LLAMA_SRC / "convert_hf_to_gguf.py").is_file() else find_llama_cpp(args.llama_cpp or SDIST)
@@ -256,7 +258,8 @@ def markdown(results: dict[str, Any]) -> str:
         d = models["dense"]
         p = q["protocol"]
         lines += [
-            f"SmolLM2-135M, calibration {p['calibration']}; {p['eval']}; {p['incontext']}. Estimator: "
+            f"{results.get('model', 'SmolLM2-135M')}, calibration {p['calibration']}; {p['eval']}; "
+            f"{p['incontext']}. Estimator: "
             f"{p['estimator']}. Cost: perplexity of a variant against IntraSlice as specified (per-KV-group pairs) "
             "at the same ratio.",
             "",
@@ -304,6 +307,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("step", choices=("quality", "speed", "report"))
+    ap.add_argument("--model", default="smollm2-135m", choices=list(BUILTIN_MODELS))
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -311,7 +315,7 @@ def main() -> int:
     ap.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *EXTRA], help="quality: which to run"
     )
-    ap.add_argument("--work-dir", default=str(CACHE / "bench-deploy"))
+    ap.add_argument("--work-dir", default=None, help="default: ~/.cache/intraslice/bench-deploy[-<model>]")
     ap.add_argument("--llama-cpp", default=None, help="llama.cpp sources or the llama-cpp-python sdist")
     ap.add_argument("--llama-bench", default=str(DEFAULT_BENCH))
     ap.add_argument("--types", nargs="+", default=["f16", "q8_0"], choices=("f32", "f16", "q8_0"))
@@ -319,9 +323,15 @@ def main() -> int:
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "results" / "deploy-smollm2.json"))
+    ap.add_argument("--out", default=None, help="default: results/deploy-<model>.json")
     ap.add_argument("--benchmarks-md", action="store_true")
     args = ap.parse_args()
+    slug = BUILTIN_MODELS[args.model][0]
+    suffix = "" if args.model == "smollm2-135m" else f"-{slug}"
+    if args.work_dir is None:
+        args.work_dir = str(CACHE / f"bench-deploy{suffix}")
+    if args.out is None:
+        args.out = str(ROOT / "results" / f"deploy-{slug}.json")
     out = Path(args.out)
     results = load(out)
     if args.step == "quality":
@@ -331,7 +341,7 @@ def main() -> int:
     table = markdown(results)
     print(table)
     if args.benchmarks_md:
-        update_benchmarks_md("deploy-smollm2", table)
+        update_benchmarks_md(f"deploy-{slug}", table)
     return 0
 
 
