@@ -73,7 +73,15 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
         # the README quick start's settings (ratio 0.2, every CLI default): the copy
         # target, repeated over calibration seeds and sizes with --repeat
         "quick start (0.2, CLI defaults)": {"ratio": 0.2, "options": ["--rope-score", "attention"]},
+        # today's CLI defaults at --ratio (8 gradient windows; the rows above used all 16)
+        "global_pca, CLI defaults": {"ratio": ratio, "options": ["--rope-score", "attention"]},
         "global_pca, attention score": {"ratio": ratio, "options": ["--rope-score", "attention"]},
+        # whole heads deleted, the survivors at full width (every RoPE pair kept): the llamacpp
+        # deploy set is this plus one pair set and equal groups, and copies far better
+        "global_pca, heads only": {
+            "ratio": ratio,
+            "options": ["--head-width", str(head_dim), "--rope-score", "attention"],
+        },
         "global_pca spec, C4 calibration": {"ratio": ratio, "options": ["--calib", "c4"]},
         "global_pca, repeated-span calibration": {
             "ratio": ratio,
