@@ -70,17 +70,26 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
             "options": ["--allocation", "uniform", "--rope-score", "attention"],
         },
         "global_pca spec": {"ratio": ratio, "options": []},
-        # the README quick start's settings (ratio 0.2, every CLI default): the issue's copy
-        # target, repeated over calibration seeds and sizes with --repeat
-        "quick start (0.2, CLI defaults)": {"ratio": 0.2, "options": ["--rope-score", "attention"]},
-        # today's CLI defaults at --ratio (8 gradient windows; the rows above used all 16)
-        "global_pca, CLI defaults": {"ratio": ratio, "options": ["--rope-score", "attention"]},
+        # the README quick start's settings (ratio 0.2, 8 gradient windows, the attention pair
+        # score) with f = 1 and f = h units per head: the issue's copy target and the units-per-head
+        # default (issue #12), repeated over calibration seeds and sizes with --repeat
+        "quick start (0.2), f = 1": {"ratio": 0.2, "options": ["--rope-score", "attention", "--units-per-head", "1"]},
+        "quick start (0.2), f = h": {
+            "ratio": 0.2,
+            "options": ["--rope-score", "attention", "--units-per-head", str(head_dim)],
+        },
+        # the same at --ratio (8 gradient windows; the rows above used all 16)
+        "global_pca, f = 1": {"ratio": ratio, "options": ["--rope-score", "attention", "--units-per-head", "1"]},
+        "global_pca, f = h": {
+            "ratio": ratio,
+            "options": ["--rope-score", "attention", "--units-per-head", str(head_dim)],
+        },
         "global_pca, attention score": {"ratio": ratio, "options": ["--rope-score", "attention"]},
         # whole heads deleted, the survivors at full width (every RoPE pair kept): the llamacpp
         # deploy set is this plus one pair set and equal groups, and copies far better
         "global_pca, heads only": {
             "ratio": ratio,
-            "options": ["--head-width", str(head_dim), "--rope-score", "attention"],
+            "options": ["--head-width", str(head_dim), "--rope-score", "attention", "--units-per-head", "1"],
         },
         "global_pca spec, C4 calibration": {"ratio": ratio, "options": ["--calib", "c4"]},
         "global_pca, repeated-span calibration": {
@@ -118,6 +127,8 @@ def prune_cmd(
            "--no-progress", "--overwrite", "--out", str(out), *spec["options"]]  # fmt: skip
     if "--rope-score" not in spec["options"]:  # rows without a score are the spec's, whatever the CLI default
         cmd += ["--rope-score", "qk"]
+    if "--units-per-head" not in spec["options"]:  # and f = 1 (the spec's), whatever the CLI default
+        cmd += ["--units-per-head", "1"]
     return cmd
 
 
@@ -182,7 +193,9 @@ def key_of(name: str, nsamples: int, seqlen: int, seed: int, args: argparse.Name
 
 
 def calibration_options(options: list[str]) -> dict[str, str]:
-    out = {o: options[i + 1] for i, o in enumerate(options) if o in ("--calib", "--calib-repeat")}
+    # what the estimator's importances depend on: its windows, and the units they are summed over
+    out = {o: options[i + 1] for i, o in enumerate(options) if o in ("--calib", "--calib-repeat", "--units-per-head")}
+    out.setdefault("--units-per-head", "1")
     if "--calib-repeat-estimator" not in options:
         out.pop("--calib-repeat", None)  # the estimator sees the plain windows
     return out
@@ -210,6 +223,19 @@ def same_importances(
         if calibration_options(o_spec["options"]) == calib and (folder / "intraslice.json").exists():
             return folder
     return None
+
+
+def save(out: Path, results: dict[str, Any]) -> None:
+    """Write the results, keeping rows another run of this script added since we read the file
+    (two runs on two cores share one results file)."""
+    if out.exists():
+        on_disk = json.loads(out.read_text()).get("rows", {})
+        merged = {**on_disk, **results["rows"]}
+        results["rows"].clear()  # in place: the caller holds this dict
+        results["rows"].update(merged)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, out)
 
 
 def dir_name(key: str) -> str:
@@ -258,7 +284,7 @@ def main() -> int:
         table = variants(args.att_ratio, args.ratio, head_dim)
         if "dense" not in rows:
             rows["dense"] = evaluate(None, work / "dense", args)
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            save(out, results)
         jobs = [(n, args.nsamples, args.seqlen, 0) for n in table if args.only is None or n in args.only]
         sizes = [(args.nsamples, args.seqlen)] + [tuple(int(x) for x in s.split("x")) for s in args.sizes]
         for name in args.repeat:
@@ -286,7 +312,7 @@ def main() -> int:
             row = evaluate(model_dir, model_dir, args)
             row.update({"variant": name, "calibration": f"{n}x{length}", "seed": seed})
             rows[key] = row
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            save(out, results)
             print(f"{key}: ppl {row['ppl']:.3f} copy200 {row['copy200']:.3f} lookup {row['lookup']:.1%}", flush=True)
     if args.benchmarks_md:
         update_benchmarks_md(f"incontext-ablation-{tag}", markdown(results))
