@@ -97,7 +97,8 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
         "calibration": f"{args.nsamples} x {args.seqlen} wikitext2 (offline: bundled validation), seed 0",
         "eval": f"WikiText-2 test, first {args.eval_windows} windows of 2048 (P1)",
         "incontext": "copy loss span 200 (8 sequences), key-value lookup 24 prompts of 1024, seed 0",
-        "estimator": "global_pca, f = 1, beta = 1.0 (the CLI defaults), importances shared by every variant",
+        "estimator": "global_pca, f = 1 (the CLI default before 2026-12-03), beta = 1.0, importances shared by "
+        "every variant",
     }
     models = q.setdefault("models", {})
     results["model"] = BUILTIN_MODELS[args.model][1]
@@ -120,7 +121,7 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
                 run(
                     [PY, "-m", "intraslice", "prune", "--model", args.model, "--ratio", str(ratio),
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-eval", "--no-incontext",
-                     "--no-progress", "--overwrite", "--out", str(model_dir), *reuse, *extra]
+                     "--no-progress", "--overwrite", "--units-per-head", "1", "--out", str(model_dir), *reuse, *extra]
                 )  # fmt: skip
                 (model_dir / "bench-prune-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
             report = json.loads((model_dir / "intraslice.json").read_text())

@@ -161,7 +161,10 @@ def main() -> int:
         help="intraslice.json of a run with all 32 windows: its allocation is the reference when --chunks < 4",
     )
     ap.add_argument(
-        "--units-per-head", type=int, default=1, help="f of the estimator (1: the CLI default; 64: one unit per dim)"
+        "--units-per-head",
+        type=int,
+        default=1,
+        help="f of the estimator (1: the spec's; 64 = h: one unit per dim, the CLI default)",
     )
     ap.add_argument("--mlp-bias", type=float, default=1.0, help="beta of the estimator (1.0: the CLI default)")
     ap.add_argument(

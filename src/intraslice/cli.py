@@ -113,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-layer ratios: the same everywhere, or from mask gradients (plain or PCA-rotated); "
         "default global_pca for intraslice, uniform for the baselines",
     )
-    p.add_argument("--units-per-head", type=int, default=1, help="attention units per head f (global modes)")
+    p.add_argument(
+        "--units-per-head",
+        type=int,
+        default=None,
+        help="attention units per head f (global modes; default h: one unit per dimension)",
+    )
     p.add_argument("--mlp-bias", type=float, default=1.0, help="β: share of the reduction taken by the MLP")
     p.add_argument("--max-layer-ratio", type=float, default=0.8, help="per-layer ratio cap (excess redistributed)")
     p.add_argument("--group-size", type=int, default=8, help="calibration samples per gradient group")

@@ -31,6 +31,7 @@ class ParamModel:
     neurons_per_layer: int
     attn_per_unit: float
     mlp_per_neuron: float
+    units_per_head: int = 1
 
     @property
     def total(self) -> float:
@@ -48,7 +49,7 @@ def param_model(
     if qkv_bias:
         per_head += h + 2 * (n_kv / n_h) * h
     per_neuron = mlp_matrices * d + (mlp_matrices - 1 if mlp_bias else 0)
-    return ParamModel(dims["n_layers"], n_h * f, m, per_head / f, per_neuron)
+    return ParamModel(dims["n_layers"], n_h * f, m, per_head / f, per_neuron, f)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def split_budget(pm: ParamModel, ratio: float, mlp_bias: float = 1.0) -> tuple[i
         raise IntraSliceError(f"--mlp-bias {mlp_bias} removes more than every MLP neuron at ratio {ratio}")
     n_mlp = min(n_mlp, total_neurons)
     n_att = math.floor((c * pm.total - n_mlp * pm.mlp_per_neuron) / pm.attn_per_unit)
-    if n_att < pm.n_layers:
+    if n_att < pm.n_layers * pm.units_per_head:  # less than one head's worth per layer
         raise IntraSliceError(
             f"--mlp-bias {mlp_bias} leaves no room for attention at ratio {ratio}: "
             f"the MLP alone would keep {n_mlp * pm.mlp_per_neuron / pm.total:.1%} of the parameters"
@@ -168,13 +169,16 @@ def rotate_head_gradients(grads: torch.Tensor, bases: torch.Tensor) -> torch.Ten
     return torch.einsum("ghk,hkc->ghc", grads.to(torch.float64), bases.to(torch.float64))
 
 
-def unit_importance(grads: torch.Tensor, units_per_head: int = 1) -> torch.Tensor:
+def unit_importance(grads: torch.Tensor, units_per_head: int | None = None) -> torch.Tensor:
     """Importance of each unit: sum over groups of (sum of the unit's gradient components)^2.
 
-    ``grads``: (groups, n_heads, h) -> (n_heads * f,) with units of h/f consecutive components.
+    ``grads``: (groups, n_heads, h) -> (n_heads * f,) with units of h/f consecutive components
+    (``units_per_head`` f; None: f = h, every component its own unit).
     """
     g, n_h, h = grads.shape
-    if h % units_per_head:
+    if units_per_head is None:
+        units_per_head = h
+    if units_per_head < 1 or h % units_per_head:
         raise IntraSliceError(f"--units-per-head {units_per_head} does not divide head_dim {h}")
     sums = grads.reshape(g, n_h, units_per_head, h // units_per_head).sum(-1)
     return sums.pow(2).sum(0).reshape(-1)
