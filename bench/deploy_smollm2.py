@@ -97,8 +97,7 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
         "calibration": f"{args.nsamples} x {args.seqlen} wikitext2 (offline: bundled validation), seed 0",
         "eval": f"WikiText-2 test, first {args.eval_windows} windows of 2048 (P1)",
         "incontext": "copy loss span 200 (8 sequences), key-value lookup 24 prompts of 1024, seed 0",
-        "estimator": "global_pca, f = 1 (the CLI default before 2026-12-03), beta = 1.0, importances shared by "
-        "every variant",
+        "estimator": "global_pca, f = 1, beta = 1.0 (the CLI defaults), importances shared by every variant",
     }
     models = q.setdefault("models", {})
     results["model"] = BUILTIN_MODELS[args.model][1]

@@ -164,7 +164,7 @@ def main() -> int:
         "--units-per-head",
         type=int,
         default=1,
-        help="f of the estimator (1: the spec's; 64 = h: one unit per dim, the CLI default)",
+        help="f of the estimator (1: the spec's and the CLI default; 64 = h: one unit per dim)",
     )
     ap.add_argument("--mlp-bias", type=float, default=1.0, help="beta of the estimator (1.0: the CLI default)")
     ap.add_argument(

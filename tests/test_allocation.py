@@ -18,7 +18,7 @@ from intraslice.algo.allocation import (
     unit_importance,
 )
 from intraslice.arch import get_arch
-from intraslice.config import DEFAULT_GRAD_SAMPLES
+from intraslice.config import DEFAULT_GRAD_SAMPLES, DEFAULT_UNITS_PER_HEAD
 from intraslice.importance import causal_lm_loss, estimate_allocation, head_bases, load_ratios_file, mask_gradients
 
 from .conftest import calib_tokens, make_tiny
@@ -190,32 +190,34 @@ def test_gradients_use_the_first_default_windows_and_zero_means_all() -> None:
     assert default["importance"] == first8["importance"] and default["importance"] != every["importance"]
 
 
-def test_default_units_are_dimensions_and_a_ratios_file_keeps_its_f(tmp_path: Path) -> None:
-    """f defaults to h: every (rotated) dimension is its own unit, so an importance does not
-    depend on the sign of an eigenvector (with f < h a unit sums components, and a flipped sign
-    changes the sum). A ratios file summed with another f is re-budgeted with that f unless
-    the caller asks for one, which must then match."""
+def test_units_per_head_default_and_a_ratios_file_keeps_its_f(tmp_path: Path) -> None:
+    """f = h makes every (rotated) dimension its own unit, so an importance does not depend on
+    the sign of an eigenvector (with f < h a unit sums components, and a flipped sign changes
+    the sum). The default is the spec's f = 1; a ratios file summed with another f is
+    re-budgeted with that f unless the caller asks for one, which must then match."""
     g = torch.randn(3, 2, 8, dtype=torch.float64)
     flip = torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)
-    assert torch.allclose(unit_importance(g * flip), unit_importance(g))
-    assert torch.allclose(unit_importance(g), g.pow(2).sum(0).reshape(-1))
+    assert torch.allclose(unit_importance(g * flip, None), unit_importance(g, None))
+    assert torch.allclose(unit_importance(g, None), g.pow(2).sum(0).reshape(-1))
+    assert torch.allclose(unit_importance(g, 1), g.sum(-1).pow(2).sum(0).reshape(-1))
     assert not torch.allclose(unit_importance(g * flip, 1), unit_importance(g, 1))
 
     model = make_tiny("llama-gqa")
     h = model.config.hidden_size // model.config.num_attention_heads
     tokens = calib_tokens(8, 24)
     _, default = estimate_allocation(model, 0.3, "global_pca", tokens, group_size=4, progress=False)
-    _, as_h = estimate_allocation(model, 0.3, "global_pca", tokens, group_size=4, progress=False, units_per_head=h)
-    assert default["units_per_head"] == h and default["importance"] == as_h["importance"]
-    assert len(default["importance"]["attention"][0]) == model.config.num_attention_heads * h
+    _, one = estimate_allocation(model, 0.3, "global_pca", tokens, group_size=4, progress=False, units_per_head=1)
+    assert DEFAULT_UNITS_PER_HEAD == 1 and default["units_per_head"] == 1 and default["importance"] == one["importance"]
+    assert len(default["importance"]["attention"][0]) == model.config.num_attention_heads
 
-    _, f1 = estimate_allocation(model, 0.3, "global_pca", tokens, group_size=4, progress=False, units_per_head=1)
+    _, fh = estimate_allocation(model, 0.3, "global_pca", tokens, group_size=4, progress=False, units_per_head=h)
+    assert len(fh["importance"]["attention"][0]) == model.config.num_attention_heads * h
     path = tmp_path / "intraslice.json"
-    path.write_text(json.dumps({"allocation": f1}))
+    path.write_text(json.dumps({"allocation": fh}))
     saved = load_ratios_file(str(path), model.config)
     again, rec = estimate_allocation(model, 0.3, "global_pca", saved=saved)
-    assert rec["units_per_head"] == 1 and [list(r) for r in again.layer_ratios] == f1["layer_ratios"]
-    with pytest.raises(IntraSliceError, match="units_per_head 1; asked for global_pca with 8"):
-        estimate_allocation(model, 0.3, "global_pca", saved=saved, units_per_head=8)
+    assert rec["units_per_head"] == h and [list(r) for r in again.layer_ratios] == fh["layer_ratios"]
+    with pytest.raises(IntraSliceError, match=f"units_per_head {h}; asked for global_pca with 1"):
+        estimate_allocation(model, 0.3, "global_pca", saved=saved, units_per_head=1)
     with pytest.raises(IntraSliceError, match="--units-per-head 0 does not divide"):
         estimate_allocation(model, 0.3, "global_pca", tokens, units_per_head=0, progress=False)

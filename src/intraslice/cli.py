@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--units-per-head",
         type=int,
         default=None,
-        help="attention units per head f (global modes; default h: one unit per dimension)",
+        help="attention units per head f (global modes; default 1, or the --ratios file's f; "
+        "the head dim: one unit per PCA direction)",
     )
     p.add_argument("--mlp-bias", type=float, default=1.0, help="β: share of the reduction taken by the MLP")
     p.add_argument("--max-layer-ratio", type=float, default=0.8, help="per-layer ratio cap (excess redistributed)")

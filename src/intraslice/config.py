@@ -19,6 +19,9 @@ DEFAULT_ROPE_SCORE = "attention"
 #: 8-window allocation are as good as with 32 windows, within the spread between
 #: allocations of the same size, while the estimator costs a quarter. 0 or None: every window.
 DEFAULT_GRAD_SAMPLES = 8
+#: Attention units per head in the global estimator (f): the spec's 1 (a unit is a head).
+#: f = h prunes to lower perplexity but copies worse (BENCHMARKS.md, issue #12 item 6).
+DEFAULT_UNITS_PER_HEAD = 1
 
 MAX_RATIO = 0.95
 METHODS = ("intraslice", "slicegpt", "channel")

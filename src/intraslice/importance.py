@@ -48,7 +48,7 @@ from .algo.allocation import (
 )
 from .algo.linalg import eigh_desc
 from .arch import ArchSpec, get_arch
-from .config import DEFAULT_GRAD_SAMPLES
+from .config import DEFAULT_GRAD_SAMPLES, DEFAULT_UNITS_PER_HEAD
 from .errors import IntraSliceError, NonFiniteError
 from .memory import trim
 from .pipeline import distributed as dist
@@ -426,10 +426,10 @@ def head_bases(head_cov: torch.Tensor) -> torch.Tensor:
 
 
 def importances(
-    mg: MaskGradients, mode: str, units_per_head: int | None = None
+    mg: MaskGradients, mode: str, units_per_head: int | None = DEFAULT_UNITS_PER_HEAD
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-layer attention-unit and MLP-neuron importances for ``global`` or ``global_pca``
-    (``units_per_head`` None: one unit per dimension, see :func:`estimate_allocation`)."""
+    (``units_per_head`` None: one unit per dimension)."""
     if mode not in ("global", "global_pca"):
         raise IntraSliceError(f"unknown allocation {mode!r}: use one of {', '.join(MODES)}")
     n_l = mg.attention.shape[1]
@@ -466,14 +466,12 @@ def estimate_allocation(
 
     The gradients use the first ``grad_samples`` windows of ``tokens`` (0 or None: all).
 
-    ``units_per_head`` f splits each head into f units of h/f dimensions. **Decision
-    (default, 2026-12-03)**: None, f = h: every dimension (in ``global_pca`` every PCA
-    direction) is its own unit. A unit's importance is the square of its summed gradient, so
-    with f < h it depends on the signs of the eigenvectors it sums over; with f = h it does
-    not. Measured on SmolLM2-135M and Qwen2.5-Coder-0.5B (BENCHMARKS.md, "How many windows the
-    estimator needs"): lower perplexity on both and allocations two to three times steadier
-    across gradient windows. A ratios file's importances keep the f they were summed with
-    when ``units_per_head`` is None.
+    ``units_per_head`` f splits each head into f units of h/f dimensions; None is the
+    default, f = 1 (a unit is a head, as the method specifies), or the f a ratios file's
+    importances were summed with. **Decision (default, 2026-12-03)**: f = h (every PCA
+    direction its own unit) prunes to lower perplexity on both built-in models but copies
+    worse on every pair measured (BENCHMARKS.md, "The same study on Qwen2.5-Coder-0.5B, and
+    the defaults"), so the default stays the spec's f = 1 and f = h is an option.
 
     ``saved`` is the ``allocation`` record of an earlier run (its importances): with it no
     gradient is recomputed, and a different ``ratio`` re-runs only the budget.
@@ -484,9 +482,9 @@ def estimate_allocation(
         raise IntraSliceError(f"unknown allocation {mode!r}: use one of {', '.join(MODES)}")
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
-    if units_per_head is None:  # f = h, or the f a ratios file's importances were summed with
+    if units_per_head is None:  # f = 1, or the f a ratios file's importances were summed with
         reused = saved is not None and saved.get("importance") and saved.get("units_per_head")
-        units_per_head = int(saved["units_per_head"]) if reused else dims["head_dim"]
+        units_per_head = int(saved["units_per_head"]) if reused else DEFAULT_UNITS_PER_HEAD
     if mode != "uniform" and (units_per_head < 1 or dims["head_dim"] % units_per_head):
         # before the mask gradients (minutes), not after them
         raise IntraSliceError(f"--units-per-head {units_per_head} does not divide head_dim {dims['head_dim']}")
