@@ -34,7 +34,7 @@ limit (dense / pruned decoder-linear parameters) beside them.
     python bench/deploy_smollm2.py speed --ratios 0.2 0.3 --threads 1 2 --repeats 5
     python bench/deploy_smollm2.py report --benchmarks-md
 
-Results: ``results/deploy-smollm2.json``.
+Results: ``results/deploy-<model>.json`` (``deploy-smollm2.json`` for the default).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def evaluate(model_dir: Path | None, where: Path, args: argparse.Namespace) -> d
 # -- speed ------------------------------------------------------------------------------------
 def dense_gguf(args: argparse.Namespace, gtype: str) -> Path:
     """The dense model as GGUF, by llama.cpp's own converter from the dequantized checkpoint
-    (its Llama vocabulary path imports ``sentencepiece``: ``pip install sentencepiece``)."""
+    (for SmolLM2 its Llama vocabulary path imports ``sentencepiece``: ``pip install sentencepiece``)."""
     from intraslice.checkpoint import SourceCheckpoint
     from intraslice.export.gguf import find_llama_cpp
 

@@ -203,8 +203,8 @@ def main() -> int:
     skeleton = ckpt.skeleton()
     variants = {name: idx for name, idx in VARIANTS.items() if max(idx) < len(parts)}
     ref_run = json.loads(Path(args.reference).read_text()) if len(parts) < 4 and args.model == "smollm2-135m" else None
-    if len(parts) < 4 and ref_run is None:
-        raise SystemExit("--chunks < 4 needs a reference run (SmolLM2 only)")
+    if len(parts) < 4 and (ref_run is None or sfx):  # the real run's allocation is f = 1, beta = 1
+        raise SystemExit("--chunks < 4 compares with a real 32-window run: SmolLM2, f = 1 and beta = 1 only")
     reference = ref_run["allocation"] if ref_run else None
 
     allocs: dict[str, Any] = results.setdefault("allocations", {})
@@ -355,7 +355,7 @@ def markdown(results: dict[str, Any], windows: int) -> str:
     ref = results.get("quickstart_reference")
     if ref:
         lines.append(
-            f"| 1 | 0-31 (32), the quick start's own run before canonical eigenvector signs | "
+            f"| 1 |{' 1 |' if betas else ''} 0-31 (32), the quick start's own run before canonical eigenvector signs | "
             f"{ref['key'].split('@')[1]} | | | {ref['ppl']:.3f} | {_ic(results.get('quickstart_incontext'))} |"
         )
     return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ Results: ``results/incontext-ablation-<model>.json``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -78,7 +79,8 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
             "ratio": 0.2,
             "options": ["--rope-score", "attention", "--units-per-head", str(head_dim)],
         },
-        # the same at --ratio (8 gradient windows; the rows above used all 16)
+        # the same at --ratio ("global_pca, f = 1" is "global_pca, attention score" under today's
+        # 8 gradient windows: that row was recorded when the estimator used all 16)
         "global_pca, f = 1": {"ratio": ratio, "options": ["--rope-score", "attention", "--units-per-head", "1"]},
         "global_pca, f = h": {
             "ratio": ratio,
@@ -227,15 +229,17 @@ def same_importances(
 
 def save(out: Path, results: dict[str, Any]) -> None:
     """Write the results, keeping rows another run of this script added since we read the file
-    (two runs on two cores share one results file)."""
-    if out.exists():
-        on_disk = json.loads(out.read_text()).get("rows", {})
-        merged = {**on_disk, **results["rows"]}
-        results["rows"].clear()  # in place: the caller holds this dict
-        results["rows"].update(merged)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, out)
+    (two runs on two cores share one results file; give them disjoint ``--only`` lists)."""
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # read-merge-replace as one step against the other run
+        if out.exists():
+            on_disk = json.loads(out.read_text()).get("rows", {})
+            merged = {**on_disk, **results["rows"]}
+            results["rows"].clear()  # in place: the caller holds this dict
+            results["rows"].update(merged)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, out)
 
 
 def dir_name(key: str) -> str:

@@ -145,6 +145,13 @@ def test_bad_budget_inputs_are_clear_errors() -> None:
     mlp = [torch.ones(pm.neurons_per_layer)] * pm.n_layers
     with pytest.raises(IntraSliceError, match=r"cap 0\.3 is below the target ratio 0\.5"):
         allocate(att, mlp, pm, 0.5, cap=0.3)
+    # "No room" means less than one head per layer whatever f: here (f = 2, 4 layers) beta 0.3
+    # keeps 582 neurons and floor((0.7 * 172032 - 582 * 192) / 1536) = 5 half-head units,
+    # more than one unit per layer but fewer than the 8 that make one head per layer.
+    assert (pm.attn_per_unit, pm.mlp_per_neuron, pm.total) == (1536, 192, 172032)
+    with pytest.raises(IntraSliceError, match="no room for attention"):
+        split_budget(pm, 0.3, mlp_bias=0.3)
+    assert split_budget(pm, 0.3, mlp_bias=0.4)[1] >= pm.n_layers * 2
 
 
 def test_uniform_reproduces_the_core_exactly() -> None:
@@ -199,7 +206,7 @@ def test_units_per_head_default_and_a_ratios_file_keeps_its_f(tmp_path: Path) ->
     flip = torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)
     assert torch.allclose(unit_importance(g * flip, None), unit_importance(g, None))
     assert torch.allclose(unit_importance(g, None), g.pow(2).sum(0).reshape(-1))
-    assert torch.allclose(unit_importance(g, 1), g.sum(-1).pow(2).sum(0).reshape(-1))
+    assert torch.allclose(unit_importance(g), g.sum(-1).pow(2).sum(0).reshape(-1))  # default: f = 1
     assert not torch.allclose(unit_importance(g * flip, 1), unit_importance(g, 1))
 
     model = make_tiny("llama-gqa")
@@ -219,5 +226,10 @@ def test_units_per_head_default_and_a_ratios_file_keeps_its_f(tmp_path: Path) ->
     assert rec["units_per_head"] == h and [list(r) for r in again.layer_ratios] == fh["layer_ratios"]
     with pytest.raises(IntraSliceError, match=f"units_per_head {h}; asked for global_pca with 1"):
         estimate_allocation(model, 0.3, "global_pca", saved=saved, units_per_head=1)
+    # refused before the gradients: without tokens the estimator would fail for want of them
     with pytest.raises(IntraSliceError, match="--units-per-head 0 does not divide"):
-        estimate_allocation(model, 0.3, "global_pca", tokens, units_per_head=0, progress=False)
+        estimate_allocation(model, 0.3, "global_pca", None, units_per_head=0, progress=False)
+    with pytest.raises(IntraSliceError, match=f"--units-per-head 3 does not divide head_dim {h}"):
+        estimate_allocation(model, 0.3, "global_pca", None, units_per_head=3, progress=False)
+    with pytest.raises(IntraSliceError, match="--units-per-head 0"):
+        estimate_allocation(model, 0.3, "uniform", units_per_head=0)

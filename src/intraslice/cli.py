@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="attention units per head f (global modes; default 1, or the --ratios file's f; "
-        "the head dim: one unit per PCA direction)",
+        "the head dim: one unit per dimension, per PCA direction in global_pca)",
     )
     p.add_argument("--mlp-bias", type=float, default=1.0, help="β: share of the reduction taken by the MLP")
     p.add_argument("--max-layer-ratio", type=float, default=0.8, help="per-layer ratio cap (excess redistributed)")
@@ -329,10 +329,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from . import stages
     from .algo.allocation import Allocation
+    from .arch import get_arch
     from .checkpoint import SourceCheckpoint
     from .config import PruneConfig, check_ratio, default_allocation
     from .data import calibration_windows, check_repeat_share, with_repeated_spans
-    from .importance import load_ratios_file
+    from .importance import check_units_per_head, load_ratios_file
     from .models import parse_dtype
     from .params import parse_target_params, ratio_for_target
     from .pipeline import distributed as dist
@@ -404,6 +405,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     # -- plan ---------------------------------------------------------------------------------
     saved = load_ratios_file(args.ratios, ckpt.config) if args.ratios else None
+    if args.units_per_head is not None:  # a bad f is refused before the dense evaluation, not after it
+        check_units_per_head(args.units_per_head, get_arch(ckpt.config).dims(ckpt.config)["head_dim"], args.allocation)
     estimator = args.allocation != "uniform" and not (saved and saved.get("importance"))
     plan = stages.plan(
         ckpt,

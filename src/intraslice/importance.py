@@ -444,6 +444,12 @@ def importances(
     return att, mlp
 
 
+def check_units_per_head(units_per_head: int, head_dim: int, mode: str = "global_pca") -> None:
+    """Refuse an f that cannot split a head (global modes) or is not positive (any mode)."""
+    if units_per_head < 1 or (mode != "uniform" and head_dim % units_per_head):
+        raise IntraSliceError(f"--units-per-head {units_per_head} does not divide head_dim {head_dim}")
+
+
 def estimate_allocation(
     model: nn.Module,
     ratio: float,
@@ -483,11 +489,9 @@ def estimate_allocation(
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
     if units_per_head is None:  # f = 1, or the f a ratios file's importances were summed with
-        reused = saved is not None and saved.get("importance") and saved.get("units_per_head")
+        reused = mode != "uniform" and saved is not None and saved.get("importance") and saved.get("units_per_head")
         units_per_head = int(saved["units_per_head"]) if reused else DEFAULT_UNITS_PER_HEAD
-    if mode != "uniform" and (units_per_head < 1 or dims["head_dim"] % units_per_head):
-        # before the mask gradients (minutes), not after them
-        raise IntraSliceError(f"--units-per-head {units_per_head} does not divide head_dim {dims['head_dim']}")
+    check_units_per_head(units_per_head, dims["head_dim"], mode)  # before the mask gradients (minutes)
     pm = param_model(dims, units_per_head, arch.qkv_bias(model.config), arch.mlp_bias(model.config), arch.mlp_matrices)
     record: dict[str, Any] = {
         "mode": mode,

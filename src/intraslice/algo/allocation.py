@@ -169,7 +169,7 @@ def rotate_head_gradients(grads: torch.Tensor, bases: torch.Tensor) -> torch.Ten
     return torch.einsum("ghk,hkc->ghc", grads.to(torch.float64), bases.to(torch.float64))
 
 
-def unit_importance(grads: torch.Tensor, units_per_head: int | None = None) -> torch.Tensor:
+def unit_importance(grads: torch.Tensor, units_per_head: int | None = 1) -> torch.Tensor:
     """Importance of each unit: sum over groups of (sum of the unit's gradient components)^2.
 
     ``grads``: (groups, n_heads, h) -> (n_heads * f,) with units of h/f consecutive components
