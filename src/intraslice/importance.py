@@ -475,9 +475,9 @@ def estimate_allocation(
     ``units_per_head`` f splits each head into f units of h/f dimensions; None is the
     default, f = 1 (a unit is a head, as the method specifies), or the f a ratios file's
     importances were summed with. **Decision (default, 2026-12-03)**: f = h (every PCA
-    direction its own unit) prunes to lower perplexity on both built-in models but copies
-    worse on every pair measured (BENCHMARKS.md, "The same study on Qwen2.5-Coder-0.5B, and
-    the defaults"), so the default stays the spec's f = 1 and f = h is an option.
+    direction its own unit) prunes to lower perplexity on both built-in models (five of six
+    pairs) but copies worse on five of six (BENCHMARKS.md, "The same study on
+    Qwen2.5-Coder-0.5B, and the defaults"), so the default stays the spec's f = 1.
 
     ``saved`` is the ``allocation`` record of an earlier run (its importances): with it no
     gradient is recomputed, and a different ``ratio`` re-runs only the budget.
