@@ -328,12 +328,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from . import stages
-    from .algo.allocation import Allocation
+    from .algo.allocation import Allocation, check_units_per_head
     from .arch import get_arch
     from .checkpoint import SourceCheckpoint
     from .config import PruneConfig, check_ratio, default_allocation
     from .data import calibration_windows, check_repeat_share, with_repeated_spans
-    from .importance import check_units_per_head, load_ratios_file
+    from .importance import load_ratios_file
     from .models import parse_dtype
     from .params import parse_target_params, ratio_for_target
     from .pipeline import distributed as dist

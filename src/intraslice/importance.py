@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .algo.allocation import (
     Allocation,
     allocate,
+    check_units_per_head,
     param_model,
     rotate_head_gradients,
     uniform_allocation,
@@ -442,12 +443,6 @@ def importances(
         att.append(unit_importance(g, units_per_head))
     mlp = [mg.mlp[:, li].pow(2).sum(0) for li in range(n_l)]
     return att, mlp
-
-
-def check_units_per_head(units_per_head: int, head_dim: int, mode: str = "global_pca") -> None:
-    """Refuse an f that cannot split a head (global modes) or is not positive (any mode)."""
-    if units_per_head < 1 or (mode != "uniform" and head_dim % units_per_head):
-        raise IntraSliceError(f"--units-per-head {units_per_head} does not divide head_dim {head_dim}")
 
 
 def estimate_allocation(

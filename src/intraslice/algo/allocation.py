@@ -169,6 +169,12 @@ def rotate_head_gradients(grads: torch.Tensor, bases: torch.Tensor) -> torch.Ten
     return torch.einsum("ghk,hkc->ghc", grads.to(torch.float64), bases.to(torch.float64))
 
 
+def check_units_per_head(units_per_head: int, head_dim: int, mode: str = "global_pca") -> None:
+    """Refuse an f that cannot split a head (global modes) or is not positive (any mode)."""
+    if units_per_head < 1 or (mode != "uniform" and head_dim % units_per_head):
+        raise IntraSliceError(f"--units-per-head {units_per_head} does not divide head_dim {head_dim}")
+
+
 def unit_importance(grads: torch.Tensor, units_per_head: int | None = 1) -> torch.Tensor:
     """Importance of each unit: sum over groups of (sum of the unit's gradient components)^2.
 
@@ -178,7 +184,6 @@ def unit_importance(grads: torch.Tensor, units_per_head: int | None = 1) -> torc
     g, n_h, h = grads.shape
     if units_per_head is None:
         units_per_head = h
-    if units_per_head < 1 or h % units_per_head:
-        raise IntraSliceError(f"--units-per-head {units_per_head} does not divide head_dim {h}")
+    check_units_per_head(units_per_head, h)
     sums = grads.reshape(g, n_h, units_per_head, h // units_per_head).sum(-1)
     return sums.pow(2).sum(0).reshape(-1)
