@@ -107,9 +107,10 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
     # every variant reuses the importances of the first ratio's unconstrained run (pruned first)
     first = work / f"per-kv-group-r{args.ratios[0]}"
     chosen = ["per-kv-group", *[v for v in args.variants if v != "per-kv-group"]]
+    options = {**VARIANTS, **EXTRA}
     for ratio in args.ratios:
         for variant in chosen:
-            extra = {**VARIANTS, **EXTRA}[variant]
+            extra = options[variant]
             key = f"{variant}@{ratio}"
             model_dir = work / f"{variant}-r{ratio}"
             if key in models:

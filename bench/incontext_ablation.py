@@ -230,8 +230,10 @@ def same_importances(
 def save(out: Path, results: dict[str, Any]) -> None:
     """Write the results, keeping rows another run of this script added since we read the file
     (two runs on two cores share one results file; give them disjoint ``--only`` lists)."""
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # read-merge-replace as one step against the other run
+    # the lock is on the results directory itself: no lock file is left beside the results
+    folder = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # read-merge-replace as one step against the other run
         if out.exists():
             on_disk = json.loads(out.read_text()).get("rows", {})
             merged = {**on_disk, **results["rows"]}
@@ -240,6 +242,8 @@ def save(out: Path, results: dict[str, Any]) -> None:
         tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         os.replace(tmp, out)
+    finally:
+        os.close(folder)  # closing the descriptor releases the lock
 
 
 def dir_name(key: str) -> str:
