@@ -44,10 +44,40 @@ from _common import BUILTIN_MODELS, ROOT, update_benchmarks_md
 PY = sys.executable
 
 
-def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any]]:
-    """name -> how to prune it: ``layers`` (att, mlp) uniform per layer, or ``ratio`` + CLI options."""
+def mlp_bias_for(share: float, att_over_mlp: float) -> str:
+    """The β that makes attention lose ``share`` x the target ratio (the MLP takes the rest).
+
+    Attention removes share * ratio * P_att, so the MLP removes ratio * (P_mlp + (1 - share) * P_att):
+    β = 1 + (1 - share) * P_att / P_mlp. The same share means the same thing on every model,
+    where one β does not (SmolLM2's MLP holds 75% of a layer, Qwen2.5's 87.7%).
+    """
+    return f"{1.0 + (1.0 - share) * att_over_mlp:.4f}"
+
+
+def variants(att: float, ratio: float, head_dim: int, att_over_mlp: float = 1 / 3) -> dict[str, dict[str, Any]]:
+    """name -> how to prune it: ``layers`` (att, mlp) uniform per layer, or ``ratio`` + CLI options.
+
+    ``att_over_mlp``: the model's attention / MLP decoder-parameter ratio (for the attention-share rows).
+    """
     width = round((1 - att) * head_dim / 8) * 8
     a = {"layers": (att, 0.0)}
+    qs = ["--rope-score", "attention", "--units-per-head", "1"]  # the quick start's estimator and score
+    shares = {
+        f"quick start (0.2), attention share {s}": {
+            "ratio": 0.2,
+            "options": [*qs, "--mlp-bias", mlp_bias_for(s, att_over_mlp)],
+        }
+        for s in (0.5, 0.25)
+    }
+    shares.update(
+        {
+            f"global_pca, attention share {s}": {
+                "ratio": ratio,
+                "options": [*qs, "--mlp-bias", mlp_bias_for(s, att_over_mlp)],
+            }
+            for s in (0.5, 0.25)
+        }
+    )
     return {
         "attn spec": {**a, "options": []},
         "attn heads-only": {**a, "options": ["--head-width", str(head_dim)]},
@@ -112,6 +142,9 @@ def variants(att: float, ratio: float, head_dim: int) -> dict[str, dict[str, Any
             "ratio": ratio,
             "options": ["--rope-score", "attention", "--calib-repeat", "0.25", "--calib-repeat-estimator"],
         },
+        # attention loses only a share of the target ratio, the MLP the rest (issue #14: attention
+        # pruning is what costs copying; the estimator still spreads each budget over the layers)
+        **shares,
     }
 
 
@@ -269,6 +302,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from intraslice import stages
+    from intraslice.algo.allocation import param_model
     from intraslice.arch import get_arch
 
     tag = BUILTIN_MODELS[args.model][0] if args.model in BUILTIN_MODELS else Path(args.model).name
@@ -287,9 +321,12 @@ def main() -> int:
     work = Path(args.work_dir) / tag
     if not args.report_only:
         ckpt = stages.load(args.model)
-        head_dim = get_arch(ckpt.config).dims(ckpt.config)["head_dim"]
+        arch = get_arch(ckpt.config)
+        dims = arch.dims(ckpt.config)
+        pm = param_model(dims, 1, arch.qkv_bias(ckpt.config), arch.mlp_bias(ckpt.config), arch.mlp_matrices)
+        att_over_mlp = pm.units_per_layer * pm.attn_per_unit / (pm.neurons_per_layer * pm.mlp_per_neuron)
         del ckpt
-        table = variants(args.att_ratio, args.ratio, head_dim)
+        table = variants(args.att_ratio, args.ratio, dims["head_dim"], att_over_mlp)
         if "dense" not in rows:
             rows["dense"] = evaluate(None, work / "dense", args)
             save(out, results)
