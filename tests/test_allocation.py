@@ -12,6 +12,7 @@ from intraslice import IntraSliceError, PruneConfig, prune
 from intraslice.algo.allocation import (
     allocate,
     cap_and_redistribute,
+    mlp_bias_for_share,
     param_model,
     rotate_head_gradients,
     split_budget,
@@ -152,6 +153,46 @@ def test_bad_budget_inputs_are_clear_errors() -> None:
     with pytest.raises(IntraSliceError, match="no room for attention"):
         split_budget(pm, 0.3, mlp_bias=0.3)
     assert split_budget(pm, 0.3, mlp_bias=0.4)[1] >= pm.n_layers * 2
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 1.0, 1.5])
+def test_attention_share_splits_the_budget(share: float) -> None:
+    """Attention loses share x ratio of its parameters, the MLP the rest, the total the ratio.
+
+    Counted here from the kept units and neurons, against the share asked for (floors: two
+    units of slack); share 1 is exactly the spec's β = 1.
+    """
+    dims = {"d": 64, "n_heads": 4, "n_kv": 2, "head_dim": 16, "m": 160, "n_layers": 32}
+    pm = param_model(dims, f=2)
+    att_total = pm.n_layers * pm.units_per_layer  # 256 units of 1536 parameters
+    mlp_total = pm.n_layers * pm.neurons_per_layer  # 5120 neurons of 192 parameters
+    n_mlp, n_att = split_budget(pm, 0.3, mlp_bias_for_share(pm, share))
+    att_removed = (att_total - n_att) * 1536
+    mlp_removed = (mlp_total - n_mlp) * 192
+    assert att_removed / (att_total * 1536) == pytest.approx(share * 0.3, abs=2 / att_total)
+    assert (att_removed + mlp_removed) / (att_total * 1536 + mlp_total * 192) == pytest.approx(0.3, abs=1e-3)
+    if share == 1.0:
+        assert mlp_bias_for_share(pm, share) == 1.0
+
+
+def test_attention_share_in_the_estimator() -> None:
+    model = make_tiny("llama-gqa")
+    c = model.config
+    h, n_h, n_kv, d, m = c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.intermediate_size
+    att, mlp = 2 * d * n_h * h + 2 * d * n_kv * h, 3 * d * m  # one layer's attention and MLP parameters
+    # the share and β together, or a split that cannot be, fail before any gradient (tokens=None)
+    with pytest.raises(IntraSliceError, match="not both"):
+        estimate_allocation(model, 0.3, "global_pca", attention_share=0.5, mlp_bias=1.2)
+    with pytest.raises(IntraSliceError, match=r"--attention-share 4\.0 leaves no room for attention"):
+        estimate_allocation(model, 0.3, "global_pca", attention_share=4.0)
+    alloc, record = estimate_allocation(
+        model, 0.3, "global_pca", tokens=calib_tokens(2, 16), attention_share=0.5, progress=False
+    )
+    assert record["attention_share"] == 0.5
+    assert record["mlp_bias"] == pytest.approx(1 + 0.5 * att / mlp)
+    mean_att = sum(a for a, _ in alloc.layer_ratios) / len(alloc.layer_ratios)
+    assert mean_att == pytest.approx(0.15, abs=1 / n_h)  # f = 1: one head is the step
+    assert alloc.planned_ratio == pytest.approx(0.3, abs=0.02)
 
 
 def test_uniform_reproduces_the_core_exactly() -> None:

@@ -227,6 +227,9 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
         (["--max-layer-ratio", "0.2"], "cap 0.2 is below the target ratio 0.3"),
         (["--mlp-bias", "-3"], "no room for attention"),
         (["--units-per-head", "3"], "does not divide head_dim 16"),
+        (["--attention-share", "0.5", "--mlp-bias", "1.2"], "not both"),
+        (["--attention-share", "-1"], "--attention-share must be >= 0"),
+        (["--attention-share", "4"], "--attention-share 4.0 leaves no room for attention"),
     ],
 )
 def test_allocation_errors(capsys, tiny_model_dir: Path, calib_file: Path, tmp_path: Path, extra, needle) -> None:

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the head dim: one unit per dimension, per PCA direction in global_pca)",
     )
     p.add_argument("--mlp-bias", type=float, default=1.0, help="β: share of the reduction taken by the MLP")
+    p.add_argument(
+        "--attention-share",
+        type=float,
+        default=None,
+        help="attention loses this share of the ratio, the MLP the rest (instead of --mlp-bias; "
+        "1 = β 1; the same split on every model)",
+    )
     p.add_argument("--max-layer-ratio", type=float, default=0.8, help="per-layer ratio cap (excess redistributed)")
     p.add_argument("--group-size", type=int, default=8, help="calibration samples per gradient group")
     p.add_argument(
@@ -407,6 +414,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     saved = load_ratios_file(args.ratios, ckpt.config) if args.ratios else None
     if args.units_per_head is not None:  # a bad f is refused before the dense evaluation, not after it
         check_units_per_head(args.units_per_head, get_arch(ckpt.config).dims(ckpt.config)["head_dim"], args.allocation)
+    if args.attention_share is not None and args.mlp_bias != 1.0:
+        raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
     estimator = args.allocation != "uniform" and not (saved and saved.get("importance"))
     plan = stages.plan(
         ckpt,
@@ -443,6 +452,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"--target-params {args.target_params} of the {args.target_of}: decoder ratio {cfg.ratio:.4f}")
     if args.target_speedup is not None and not args.target_speedup > 1.0:
         raise IntraSliceError(f"--target-speedup must be > 1, got {args.target_speedup}")
+    if args.allocation != "uniform" and args.target_speedup is None:  # an impossible split: now, not after minutes
+        from .importance import resolve_split
+
+        resolve_split(
+            ckpt.config, cfg.ratio, args.allocation, args.units_per_head, args.mlp_bias, args.attention_share, saved
+        )
 
     def proceed() -> int:
         """Everything after the checkpoint is open: its errors decide what is kept (below)."""
@@ -518,6 +533,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     resident=plan.policy.get("estimator_weights") == "resident",
                     units_per_head=args.units_per_head,
                     mlp_bias=args.mlp_bias,
+                    attention_share=args.attention_share,
                     cap=args.max_layer_ratio,
                     group_size=args.group_size,
                     grad_samples=args.grad_samples,

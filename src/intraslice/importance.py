@@ -40,10 +40,13 @@ from tqdm.auto import tqdm
 
 from .algo.allocation import (
     Allocation,
+    ParamModel,
     allocate,
     check_units_per_head,
+    mlp_bias_for_share,
     param_model,
     rotate_head_gradients,
+    split_budget,
     uniform_allocation,
     unit_importance,
 )
@@ -445,6 +448,41 @@ def importances(
     return att, mlp
 
 
+def resolve_split(
+    config: Any,
+    ratio: float,
+    mode: str,
+    units_per_head: int | None = None,
+    mlp_bias: float = 1.0,
+    attention_share: float | None = None,
+    saved: dict[str, Any] | None = None,
+) -> tuple[int, ParamModel, float, str | None]:
+    """(f, parameter model, β, the option that set β) of an allocation, checked before any gradient.
+
+    f is ``units_per_head``, or the f of a ratios file's importances, or the default 1. The
+    split between attention and MLP is β (``mlp_bias``) or, given an ``attention_share``, the
+    β of that share; both together are refused. Raises :class:`IntraSliceError` when f does
+    not divide the head or the split cannot reach ``ratio`` (the CLI calls this before its
+    dense evaluation, :func:`estimate_allocation` before its mask gradients).
+    """
+    arch = get_arch(config)
+    dims = arch.dims(config)
+    if units_per_head is None:  # f = 1, or the f a ratios file's importances were summed with
+        reused = mode != "uniform" and saved is not None and saved.get("importance") and saved.get("units_per_head")
+        units_per_head = int(saved["units_per_head"]) if reused else DEFAULT_UNITS_PER_HEAD
+    check_units_per_head(units_per_head, dims["head_dim"], mode)
+    pm = param_model(dims, units_per_head, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
+    option = None
+    if attention_share is not None:
+        if mlp_bias != 1.0:
+            raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
+        mlp_bias = mlp_bias_for_share(pm, attention_share)
+        option = f"--attention-share {attention_share}"
+    if mode != "uniform":
+        split_budget(pm, ratio, mlp_bias, option)
+    return units_per_head, pm, mlp_bias, option
+
+
 def estimate_allocation(
     model: nn.Module,
     ratio: float,
@@ -454,6 +492,7 @@ def estimate_allocation(
     mlp_bias: float = 1.0,
     cap: float = 0.8,
     group_size: int = 8,
+    attention_share: float | None = None,
     device: str | torch.device = "cpu",
     checkpointing: bool = False,
     progress: bool = True,
@@ -474,6 +513,10 @@ def estimate_allocation(
     pairs) but copies worse on five of six (BENCHMARKS.md, "The same study on
     Qwen2.5-Coder-0.5B, and the defaults"), so the default stays the spec's f = 1.
 
+    ``attention_share`` A (instead of ``mlp_bias`` β): attention loses A x ``ratio`` of its
+    parameters and the MLP the rest (:func:`~intraslice.algo.allocation.mlp_bias_for_share`);
+    the estimator still spreads each budget over the layers.
+
     ``saved`` is the ``allocation`` record of an earlier run (its importances): with it no
     gradient is recomputed, and a different ``ratio`` re-runs only the budget.
     ``checkpointing`` (ignored), ``onload``, ``offload`` and ``resident`` are passed to
@@ -483,15 +526,14 @@ def estimate_allocation(
         raise IntraSliceError(f"unknown allocation {mode!r}: use one of {', '.join(MODES)}")
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
-    if units_per_head is None:  # f = 1, or the f a ratios file's importances were summed with
-        reused = mode != "uniform" and saved is not None and saved.get("importance") and saved.get("units_per_head")
-        units_per_head = int(saved["units_per_head"]) if reused else DEFAULT_UNITS_PER_HEAD
-    check_units_per_head(units_per_head, dims["head_dim"], mode)  # before the mask gradients (minutes)
-    pm = param_model(dims, units_per_head, arch.qkv_bias(model.config), arch.mlp_bias(model.config), arch.mlp_matrices)
+    units_per_head, pm, mlp_bias, option = resolve_split(
+        model.config, ratio, mode, units_per_head, mlp_bias, attention_share, saved
+    )  # a bad f or an impossible split fails here, before the mask gradients (minutes)
     record: dict[str, Any] = {
         "mode": mode,
         "units_per_head": units_per_head,
         "mlp_bias": mlp_bias,
+        "attention_share": attention_share,
         "cap": cap,
         "dims": dims,
     }
@@ -532,7 +574,7 @@ def estimate_allocation(
             )
             att, mlp = importances(mg, mode, units_per_head)
             record.update({"gradient_samples": mg.samples, "group_size": group_size, "estimator_seconds": mg.seconds})
-        alloc = allocate(att, mlp, pm, ratio, mlp_bias, cap)
+        alloc = allocate(att, mlp, pm, ratio, mlp_bias, cap, option)
         record["importance"] = {"attention": [a.tolist() for a in att], "mlp": [x.tolist() for x in mlp]}
     record.update(
         {

@@ -63,27 +63,45 @@ class Allocation:
     planned_ratio: float
 
 
-def split_budget(pm: ParamModel, ratio: float, mlp_bias: float = 1.0) -> tuple[int, int]:
+def mlp_bias_for_share(pm: ParamModel, share: float) -> float:
+    """The β at which attention loses ``share`` x the target ratio and the MLP the rest.
+
+    Attention removes share * ratio * P_att, so the MLP removes ratio * (P_mlp + (1 - share) P_att):
+    β = 1 + (1 - share) P_att / P_mlp, whatever the ratio. Why a share and not β: one β means
+    different things on different models (β = 1.2 asks SmolLM2's attention, 25% of a layer,
+    to lose 0.4 x the ratio, and Qwen2.5-0.5B's, 12.3% of a layer, to grow), while a share
+    means the same split everywhere (share 1 is β = 1, the method as specified).
+    """
+    if not share >= 0.0:
+        raise IntraSliceError(f"--attention-share must be >= 0, got {share}")
+    att = pm.units_per_layer * pm.attn_per_unit
+    mlp = pm.neurons_per_layer * pm.mlp_per_neuron
+    return 1.0 + (1.0 - share) * att / mlp
+
+
+def split_budget(pm: ParamModel, ratio: float, mlp_bias: float = 1.0, option: str | None = None) -> tuple[int, int]:
     """(N_mlp, N_att): neurons and attention units kept globally for a target ratio.
 
     N_mlp = floor(L m (1 - (1 - c) beta)); N_att = floor((c P0 - N_mlp p_n) / p_h), c = 1 - ratio.
+    ``option`` names what set β in the errors (default ``--mlp-bias β``).
     """
+    option = option or f"--mlp-bias {mlp_bias}"
     c = 1.0 - ratio
     total_neurons = pm.n_layers * pm.neurons_per_layer
     total_units = pm.n_layers * pm.units_per_layer
     n_mlp = math.floor(total_neurons * (1.0 - (1.0 - c) * mlp_bias))
     if n_mlp < 0:
-        raise IntraSliceError(f"--mlp-bias {mlp_bias} removes more than every MLP neuron at ratio {ratio}")
+        raise IntraSliceError(f"{option} removes more than every MLP neuron at ratio {ratio}")
     n_mlp = min(n_mlp, total_neurons)
     n_att = math.floor((c * pm.total - n_mlp * pm.mlp_per_neuron) / pm.attn_per_unit)
     if n_att < pm.n_layers * pm.units_per_head:  # less than one head's worth per layer
         raise IntraSliceError(
-            f"--mlp-bias {mlp_bias} leaves no room for attention at ratio {ratio}: "
+            f"{option} leaves no room for attention at ratio {ratio}: "
             f"the MLP alone would keep {n_mlp * pm.mlp_per_neuron / pm.total:.1%} of the parameters"
         )
     if n_att > total_units:
         raise IntraSliceError(
-            f"--mlp-bias {mlp_bias} cannot reach ratio {ratio}: attention would need {n_att} of {total_units} units"
+            f"{option} cannot reach ratio {ratio}: attention would need {n_att} of {total_units} units"
         )
     return n_mlp, n_att
 
@@ -130,13 +148,17 @@ def allocate(
     ratio: float,
     mlp_bias: float = 1.0,
     cap: float = 0.8,
+    option: str | None = None,
 ) -> Allocation:
-    """Global top-k of units and neurons, per-layer ratios, capped and redistributed."""
+    """Global top-k of units and neurons, per-layer ratios, capped and redistributed.
+
+    ``option``: what set ``mlp_bias``, for the errors (see :func:`split_budget`).
+    """
     if not 0.0 < cap <= 0.95:
         raise IntraSliceError(f"--max-layer-ratio must be in (0, 0.95], got {cap}")
     if ratio > cap:
         raise IntraSliceError(f"per-layer cap {cap} is below the target ratio {ratio}: no allocation fits")
-    n_mlp, n_att = split_budget(pm, ratio, mlp_bias)
+    n_mlp, n_att = split_budget(pm, ratio, mlp_bias, option)
     kept_units = top_k_per_layer(att_importance, n_att)
     kept_neurons = top_k_per_layer(mlp_importance, n_mlp)
     att = [1.0 - k / pm.units_per_layer for k in kept_units]
