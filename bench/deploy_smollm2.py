@@ -65,6 +65,9 @@ VARIANTS: dict[str, list[str]] = {
 EXTRA: dict[str, list[str]] = {
     "llamacpp-w56": ["--deploy", "llamacpp", "--head-width", "56"],
     "llamacpp-w48": ["--deploy", "llamacpp", "--head-width", "48"],
+    # attention loses half the ratio, the MLP the rest (issue #14's split), unconstrained and llamacpp
+    "per-kv-group-a0.5": ["--attention-share", "0.5"],
+    "llamacpp-a0.5": ["--deploy", "llamacpp", "--attention-share", "0.5"],
 }
 CACHE = Path(os.environ.get("INTRASLICE_CACHE", Path.home() / ".cache" / "intraslice"))
 SDIST = CACHE / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
@@ -116,12 +119,14 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
             if key in models:
                 continue
             if not (model_dir / "intraslice.json").exists():
-                reuse = ["--ratios", str(first / "intraslice.json")] if model_dir != first else []
+                # (the importances do not depend on the split; a lost work dir recomputes them)
+                reuse = ["--ratios", str(first / "intraslice.json")] if (first / "intraslice.json").exists() else []
                 t = time.perf_counter()
                 run(
                     [PY, "-m", "intraslice", "prune", "--model", args.model, "--ratio", str(ratio),
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-eval", "--no-incontext",
-                     "--no-progress", "--overwrite", "--units-per-head", "1", "--out", str(model_dir), *reuse, *extra]
+                     "--no-progress", "--overwrite", "--units-per-head", "1", "--out", str(model_dir), *reuse, *extra,
+                     *([] if "--attention-share" in extra else ["--attention-share", "1"])]  # beta = 1 unless named
                 )  # fmt: skip
                 (model_dir / "bench-prune-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
             report = json.loads((model_dir / "intraslice.json").read_text())
