@@ -12,6 +12,7 @@ from intraslice import IntraSliceError, PruneConfig, prune
 from intraslice.algo.allocation import (
     allocate,
     cap_and_redistribute,
+    joint_attention_share,
     mlp_bias_for_share,
     param_model,
     rotate_head_gradients,
@@ -193,6 +194,50 @@ def test_attention_share_in_the_estimator() -> None:
     mean_att = sum(a for a, _ in alloc.layer_ratios) / len(alloc.layer_ratios)
     assert mean_att == pytest.approx(0.15, abs=1 / n_h)  # f = 1: one head is the step
     assert alloc.planned_ratio == pytest.approx(0.3, abs=0.02)
+
+
+def test_joint_share_is_the_cheapest_parameters_first() -> None:
+    """The auto split against a plain greedy knapsack written out here, and two hand cases."""
+    dims = {"d": 64, "n_heads": 4, "n_kv": 2, "head_dim": 16, "m": 160, "n_layers": 3}
+    pm = param_model(dims, f=2)  # 8 units of 1536 parameters and 160 neurons of 192 per layer
+    gen = torch.Generator().manual_seed(0)
+    att = [torch.rand(8, generator=gen, dtype=torch.float64) * 1e-3 for _ in range(3)]
+    mlp = [torch.rand(160, generator=gen, dtype=torch.float64) * 1e-4 for _ in range(3)]
+    entries = sorted(
+        [(float(v) / 1536, 1536, True) for a in att for v in a] + [(float(v) / 192, 192, False) for m in mlp for v in m]
+    )
+    budget, spent, att_gone = 0.3 * pm.total, 0, 0
+    for _, size, is_att in entries:
+        if spent + size > budget:
+            break
+        spent += size
+        att_gone += size if is_att else 0
+    assert joint_attention_share(att, mlp, pm, 0.3) == pytest.approx(att_gone / (24 * 1536) / 0.3)
+    # attention far dearer than the MLP, which can pay alone: attention keeps everything
+    dear = [torch.ones(8, dtype=torch.float64)] * 3
+    assert joint_attention_share(dear, mlp, pm, 0.3) == 0.0
+    # attention far cheaper: it goes first, all of it (24 x 1536 = 36864 of the 0.3 x 129024 = 38707 budget)
+    cheap = [torch.full((8,), 1e-12, dtype=torch.float64)] * 3
+    assert joint_attention_share(cheap, mlp, pm, 0.3) == pytest.approx(36864 / 36864 / 0.3)
+
+
+def test_auto_share_in_the_estimator() -> None:
+    model = make_tiny("llama-gqa")
+    with pytest.raises(IntraSliceError, match="needs a global allocation"):
+        estimate_allocation(model, 0.3, "uniform", attention_share="auto")
+    alloc, record = estimate_allocation(
+        model, 0.3, "global_pca", tokens=calib_tokens(2, 16), attention_share="auto", progress=False
+    )
+    att = [torch.tensor(x, dtype=torch.float64) for x in record["importance"]["attention"]]
+    mlp = [torch.tensor(x, dtype=torch.float64) for x in record["importance"]["mlp"]]
+    dims = record["dims"]
+    pm = param_model(dims, record["units_per_head"])
+    assert record["attention_share"] == "auto"
+    joint = joint_attention_share(att, mlp, pm, 0.3)
+    assert abs(record["attention_share_chosen"] - joint) <= 1.0  # moved only as far as feasibility asks
+    assert record["mlp_bias"] == pytest.approx(mlp_bias_for_share(pm, record["attention_share_chosen"]))
+    mean_att = sum(a for a, _ in alloc.layer_ratios) / len(alloc.layer_ratios)
+    assert mean_att == pytest.approx(record["attention_share_chosen"] * 0.3, abs=1 / dims["n_heads"])
 
 
 def test_uniform_reproduces_the_core_exactly() -> None:

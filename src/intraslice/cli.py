@@ -42,6 +42,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, float64 or auto (the checkpoint's)")
 
 
+def share_arg(text: str) -> float | str:
+    """``--attention-share``: a number, or ``auto`` (the split the estimator's ranking chooses)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="intraslice", description="Structured pruning of LLMs with block-intra PCA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-bias", type=float, default=1.0, help="β: share of the reduction taken by the MLP")
     p.add_argument(
         "--attention-share",
-        type=float,
+        type=share_arg,
         default=None,
         help="attention loses this share of the ratio, the MLP the rest (instead of --mlp-bias; "
-        "1 = β 1; the same split on every model)",
+        "1 = β 1; the same split on every model); auto: the share one ranking of every unit and "
+        "neuron by importance per parameter chooses",
     )
     p.add_argument("--max-layer-ratio", type=float, default=0.8, help="per-layer ratio cap (excess redistributed)")
     p.add_argument("--group-size", type=int, default=8, help="calibration samples per gradient group")

@@ -43,6 +43,7 @@ from .algo.allocation import (
     ParamModel,
     allocate,
     check_units_per_head,
+    joint_attention_share,
     mlp_bias_for_share,
     param_model,
     rotate_head_gradients,
@@ -448,13 +449,28 @@ def importances(
     return att, mlp
 
 
+def feasible_share(pm: ParamModel, ratio: float, share: float) -> float:
+    """``share`` moved into the range :func:`split_budget` accepts (one head per layer at least,
+    no more than every MLP neuron), in steps of 1%: an automatic split never fails the run."""
+    for step in range(101):
+        for candidate in (share - step / 100, share + step / 100):
+            if candidate < 0:
+                continue
+            try:
+                split_budget(pm, ratio, mlp_bias_for_share(pm, candidate))
+            except IntraSliceError:
+                continue
+            return candidate
+    raise IntraSliceError(f"no split of attention and MLP reaches ratio {ratio}")
+
+
 def resolve_split(
     config: Any,
     ratio: float,
     mode: str,
     units_per_head: int | None = None,
     mlp_bias: float = 1.0,
-    attention_share: float | None = None,
+    attention_share: float | str | None = None,
     saved: dict[str, Any] | None = None,
 ) -> tuple[int, ParamModel, float, str | None]:
     """(f, parameter model, β, the option that set β) of an allocation, checked before any gradient.
@@ -476,7 +492,13 @@ def resolve_split(
     if attention_share is not None:
         if mlp_bias != 1.0:
             raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
-        mlp_bias = mlp_bias_for_share(pm, attention_share)
+        if attention_share == "auto":
+            if mode == "uniform":
+                raise IntraSliceError(
+                    "--attention-share auto ranks the estimator's importances: it needs a global allocation"
+                )
+            return units_per_head, pm, mlp_bias, "--attention-share auto"  # chosen from the importances
+        mlp_bias = mlp_bias_for_share(pm, float(attention_share))
         option = f"--attention-share {attention_share}"
     if mode != "uniform":
         split_budget(pm, ratio, mlp_bias, option)
@@ -492,7 +514,7 @@ def estimate_allocation(
     mlp_bias: float = 1.0,
     cap: float = 0.8,
     group_size: int = 8,
-    attention_share: float | None = None,
+    attention_share: float | str | None = None,
     device: str | torch.device = "cpu",
     checkpointing: bool = False,
     progress: bool = True,
@@ -515,7 +537,9 @@ def estimate_allocation(
 
     ``attention_share`` A (instead of ``mlp_bias`` β): attention loses A x ``ratio`` of its
     parameters and the MLP the rest (:func:`~intraslice.algo.allocation.mlp_bias_for_share`);
-    the estimator still spreads each budget over the layers.
+    the estimator still spreads each budget over the layers. ``"auto"``: A from one ranking
+    of every unit and neuron by importance per parameter
+    (:func:`~intraslice.algo.allocation.joint_attention_share`).
 
     ``saved`` is the ``allocation`` record of an earlier run (its importances): with it no
     gradient is recomputed, and a different ``ratio`` re-runs only the budget.
@@ -574,6 +598,10 @@ def estimate_allocation(
             )
             att, mlp = importances(mg, mode, units_per_head)
             record.update({"gradient_samples": mg.samples, "group_size": group_size, "estimator_seconds": mg.seconds})
+        if attention_share == "auto":
+            chosen = feasible_share(pm, ratio, joint_attention_share(att, mlp, pm, ratio))
+            mlp_bias = mlp_bias_for_share(pm, chosen)
+            record.update({"attention_share_chosen": chosen, "mlp_bias": mlp_bias})
         alloc = allocate(att, mlp, pm, ratio, mlp_bias, cap, option)
         record["importance"] = {"attention": [a.tolist() for a in att], "mlp": [x.tolist() for x in mlp]}
     record.update(

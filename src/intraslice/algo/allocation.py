@@ -79,6 +79,32 @@ def mlp_bias_for_share(pm: ParamModel, share: float) -> float:
     return 1.0 + (1.0 - share) * att / mlp
 
 
+def joint_attention_share(
+    att_importance: list[torch.Tensor], mlp_importance: list[torch.Tensor], pm: ParamModel, ratio: float
+) -> float:
+    """The attention share of ``ratio`` that one ranking of every unit and neuron chooses.
+
+    A unit's importance is the squared first-order loss change of removing it (summed over
+    gradient groups), for an attention unit and an MLP neuron alike, so importance per
+    parameter is what one removed parameter costs. Removing the cheapest parameters first,
+    whatever module they sit in, until ``ratio`` of the decoder is gone, gives the split
+    that minimises the estimator's predicted loss; that split is returned as attention's
+    share A (attention ratio / ``ratio``), and :func:`allocate` then spreads each budget
+    over the layers as usual.
+    """
+    att = torch.cat([a.flatten().to(torch.float64) for a in att_importance])
+    mlp = torch.cat([m.flatten().to(torch.float64) for m in mlp_importance])
+    price = torch.cat([att / pm.attn_per_unit, mlp / pm.mlp_per_neuron])
+    size = torch.cat(
+        [torch.full_like(att, pm.attn_per_unit), torch.full_like(mlp, pm.mlp_per_neuron)]
+    )  # parameters per entry
+    order = torch.argsort(price, stable=True)
+    removed = torch.cumsum(size[order], 0) <= ratio * pm.total
+    gone = order[removed]
+    att_removed = float(size[gone][gone < att.numel()].sum())
+    return att_removed / (pm.n_layers * pm.units_per_layer * pm.attn_per_unit) / ratio if ratio > 0 else 1.0
+
+
 def split_budget(pm: ParamModel, ratio: float, mlp_bias: float = 1.0, option: str | None = None) -> tuple[int, int]:
     """(N_mlp, N_att): neurons and attention units kept globally for a target ratio.
 
