@@ -69,6 +69,7 @@ def variants(att: float, ratio: float, head_dim: int, att_over_mlp: float = 1 / 
         }
         for s in (0.5, 0.25)
     }
+    shares["quick start (0.2), attention share auto"] = {"ratio": 0.2, "options": [*qs, "--attention-share", "auto"]}
     shares.update(
         {
             f"global_pca, attention share {s}": {
@@ -78,6 +79,7 @@ def variants(att: float, ratio: float, head_dim: int, att_over_mlp: float = 1 / 
             for s in (0.5, 0.25)
         }
     )
+    shares["global_pca, attention share auto"] = {"ratio": ratio, "options": [*qs, "--attention-share", "auto"]}
     return {
         "attn spec": {**a, "options": []},
         "attn heads-only": {**a, "options": ["--head-width", str(head_dim)]},
@@ -251,10 +253,8 @@ def same_importances(
             raise SystemExit(f"{name} needs {spec['importances_from']!r} first (its importances)")
         return folder
     calib = calibration_options(spec["options"])
-    for other, o_spec in table.items():
-        if other == name:
-            return None
-        if "ratio" not in o_spec or "--allocation" in o_spec["options"]:
+    for other, o_spec in table.items():  # any variant: equal options give equal importances
+        if other == name or "ratio" not in o_spec or "--allocation" in o_spec["options"]:
             continue
         folder = work / dir_name(key_of(other, n, length, seed, args))
         if calibration_options(o_spec["options"]) == calib and (folder / "intraslice.json").exists():
