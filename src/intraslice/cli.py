@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention units per head f (global modes; default 1, or the --ratios file's f; "
         "the head dim: one unit per dimension, per PCA direction in global_pca)",
     )
-    p.add_argument("--mlp-bias", type=float, default=1.0, help="β: share of the reduction taken by the MLP")
+    p.add_argument(
+        "--mlp-bias",
+        type=float,
+        default=None,
+        help="β: share of the reduction taken by the MLP (default: --attention-share's)",
+    )
     p.add_argument(
         "--attention-share",
         type=share_arg,
@@ -425,7 +430,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     saved = load_ratios_file(args.ratios, ckpt.config) if args.ratios else None
     if args.units_per_head is not None:  # a bad f is refused before the dense evaluation, not after it
         check_units_per_head(args.units_per_head, get_arch(ckpt.config).dims(ckpt.config)["head_dim"], args.allocation)
-    if args.attention_share is not None and args.mlp_bias != 1.0:
+    if args.attention_share is not None and args.mlp_bias is not None:
         raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
     estimator = args.allocation != "uniform" and not (saved and saved.get("importance"))
     plan = stages.plan(

@@ -22,6 +22,10 @@ DEFAULT_GRAD_SAMPLES = 8
 #: Attention units per head in the global estimator (f): the spec's 1 (a unit is a head).
 #: f = h prunes to lower perplexity but copies worse (BENCHMARKS.md, issue #12 item 6).
 DEFAULT_UNITS_PER_HEAD = 1
+#: How the estimator splits the ratio between attention and MLP when neither --mlp-bias nor
+#: --attention-share is given: a share of the ratio for attention, or "auto" (docs/method.md
+#: section 4; the decision and its measurements are in BENCHMARKS.md, issue #14).
+DEFAULT_ATTENTION_SHARE: float | str = 1.0
 
 MAX_RATIO = 0.95
 METHODS = ("intraslice", "slicegpt", "channel")

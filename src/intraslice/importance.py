@@ -53,7 +53,7 @@ from .algo.allocation import (
 )
 from .algo.linalg import eigh_desc
 from .arch import ArchSpec, get_arch
-from .config import DEFAULT_GRAD_SAMPLES, DEFAULT_UNITS_PER_HEAD
+from .config import DEFAULT_ATTENTION_SHARE, DEFAULT_GRAD_SAMPLES, DEFAULT_UNITS_PER_HEAD
 from .errors import IntraSliceError, NonFiniteError
 from .memory import trim
 from .pipeline import distributed as dist
@@ -469,17 +469,20 @@ def resolve_split(
     ratio: float,
     mode: str,
     units_per_head: int | None = None,
-    mlp_bias: float = 1.0,
+    mlp_bias: float | None = None,
     attention_share: float | str | None = None,
     saved: dict[str, Any] | None = None,
-) -> tuple[int, ParamModel, float, str | None]:
-    """(f, parameter model, β, the option that set β) of an allocation, checked before any gradient.
+) -> tuple[int, ParamModel, float, str | None, float | str | None]:
+    """(f, parameter model, β, the option that set β, the attention share) of an allocation,
+    checked before any gradient.
 
     f is ``units_per_head``, or the f of a ratios file's importances, or the default 1. The
-    split between attention and MLP is β (``mlp_bias``) or, given an ``attention_share``, the
-    β of that share; both together are refused. Raises :class:`IntraSliceError` when f does
-    not divide the head or the split cannot reach ``ratio`` (the CLI calls this before its
-    dense evaluation, :func:`estimate_allocation` before its mask gradients).
+    split between attention and MLP is β (``mlp_bias``), or the β of an ``attention_share``
+    (a number, or ``"auto"``: chosen later from the importances, β is then a placeholder);
+    neither: :data:`~intraslice.config.DEFAULT_ATTENTION_SHARE`; both together are refused.
+    Raises :class:`IntraSliceError` when f does not divide the head or the split cannot
+    reach ``ratio`` (the CLI calls this before its dense evaluation,
+    :func:`estimate_allocation` before its mask gradients).
     """
     arch = get_arch(config)
     dims = arch.dims(config)
@@ -488,21 +491,24 @@ def resolve_split(
         units_per_head = int(saved["units_per_head"]) if reused else DEFAULT_UNITS_PER_HEAD
     check_units_per_head(units_per_head, dims["head_dim"], mode)
     pm = param_model(dims, units_per_head, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
+    if attention_share is not None and mlp_bias is not None:
+        raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
+    if attention_share is None and mlp_bias is None and mode != "uniform":
+        attention_share = DEFAULT_ATTENTION_SHARE
     option = None
+    if attention_share == "auto":
+        if mode == "uniform":
+            raise IntraSliceError(
+                "--attention-share auto ranks the estimator's importances: it needs a global allocation"
+            )
+        return units_per_head, pm, 1.0, "--attention-share auto", "auto"  # chosen from the importances
     if attention_share is not None:
-        if mlp_bias != 1.0:
-            raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
-        if attention_share == "auto":
-            if mode == "uniform":
-                raise IntraSliceError(
-                    "--attention-share auto ranks the estimator's importances: it needs a global allocation"
-                )
-            return units_per_head, pm, mlp_bias, "--attention-share auto"  # chosen from the importances
         mlp_bias = mlp_bias_for_share(pm, float(attention_share))
         option = f"--attention-share {attention_share}"
+    mlp_bias = 1.0 if mlp_bias is None else float(mlp_bias)
     if mode != "uniform":
         split_budget(pm, ratio, mlp_bias, option)
-    return units_per_head, pm, mlp_bias, option
+    return units_per_head, pm, mlp_bias, option, attention_share
 
 
 def estimate_allocation(
@@ -511,7 +517,7 @@ def estimate_allocation(
     mode: str = "global_pca",
     tokens: torch.Tensor | None = None,
     units_per_head: int | None = None,
-    mlp_bias: float = 1.0,
+    mlp_bias: float | None = None,
     cap: float = 0.8,
     group_size: int = 8,
     attention_share: float | str | None = None,
@@ -550,7 +556,7 @@ def estimate_allocation(
         raise IntraSliceError(f"unknown allocation {mode!r}: use one of {', '.join(MODES)}")
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
-    units_per_head, pm, mlp_bias, option = resolve_split(
+    units_per_head, pm, mlp_bias, option, attention_share = resolve_split(
         model.config, ratio, mode, units_per_head, mlp_bias, attention_share, saved
     )  # a bad f or an impossible split fails here, before the mask gradients (minutes)
     record: dict[str, Any] = {
