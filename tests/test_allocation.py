@@ -221,6 +221,29 @@ def test_joint_share_is_the_cheapest_parameters_first() -> None:
     assert joint_attention_share(cheap, mlp, pm, 0.3) == pytest.approx(36864 / 36864 / 0.3)
 
 
+def test_a_default_share_moves_only_as_far_as_the_cap_asks() -> None:
+    """At ratio 0.7 the MLP cannot take 0.75 of the cut under the 0.8 cap: the share rises to the
+    smallest one that fits, worked out by hand: β = 1 + 0.4 (1 - A) <= 0.8 / 0.7, so A >= 0.643."""
+    from intraslice.importance import feasible_share
+
+    pm = _pm()  # attention / MLP parameters = 12288 / 30720 = 0.4
+    assert feasible_share(pm, 0.3, 0.25) == 0.25  # fits as it is
+    assert feasible_share(pm, 0.7, 0.25, cap=0.8) == pytest.approx(0.65)
+    assert 0.7 * mlp_bias_for_share(pm, 0.65) <= 0.8 < 0.7 * mlp_bias_for_share(pm, 0.64)
+
+
+def test_the_default_split_is_the_configured_share() -> None:
+    from intraslice.config import DEFAULT_ATTENTION_SHARE
+    from intraslice.importance import resolve_split
+
+    model = make_tiny("llama-gqa")
+    _, pm, beta, _, share = resolve_split(model.config, 0.3, "global_pca")
+    assert share == DEFAULT_ATTENTION_SHARE
+    assert beta == pytest.approx(mlp_bias_for_share(pm, DEFAULT_ATTENTION_SHARE))
+    assert resolve_split(model.config, 0.3, "global_pca", mlp_bias=1.2)[2:] == (1.2, None, None)
+    assert resolve_split(model.config, 0.3, "uniform")[4] is None  # nothing to split
+
+
 def test_auto_share_in_the_estimator() -> None:
     model = make_tiny("llama-gqa")
     with pytest.raises(IntraSliceError, match="needs a global allocation"):

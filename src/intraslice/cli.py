@@ -472,7 +472,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from .importance import resolve_split
 
         resolve_split(
-            ckpt.config, cfg.ratio, args.allocation, args.units_per_head, args.mlp_bias, args.attention_share, saved
+            ckpt.config,
+            cfg.ratio,
+            args.allocation,
+            args.units_per_head,
+            args.mlp_bias,
+            args.attention_share,
+            saved,
+            args.max_layer_ratio,
         )
 
     def proceed() -> int:

@@ -449,19 +449,24 @@ def importances(
     return att, mlp
 
 
-def feasible_share(pm: ParamModel, ratio: float, share: float) -> float:
-    """``share`` moved into the range :func:`split_budget` accepts (one head per layer at least,
-    no more than every MLP neuron), in steps of 1%: an automatic split never fails the run."""
-    for step in range(101):
+def feasible_share(pm: ParamModel, ratio: float, share: float, cap: float = 0.8) -> float:
+    """The share nearest ``share`` (steps of 0.01) that :func:`split_budget` and the per-layer
+    ``cap`` accept: at least one head per layer, no more than every MLP neuron, neither mean
+    ratio above the cap. A default or automatic split adapts instead of failing the run (at
+    ratio 0.7 the MLP alone cannot take three quarters of the cut under the 0.8 cap)."""
+    for step in range(401):
         for candidate in (share - step / 100, share + step / 100):
             if candidate < 0:
                 continue
+            bias = mlp_bias_for_share(pm, candidate)
+            if candidate * ratio > cap + 1e-12 or bias * ratio > cap + 1e-12:
+                continue
             try:
-                split_budget(pm, ratio, mlp_bias_for_share(pm, candidate))
+                split_budget(pm, ratio, bias)
             except IntraSliceError:
                 continue
-            return candidate
-    raise IntraSliceError(f"no split of attention and MLP reaches ratio {ratio}")
+            return round(candidate, 6)
+    raise IntraSliceError(f"no split of attention and MLP reaches ratio {ratio} under the per-layer cap {cap}")
 
 
 def resolve_split(
@@ -472,6 +477,7 @@ def resolve_split(
     mlp_bias: float | None = None,
     attention_share: float | str | None = None,
     saved: dict[str, Any] | None = None,
+    cap: float = 0.8,
 ) -> tuple[int, ParamModel, float, str | None, float | str | None]:
     """(f, parameter model, β, the option that set β, the attention share) of an allocation,
     checked before any gradient.
@@ -479,7 +485,8 @@ def resolve_split(
     f is ``units_per_head``, or the f of a ratios file's importances, or the default 1. The
     split between attention and MLP is β (``mlp_bias``), or the β of an ``attention_share``
     (a number, or ``"auto"``: chosen later from the importances, β is then a placeholder);
-    neither: :data:`~intraslice.config.DEFAULT_ATTENTION_SHARE`; both together are refused.
+    neither: :data:`~intraslice.config.DEFAULT_ATTENTION_SHARE`, moved into the feasible range
+    if this ratio needs it (:func:`feasible_share`); both together are refused.
     Raises :class:`IntraSliceError` when f does not divide the head or the split cannot
     reach ``ratio`` (the CLI calls this before its dense evaluation,
     :func:`estimate_allocation` before its mask gradients).
@@ -493,7 +500,8 @@ def resolve_split(
     pm = param_model(dims, units_per_head, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
     if attention_share is not None and mlp_bias is not None:
         raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
-    if attention_share is None and mlp_bias is None and mode != "uniform":
+    default = attention_share is None and mlp_bias is None and mode != "uniform"
+    if default:
         attention_share = DEFAULT_ATTENTION_SHARE
     option = None
     if attention_share == "auto":
@@ -503,7 +511,10 @@ def resolve_split(
             )
         return units_per_head, pm, 1.0, "--attention-share auto", "auto"  # chosen from the importances
     if attention_share is not None:
-        mlp_bias = mlp_bias_for_share(pm, float(attention_share))
+        attention_share = float(attention_share)
+        if default:
+            attention_share = feasible_share(pm, ratio, attention_share, cap)
+        mlp_bias = mlp_bias_for_share(pm, attention_share)
         option = f"--attention-share {attention_share}"
     mlp_bias = 1.0 if mlp_bias is None else float(mlp_bias)
     if mode != "uniform":
@@ -557,7 +568,7 @@ def estimate_allocation(
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
     units_per_head, pm, mlp_bias, option, attention_share = resolve_split(
-        model.config, ratio, mode, units_per_head, mlp_bias, attention_share, saved
+        model.config, ratio, mode, units_per_head, mlp_bias, attention_share, saved, cap
     )  # a bad f or an impossible split fails here, before the mask gradients (minutes)
     record: dict[str, Any] = {
         "mode": mode,
@@ -605,7 +616,7 @@ def estimate_allocation(
             att, mlp = importances(mg, mode, units_per_head)
             record.update({"gradient_samples": mg.samples, "group_size": group_size, "estimator_seconds": mg.seconds})
         if attention_share == "auto":
-            chosen = feasible_share(pm, ratio, joint_attention_share(att, mlp, pm, ratio))
+            chosen = feasible_share(pm, ratio, joint_attention_share(att, mlp, pm, ratio), cap)
             mlp_bias = mlp_bias_for_share(pm, chosen)
             record.update({"attention_share_chosen": chosen, "mlp_bias": mlp_bias})
         alloc = allocate(att, mlp, pm, ratio, mlp_bias, cap, option)
