@@ -100,7 +100,8 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
         "calibration": f"{args.nsamples} x {args.seqlen} wikitext2 (offline: bundled validation), seed 0",
         "eval": f"WikiText-2 test, first {args.eval_windows} windows of 2048 (P1)",
         "incontext": "copy loss span 200 (8 sequences), key-value lookup 24 prompts of 1024, seed 0",
-        "estimator": "global_pca, f = 1, beta = 1.0 (the CLI defaults), importances shared by every variant",
+        "estimator": "global_pca, f = 1, beta = 1.0 (--attention-share 1, the spec's split) unless a variant "
+        "names a share, importances shared by every variant",
     }
     models = q.setdefault("models", {})
     results["model"] = BUILTIN_MODELS[args.model][1]

@@ -166,7 +166,12 @@ def main() -> int:
         default=1,
         help="f of the estimator (1: the spec's and the CLI default; 64 = h: one unit per dim)",
     )
-    ap.add_argument("--mlp-bias", type=float, default=1.0, help="beta of the estimator (1.0: the CLI default)")
+    ap.add_argument(
+        "--mlp-bias",
+        type=float,
+        default=1.0,
+        help="beta of the estimator (1.0: the spec's split, not the CLI default since 2026-12-03)",
+    )
     ap.add_argument(
         "--incontext", action="store_true", help="also copy loss (spans 50, 200) and key-value lookup of --prune models"
     )

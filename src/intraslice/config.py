@@ -25,7 +25,7 @@ DEFAULT_UNITS_PER_HEAD = 1
 #: How the estimator splits the ratio between attention and MLP when neither --mlp-bias nor
 #: --attention-share is given: a share of the ratio for attention, or "auto" (docs/method.md
 #: section 4; the decision and its measurements are in BENCHMARKS.md, issue #14).
-DEFAULT_ATTENTION_SHARE: float | str = 1.0
+DEFAULT_ATTENTION_SHARE: float | str = 0.25
 
 MAX_RATIO = 0.95
 METHODS = ("intraslice", "slicegpt", "channel")
