@@ -120,14 +120,15 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
             if key in models:
                 continue
             if not (model_dir / "intraslice.json").exists():
-                # (the importances do not depend on the split; a lost work dir recomputes them)
+                # (the importances do not depend on the split; a lost work dir recomputes them); the
+                # spec's split (beta = 1) unless the variant names one
                 reuse = ["--ratios", str(first / "intraslice.json")] if (first / "intraslice.json").exists() else []
                 t = time.perf_counter()
                 run(
                     [PY, "-m", "intraslice", "prune", "--model", args.model, "--ratio", str(ratio),
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-eval", "--no-incontext",
                      "--no-progress", "--overwrite", "--units-per-head", "1", "--out", str(model_dir), *reuse, *extra,
-                     *([] if "--attention-share" in extra else ["--attention-share", "1"])]  # beta = 1 unless named
+                     *([] if {"--attention-share", "--mlp-bias"} & set(extra) else ["--attention-share", "1"])]
                 )  # fmt: skip
                 (model_dir / "bench-prune-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
             report = json.loads((model_dir / "intraslice.json").read_text())

@@ -166,7 +166,7 @@ def prune_cmd(
         cmd += ["--rope-score", "qk"]
     if "--units-per-head" not in spec["options"]:  # and f = 1 (the spec's), whatever the CLI default
         cmd += ["--units-per-head", "1"]
-    if "--mlp-bias" not in spec["options"] and "--attention-share" not in spec["options"]:
+    if not {"--mlp-bias", "--attention-share", "--allocation"} & set(spec["options"]):
         cmd += ["--attention-share", "1"]  # and beta = 1 (the spec's split), whatever the CLI default
     return cmd
 

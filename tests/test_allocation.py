@@ -184,7 +184,7 @@ def test_attention_share_in_the_estimator() -> None:
     # the share and β together, or a split that cannot be, fail before any gradient (tokens=None)
     with pytest.raises(IntraSliceError, match="not both"):
         estimate_allocation(model, 0.3, "global_pca", attention_share=0.5, mlp_bias=1.2)
-    with pytest.raises(IntraSliceError, match=r"--attention-share 4\.0 leaves no room for attention"):
+    with pytest.raises(IntraSliceError, match="--attention-share 4 leaves no room for attention"):
         estimate_allocation(model, 0.3, "global_pca", attention_share=4.0)
     alloc, record = estimate_allocation(
         model, 0.3, "global_pca", tokens=calib_tokens(2, 16), attention_share=0.5, progress=False
@@ -232,16 +232,36 @@ def test_a_default_share_moves_only_as_far_as_the_cap_asks() -> None:
     assert 0.7 * mlp_bias_for_share(pm, 0.65) <= 0.8 < 0.7 * mlp_bias_for_share(pm, 0.64)
 
 
-def test_the_default_split_is_the_configured_share() -> None:
-    from intraslice.config import DEFAULT_ATTENTION_SHARE
+def test_the_default_split_is_a_quarter_for_attention() -> None:
+    """No split given: attention loses 0.25 x the ratio. β worked out by hand for the tiny GQA
+    model (d 96, 6 heads of 16, 2 KV heads, MLP 160): attention 2*96*96 + 2*96*32 = 24576,
+    MLP 3*96*160 = 46080 parameters a layer, so β = 1 + 0.75 * 24576 / 46080 = 1.4."""
     from intraslice.importance import resolve_split
 
     model = make_tiny("llama-gqa")
-    _, pm, beta, _, share = resolve_split(model.config, 0.3, "global_pca")
-    assert share == DEFAULT_ATTENTION_SHARE
-    assert beta == pytest.approx(mlp_bias_for_share(pm, DEFAULT_ATTENTION_SHARE))
-    assert resolve_split(model.config, 0.3, "global_pca", mlp_bias=1.2)[2:] == (1.2, None, None)
-    assert resolve_split(model.config, 0.3, "uniform")[4] is None  # nothing to split
+    c = model.config
+    assert (c.hidden_size, c.num_attention_heads, c.head_dim, c.num_key_value_heads, c.intermediate_size) == (
+        96, 6, 16, 2, 160,
+    )  # fmt: skip
+    _, _, beta, _, share = resolve_split(c, 0.3, "global_pca")
+    assert (share, beta) == (0.25, pytest.approx(1.4))
+    assert resolve_split(c, 0.3, "global_pca", mlp_bias=1.2)[2:] == (1.2, None, None)
+    assert resolve_split(c, 0.3, "uniform")[4] is None  # nothing to split
+    _, record = estimate_allocation(model, 0.3, "global_pca", tokens=calib_tokens(2, 16), progress=False)
+    assert (record["attention_share"], record["mlp_bias"]) == (0.25, pytest.approx(1.4))
+    # a ratios file keeps its own split: the spec's β = 1 of an older file, or its share
+    old = {**record, "attention_share": None, "mlp_bias": 1.0}
+    assert resolve_split(c, 0.3, "global_pca", saved=old)[2:] == (1.0, None, None)
+    assert resolve_split(c, 0.3, "global_pca", saved={**record, "attention_share": 0.5})[4] == 0.5
+
+
+def test_an_explicit_share_above_the_cap_is_refused_naming_it() -> None:
+    from intraslice.importance import resolve_split
+
+    model = make_tiny("llama-gqa")
+    with pytest.raises(IntraSliceError, match=r"--attention-share 0\.25 asks the MLP to lose 0\.98"):
+        resolve_split(model.config, 0.7, "global_pca", attention_share=0.25)  # β 1.4 x 0.7 = 0.98 > 0.8
+    assert resolve_split(model.config, 0.7, "global_pca")[4] > 0.25  # the default moves instead
 
 
 def test_auto_share_in_the_estimator() -> None:
@@ -257,7 +277,13 @@ def test_auto_share_in_the_estimator() -> None:
     pm = param_model(dims, record["units_per_head"])
     assert record["attention_share"] == "auto"
     joint = joint_attention_share(att, mlp, pm, 0.3)
-    assert abs(record["attention_share_chosen"] - joint) <= 1.0  # moved only as far as feasibility asks
+    try:  # the ranking's own share when it fits (then it is used as it is), else the nearest that does
+        split_budget(pm, 0.3, mlp_bias_for_share(pm, joint))
+        fits = 0.3 * joint <= 0.8 and 0.3 * mlp_bias_for_share(pm, joint) <= 0.8
+    except IntraSliceError:
+        fits = False
+    if fits:
+        assert record["attention_share_chosen"] == pytest.approx(joint, abs=0.01)
     assert record["mlp_bias"] == pytest.approx(mlp_bias_for_share(pm, record["attention_share_chosen"]))
     mean_att = sum(a for a, _ in alloc.layer_ratios) / len(alloc.layer_ratios)
     assert mean_att == pytest.approx(record["attention_share_chosen"] * 0.3, abs=1 / dims["n_heads"])

@@ -228,8 +228,11 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
         (["--mlp-bias", "-3"], "no room for attention"),
         (["--units-per-head", "3"], "does not divide head_dim 16"),
         (["--attention-share", "0.5", "--mlp-bias", "1.2"], "not both"),
-        (["--attention-share", "-1"], "--attention-share must be >= 0"),
-        (["--attention-share", "4"], "--attention-share 4.0 leaves no room for attention"),
+        (["--attention-share", "-1"], "--attention-share must be a finite number >= 0"),
+        (["--attention-share", "inf"], "--attention-share must be a finite number >= 0"),
+        (["--attention-share", "4"], "--attention-share 4 leaves no room for attention"),
+        (["--attention-share", "0", "--max-layer-ratio", "0.35"], "above the per-layer cap 0.35"),
+        (["--attention-share", "auto", "--allocation", "uniform"], "needs a global allocation"),
     ],
 )
 def test_allocation_errors(capsys, tiny_model_dir: Path, calib_file: Path, tmp_path: Path, extra, needle) -> None:

@@ -132,7 +132,15 @@ def allocate_layers(
     where = next(model.parameters()).device
     resident = where.type == compute.type and (compute.index is None or where.index == compute.index)
     alloc, record = estimate_allocation(
-        model, config.ratio, mode, tokens=calibration, device=compute, progress=progress, resident=resident
+        model,
+        config.ratio,
+        mode,
+        tokens=calibration,
+        device=compute,
+        progress=progress,
+        resident=resident,
+        attention_share=config.attention_share,
+        mlp_bias=config.mlp_bias,
     )
     return replace(config, layer_ratios=[tuple(r) for r in alloc.layer_ratios]), record
 

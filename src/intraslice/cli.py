@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mlp-bias",
         type=float,
         default=None,
-        help="β: share of the reduction taken by the MLP (default: --attention-share's)",
+        help="β: every MLP loses β x the ratio on average, attention the rest (default: --attention-share's β)",
     )
     p.add_argument(
         "--attention-share",
@@ -468,7 +468,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"--target-params {args.target_params} of the {args.target_of}: decoder ratio {cfg.ratio:.4f}")
     if args.target_speedup is not None and not args.target_speedup > 1.0:
         raise IntraSliceError(f"--target-speedup must be > 1, got {args.target_speedup}")
-    if args.allocation != "uniform" and args.target_speedup is None:  # an impossible split: now, not after minutes
+    if args.target_speedup is None:  # an impossible split: now, not after minutes of evaluation
         from .importance import resolve_split
 
         resolve_split(

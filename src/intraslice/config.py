@@ -83,6 +83,11 @@ class PruneConfig:
     #: difference between its planned and its actual attention size (head widths round to
     #: even numbers, KV heads survive) plus the rounding carried over from earlier layers.
     exact_budget: bool = True
+    #: The estimator's split of ``ratio`` between attention and MLP (global allocations): attention
+    #: loses ``attention_share`` x ratio (a number or "auto"), or the MLP ``mlp_bias`` x ratio; neither:
+    #: :data:`DEFAULT_ATTENTION_SHARE`. See :func:`intraslice.importance.estimate_allocation`.
+    attention_share: float | str | None = None
+    mlp_bias: float | None = None
     #: Channel baseline: fold the mean of removed channels into o_proj/down_proj biases (FLAP).
     bias_compensation: bool = True
     #: SliceGPT baseline: an explicit residual width instead of the one found for ``ratio``.

@@ -42,12 +42,13 @@ from .algo.allocation import (
     Allocation,
     ParamModel,
     allocate,
+    check_cap,
     check_units_per_head,
     joint_attention_share,
     mlp_bias_for_share,
     param_model,
     rotate_head_gradients,
-    split_budget,
+    split_fits,
     uniform_allocation,
     unit_importance,
 )
@@ -450,19 +451,19 @@ def importances(
 
 
 def feasible_share(pm: ParamModel, ratio: float, share: float, cap: float = 0.8) -> float:
-    """The share nearest ``share`` (steps of 0.01) that :func:`split_budget` and the per-layer
-    ``cap`` accept: at least one head per layer, no more than every MLP neuron, neither mean
-    ratio above the cap. A default or automatic split adapts instead of failing the run (at
-    ratio 0.7 the MLP alone cannot take three quarters of the cut under the 0.8 cap)."""
-    for step in range(401):
+    """The share nearest ``share`` (steps of 0.01) whose split fits: at least one head per
+    layer, no more than every MLP neuron, neither module's mean ratio above ``cap``
+    (:func:`~intraslice.algo.allocation.split_fits`). A default or automatic split adapts
+    instead of failing the run: at ratio 0.7 on SmolLM2, share 0.25 would ask every MLP to
+    lose 0.875 of its neurons, above the 0.8 cap, so the share rises until the MLP's fits."""
+    check_cap(ratio, cap)
+    top = max(share, 1.0 / ratio if ratio > 0 else 1.0) + 0.01
+    for step in range(int(top * 100) + 2):
         for candidate in (share - step / 100, share + step / 100):
-            if candidate < 0:
-                continue
-            bias = mlp_bias_for_share(pm, candidate)
-            if candidate * ratio > cap + 1e-12 or bias * ratio > cap + 1e-12:
+            if candidate < 0 or candidate > top:
                 continue
             try:
-                split_budget(pm, ratio, bias)
+                split_fits(pm, ratio, mlp_bias_for_share(pm, candidate), cap)
             except IntraSliceError:
                 continue
             return round(candidate, 6)
@@ -500,25 +501,32 @@ def resolve_split(
     pm = param_model(dims, units_per_head, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
     if attention_share is not None and mlp_bias is not None:
         raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
-    default = attention_share is None and mlp_bias is None and mode != "uniform"
+    if attention_share == "auto" and mode == "uniform":
+        raise IntraSliceError("--attention-share auto ranks the estimator's importances: it needs a global allocation")
+    if mode == "uniform":  # every layer loses the ratio in both modules: nothing to split
+        return units_per_head, pm, 1.0, None, None
+    check_cap(ratio, cap)
+    default = attention_share is None and mlp_bias is None
+    if default and saved is not None and saved.get("importance"):  # a ratios file keeps its own split
+        if saved.get("attention_share") is not None:
+            attention_share = saved["attention_share"]
+        elif saved.get("mlp_bias") is not None:  # a file from before the share existed
+            mlp_bias = float(saved["mlp_bias"])
+        default = False
     if default:
         attention_share = DEFAULT_ATTENTION_SHARE
-    option = None
     if attention_share == "auto":
-        if mode == "uniform":
-            raise IntraSliceError(
-                "--attention-share auto ranks the estimator's importances: it needs a global allocation"
-            )
-        return units_per_head, pm, 1.0, "--attention-share auto", "auto"  # chosen from the importances
+        feasible_share(pm, ratio, 1.0, cap)  # some split fits; the importances choose which, later
+        return units_per_head, pm, 1.0, "--attention-share auto", "auto"
+    option = None
     if attention_share is not None:
         attention_share = float(attention_share)
         if default:
             attention_share = feasible_share(pm, ratio, attention_share, cap)
         mlp_bias = mlp_bias_for_share(pm, attention_share)
-        option = f"--attention-share {attention_share}"
+        option = f"--attention-share {attention_share:g}"
     mlp_bias = 1.0 if mlp_bias is None else float(mlp_bias)
-    if mode != "uniform":
-        split_budget(pm, ratio, mlp_bias, option)
+    split_fits(pm, ratio, mlp_bias, cap, option)
     return units_per_head, pm, mlp_bias, option, attention_share
 
 

@@ -119,7 +119,7 @@ def allocate(
 
     ``resident`` (the memory plan's choice when the whole model fits the device): each
     module is read once and stays on the device until the estimator is done, instead of
-    being read twice per sample. ``options``: ``units_per_head``, ``mlp_bias``, ``cap``,
+    being read twice per sample. ``options``: ``units_per_head``, ``mlp_bias``, ``attention_share``, ``cap``,
     ``group_size`` of :func:`intraslice.importance.estimate_allocation`.
     """
     from .importance import estimate_allocation

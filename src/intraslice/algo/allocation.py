@@ -72,8 +72,8 @@ def mlp_bias_for_share(pm: ParamModel, share: float) -> float:
     to lose 0.4 x the ratio, and Qwen2.5-0.5B's, 12.3% of a layer, to grow), while a share
     means the same split everywhere (share 1 is β = 1, the method as specified).
     """
-    if not share >= 0.0:
-        raise IntraSliceError(f"--attention-share must be >= 0, got {share}")
+    if not (share >= 0.0 and math.isfinite(share)):
+        raise IntraSliceError(f"--attention-share must be a finite number >= 0, got {share}")
     att = pm.units_per_layer * pm.attn_per_unit
     mlp = pm.neurons_per_layer * pm.mlp_per_neuron
     return 1.0 + (1.0 - share) * att / mlp
@@ -167,6 +167,32 @@ def cap_and_redistribute(ratios: list[float], cap: float) -> list[float]:
     return r
 
 
+def check_cap(ratio: float, cap: float) -> None:
+    """The per-layer cap must lie in (0, 0.95] and be at least the target ratio."""
+    if not 0.0 < cap <= 0.95:
+        raise IntraSliceError(f"--max-layer-ratio must be in (0, 0.95], got {cap}")
+    if ratio > cap:
+        raise IntraSliceError(f"per-layer cap {cap} is below the target ratio {ratio}: no allocation fits")
+
+
+def split_fits(pm: ParamModel, ratio: float, mlp_bias: float, cap: float, option: str | None = None) -> None:
+    """Raise unless β's split reaches ``ratio`` with both mean ratios under ``cap``.
+
+    Counted on :func:`split_budget`'s rounded counts, as :func:`allocate` will (a mean above
+    the cap leaves no allocation once every layer is capped).
+    """
+    option = option or f"--mlp-bias {mlp_bias}"
+    n_mlp, n_att = split_budget(pm, ratio, mlp_bias, option)
+    att = 1.0 - n_att / (pm.n_layers * pm.units_per_layer)
+    mlp = 1.0 - n_mlp / (pm.n_layers * pm.neurons_per_layer)
+    for what, mean in (("attention", att), ("MLP", mlp)):
+        if mean > cap + 1e-12:
+            raise IntraSliceError(
+                f"{option} asks the {what} to lose {mean:.3f} of its parameters at ratio {ratio}, "
+                f"above the per-layer cap {cap} (--max-layer-ratio)"
+            )
+
+
 def allocate(
     att_importance: list[torch.Tensor],
     mlp_importance: list[torch.Tensor],
@@ -180,10 +206,7 @@ def allocate(
 
     ``option``: what set ``mlp_bias``, for the errors (see :func:`split_budget`).
     """
-    if not 0.0 < cap <= 0.95:
-        raise IntraSliceError(f"--max-layer-ratio must be in (0, 0.95], got {cap}")
-    if ratio > cap:
-        raise IntraSliceError(f"per-layer cap {cap} is below the target ratio {ratio}: no allocation fits")
+    check_cap(ratio, cap)
     n_mlp, n_att = split_budget(pm, ratio, mlp_bias, option)
     kept_units = top_k_per_layer(att_importance, n_att)
     kept_neurons = top_k_per_layer(mlp_importance, n_mlp)
