@@ -196,6 +196,19 @@ def test_attention_share_in_the_estimator() -> None:
     assert alloc.planned_ratio == pytest.approx(0.3, abs=0.02)
 
 
+def test_share_zero_with_small_units_keeps_every_unit() -> None:
+    """f = h with one KV head for four query heads makes a unit (2.5 d = 160 parameters)
+    smaller than a neuron (3 d = 192): the floor of N_mlp can leave up to one neuron's
+    parameters over, 257 units' worth of 256 at these ratios (found by a scan), which is not a
+    reason to refuse share 0."""
+    dims = {"d": 64, "n_heads": 4, "n_kv": 1, "head_dim": 16, "m": 160, "n_layers": 4}
+    pm = param_model(dims, f=16)
+    assert (pm.attn_per_unit, pm.mlp_per_neuron) == (160, 192)
+    for ratio in (0.02, 0.17, 0.32, 0.49):
+        _, n_att = split_budget(pm, ratio, mlp_bias_for_share(pm, 0.0))
+        assert n_att == pm.n_layers * pm.units_per_layer
+
+
 def test_joint_share_is_the_cheapest_parameters_first() -> None:
     """The auto split against a plain greedy knapsack written out here, and two hand cases."""
     dims = {"d": 64, "n_heads": 4, "n_kv": 2, "head_dim": 16, "m": 160, "n_layers": 3}

@@ -120,6 +120,8 @@ def split_budget(pm: ParamModel, ratio: float, mlp_bias: float = 1.0, option: st
         raise IntraSliceError(f"{option} removes more than every MLP neuron at ratio {ratio}")
     n_mlp = min(n_mlp, total_neurons)
     n_att = math.floor((c * pm.total - n_mlp * pm.mlp_per_neuron) / pm.attn_per_unit)
+    if n_att > total_units and (n_att - total_units) * pm.attn_per_unit < pm.mlp_per_neuron:
+        n_att = total_units  # the floor of N_mlp left less than one neuron over: attention keeps all
     if n_att < pm.n_layers * pm.units_per_head:  # less than one head's worth per layer
         raise IntraSliceError(
             f"{option} leaves no room for attention at ratio {ratio}: "
