@@ -37,35 +37,31 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _common import BUILTIN_MODELS, ROOT, update_benchmarks_md
+
+if TYPE_CHECKING:
+    from intraslice.algo.allocation import ParamModel
 
 PY = sys.executable
 
 
-def mlp_bias_for(share: float, att_over_mlp: float) -> str:
-    """The β that makes attention lose ``share`` x the target ratio (the MLP takes the rest).
-
-    Attention removes share * ratio * P_att, so the MLP removes ratio * (P_mlp + (1 - share) * P_att):
-    β = 1 + (1 - share) * P_att / P_mlp. The same share means the same thing on every model,
-    where one β does not (SmolLM2's MLP holds 75% of a layer, Qwen2.5's 87.7%).
-    """
-    return f"{1.0 + (1.0 - share) * att_over_mlp:.4f}"
-
-
-def variants(att: float, ratio: float, head_dim: int, att_over_mlp: float = 1 / 3) -> dict[str, dict[str, Any]]:
+def variants(att: float, ratio: float, head_dim: int, pm: ParamModel) -> dict[str, dict[str, Any]]:
     """name -> how to prune it: ``layers`` (att, mlp) uniform per layer, or ``ratio`` + CLI options.
 
-    ``att_over_mlp``: the model's attention / MLP decoder-parameter ratio (for the attention-share rows).
+    ``pm``: the model's parameter accounting. The attention-share rows pass the β of their share
+    (``mlp_bias_for_share``, to 4 digits: how they were recorded, before ``--attention-share``).
     """
+    from intraslice.algo.allocation import mlp_bias_for_share
+
     width = round((1 - att) * head_dim / 8) * 8
     a = {"layers": (att, 0.0)}
     qs = ["--rope-score", "attention", "--units-per-head", "1"]  # the quick start's estimator and score
     shares = {
         f"quick start (0.2), attention share {s}": {
             "ratio": 0.2,
-            "options": [*qs, "--mlp-bias", mlp_bias_for(s, att_over_mlp)],
+            "options": [*qs, "--mlp-bias", f"{mlp_bias_for_share(pm, s):.4f}"],
         }
         for s in (0.5, 0.25)
     }
@@ -74,7 +70,7 @@ def variants(att: float, ratio: float, head_dim: int, att_over_mlp: float = 1 / 
         {
             f"global_pca, attention share {s}": {
                 "ratio": ratio,
-                "options": [*qs, "--mlp-bias", mlp_bias_for(s, att_over_mlp)],
+                "options": [*qs, "--mlp-bias", f"{mlp_bias_for_share(pm, s):.4f}"],
             }
             for s in (0.5, 0.25)
         }
@@ -326,9 +322,8 @@ def main() -> int:
         arch = get_arch(ckpt.config)
         dims = arch.dims(ckpt.config)
         pm = param_model(dims, 1, arch.qkv_bias(ckpt.config), arch.mlp_bias(ckpt.config), arch.mlp_matrices)
-        att_over_mlp = pm.units_per_layer * pm.attn_per_unit / (pm.neurons_per_layer * pm.mlp_per_neuron)
         del ckpt
-        table = variants(args.att_ratio, args.ratio, dims["head_dim"], att_over_mlp)
+        table = variants(args.att_ratio, args.ratio, dims["head_dim"], pm)
         if "dense" not in rows:
             rows["dense"] = evaluate(None, work / "dense", args)
             save(out, results)

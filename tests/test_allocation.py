@@ -237,7 +237,7 @@ def test_joint_share_is_the_cheapest_parameters_first() -> None:
 def test_a_default_share_moves_only_as_far_as_the_cap_asks() -> None:
     """At ratio 0.7 the MLP cannot take 0.75 of the cut under the 0.8 cap: the share rises to the
     smallest one that fits, worked out by hand: β = 1 + 0.4 (1 - A) <= 0.8 / 0.7, so A >= 0.643."""
-    from intraslice.importance import feasible_share
+    from intraslice.algo.allocation import feasible_share
 
     pm = _pm()  # attention / MLP parameters = 12288 / 30720 = 0.4
     assert feasible_share(pm, 0.3, 0.25) == 0.25  # fits as it is

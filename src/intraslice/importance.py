@@ -44,6 +44,7 @@ from .algo.allocation import (
     allocate,
     check_cap,
     check_units_per_head,
+    feasible_share,
     joint_attention_share,
     mlp_bias_for_share,
     param_model,
@@ -450,26 +451,6 @@ def importances(
     return att, mlp
 
 
-def feasible_share(pm: ParamModel, ratio: float, share: float, cap: float = 0.8) -> float:
-    """The share nearest ``share`` (steps of 0.01) whose split fits: at least one head per
-    layer, no more than every MLP neuron, neither module's mean ratio above ``cap``
-    (:func:`~intraslice.algo.allocation.split_fits`). A default or automatic split adapts
-    instead of failing the run: at ratio 0.7 on SmolLM2, share 0.25 would ask every MLP to
-    lose 0.875 of its neurons, above the 0.8 cap, so the share rises until the MLP's fits."""
-    check_cap(ratio, cap)
-    top = max(share, 1.0 / ratio if ratio > 0 else 1.0) + 0.01
-    for step in range(int(top * 100) + 2):
-        for candidate in (share - step / 100, share + step / 100):
-            if candidate < 0 or candidate > top:
-                continue
-            try:
-                split_fits(pm, ratio, mlp_bias_for_share(pm, candidate), cap)
-            except IntraSliceError:
-                continue
-            return round(candidate, 6)
-    raise IntraSliceError(f"no split of attention and MLP reaches ratio {ratio} under the per-layer cap {cap}")
-
-
 def resolve_split(
     config: Any,
     ratio: float,
@@ -487,7 +468,7 @@ def resolve_split(
     split between attention and MLP is β (``mlp_bias``), or the β of an ``attention_share``
     (a number, or ``"auto"``: chosen later from the importances, β is then a placeholder);
     neither: :data:`~intraslice.config.DEFAULT_ATTENTION_SHARE`, moved into the feasible range
-    if this ratio needs it (:func:`feasible_share`); both together are refused.
+    if this ratio needs it (:func:`~intraslice.algo.allocation.feasible_share`); both together are refused.
     Raises :class:`IntraSliceError` when f does not divide the head or the split cannot
     reach ``ratio`` (the CLI calls this before its dense evaluation,
     :func:`estimate_allocation` before its mask gradients).

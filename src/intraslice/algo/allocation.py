@@ -195,6 +195,26 @@ def split_fits(pm: ParamModel, ratio: float, mlp_bias: float, cap: float, option
             )
 
 
+def feasible_share(pm: ParamModel, ratio: float, share: float, cap: float = 0.8) -> float:
+    """The share nearest ``share`` (steps of 0.01) whose split fits: at least one head per
+    layer, no more than every MLP neuron, neither module's mean ratio above ``cap``
+    (:func:`split_fits`). A default or automatic split adapts
+    instead of failing the run: at ratio 0.7 on SmolLM2, share 0.25 would ask every MLP to
+    lose 0.875 of its neurons, above the 0.8 cap, so the share rises until the MLP's fits."""
+    check_cap(ratio, cap)
+    top = max(share, 1.0 / ratio if ratio > 0 else 1.0) + 0.01
+    for step in range(int(top * 100) + 2):
+        for candidate in (share - step / 100, share + step / 100):
+            if candidate < 0 or candidate > top:
+                continue
+            try:
+                split_fits(pm, ratio, mlp_bias_for_share(pm, candidate), cap)
+            except IntraSliceError:
+                continue
+            return round(candidate, 6)
+    raise IntraSliceError(f"no split of attention and MLP reaches ratio {ratio} under the per-layer cap {cap}")
+
+
 def allocate(
     att_importance: list[torch.Tensor],
     mlp_importance: list[torch.Tensor],
