@@ -68,6 +68,9 @@ EXTRA: dict[str, list[str]] = {
     # attention loses half the ratio, the MLP the rest (issue #14's split), unconstrained and llamacpp
     "per-kv-group-a0.5": ["--attention-share", "0.5"],
     "llamacpp-a0.5": ["--deploy", "llamacpp", "--attention-share", "0.5"],
+    # the CLI's default split since 2026-12-03 (attention loses a quarter of the ratio)
+    "per-kv-group-a0.25": ["--attention-share", "0.25"],
+    "llamacpp-a0.25": ["--deploy", "llamacpp", "--attention-share", "0.25"],
 }
 CACHE = Path(os.environ.get("INTRASLICE_CACHE", Path.home() / ".cache" / "intraslice"))
 SDIST = CACHE / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
@@ -112,12 +115,14 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
     first = work / f"per-kv-group-r{args.ratios[0]}"
     chosen = ["per-kv-group", *[v for v in args.variants if v != "per-kv-group"]]
     options = {**VARIANTS, **EXTRA}
+    # a lost work dir with rows still to run: prune the first model again for its importances
+    refresh = any(f"{v}@{r}" not in models for r in args.ratios for v in chosen)
     for ratio in args.ratios:
         for variant in chosen:
             extra = options[variant]
             key = f"{variant}@{ratio}"
             model_dir = work / f"{variant}-r{ratio}"
-            if key in models:
+            if key in models and not (refresh and model_dir == first and not (first / "intraslice.json").exists()):
                 continue
             if not (model_dir / "intraslice.json").exists():
                 # (the importances do not depend on the split; a lost work dir recomputes them); the
@@ -131,6 +136,8 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
                      *([] if {"--attention-share", "--mlp-bias"} & set(extra) else ["--attention-share", "1"])]
                 )  # fmt: skip
                 (model_dir / "bench-prune-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
+            if key in models:
+                continue  # (pruned again only for its importances)
             report = json.loads((model_dir / "intraslice.json").read_text())
             row = evaluate(model_dir, model_dir, args)
             row.update(
@@ -194,8 +201,8 @@ def dense_gguf(args: argparse.Namespace, gtype: str) -> Path:
     return out
 
 
-def pruned_gguf(args: argparse.Namespace, ratio: float, gtype: str) -> Path:
-    model_dir = Path(args.work_dir) / f"llamacpp-r{ratio}"
+def pruned_gguf(args: argparse.Namespace, variant: str, ratio: float, gtype: str) -> Path:
+    model_dir = Path(args.work_dir) / f"{variant}-r{ratio}"
     out = model_dir / f"model-{gtype}.gguf"
     if not out.exists():
         run([PY, "-m", "intraslice", "export", str(model_dir), "--format", "gguf", "--type", gtype, "--out", str(out),
@@ -233,12 +240,13 @@ def speed(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
     params = results.get("quality", {}).get("models", {})
     for gtype in args.types:
         models = {"dense": dense_gguf(args, gtype)}
-        for ratio in args.ratios:
-            models[f"llamacpp@{ratio}"] = pruned_gguf(args, ratio, gtype)
+        for variant in args.speed_variants:
+            for ratio in args.ratios:
+                models[f"{variant}@{ratio}"] = pruned_gguf(args, variant, ratio, gtype)
         for threads in args.threads:
             key = f"{gtype}/t{threads}"
-            if key in s:
-                continue
+            if key in s and set(models) <= set(s[key]["median"]):
+                continue  # (a run with other models is replaced: the figures compared come from one run)
             samples: dict[str, dict[str, list[float]]] = {m: {"pp": [], "tg": []} for m in models}
             for r in range(args.repeats):
                 for name, path in models.items():
@@ -249,11 +257,13 @@ def speed(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
             med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in samples.items()}
             s[key] = {"samples": samples, "median": med}
             save(out, results)
-    s["flops_limit"] = {
-        f"llamacpp@{ratio}": 1.0 / (1.0 - params[f"llamacpp@{ratio}"]["reduction"]["decoder_linear"])
-        for ratio in args.ratios
-        if f"llamacpp@{ratio}" in params
-    }
+    s.setdefault("flops_limit", {}).update(
+        {
+            key: 1.0 / (1.0 - params[key]["reduction"]["decoder_linear"])
+            for key in (f"{v}@{r}" for v in args.speed_variants for r in args.ratios)
+            if key in params
+        }
+    )
     save(out, results)
 
 
@@ -278,7 +288,9 @@ def markdown(results: dict[str, Any]) -> str:
         for key, m in models.items():
             if key == "dense":
                 continue
-            base = models.get(f"per-kv-group@{m['ratio']}")
+            # against the unconstrained model of the same split (a variant "...-a0.25" names one)
+            tag = m["variant"][m["variant"].rfind("-a") :] if "-a0" in m["variant"] else ""
+            base = models.get(f"per-kv-group{tag}@{m['ratio']}")
             cost = f"{m['ppl'] / base['ppl'] - 1:+.1%}" if base else ""
             lines.append(
                 f"| {m['ratio']} | {m['variant']} | {m['reduction']['decoder_linear']:.1%} | {m['ppl']:.2f} | "
@@ -326,6 +338,13 @@ def main() -> int:
     ap.add_argument("--work-dir", default=None, help="default: ~/.cache/intraslice/bench-deploy[-<model>]")
     ap.add_argument("--llama-cpp", default=None, help="llama.cpp sources or the llama-cpp-python sdist")
     ap.add_argument("--llama-bench", default=str(DEFAULT_BENCH))
+    ap.add_argument(
+        "--speed-variants",
+        nargs="+",
+        default=["llamacpp"],
+        choices=[v for v in (*VARIANTS, *EXTRA) if v.startswith("llamacpp")],
+        help="speed: which quality variants' models to time (interleaved in one run)",
+    )
     ap.add_argument("--types", nargs="+", default=["f16", "q8_0"], choices=("f32", "f16", "q8_0"))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--pp", type=int, default=512)

@@ -76,6 +76,13 @@ def variants(att: float, ratio: float, head_dim: int, pm: ParamModel) -> dict[st
         }
     )
     shares["global_pca, attention share auto"] = {"ratio": ratio, "options": [*qs, "--attention-share", "auto"]}
+    # the share lower still, and the default share with the layer steps on repeated spans (the
+    # two fixes together; the estimator sees the plain windows, so the importances are shared)
+    shares["global_pca, attention share 0.1"] = {"ratio": ratio, "options": [*qs, "--attention-share", "0.1"]}
+    shares["global_pca, attention share 0.25, repeated spans in the layer steps"] = {
+        "ratio": ratio,
+        "options": [*qs, "--attention-share", "0.25", "--calib-repeat", "0.25"],
+    }
     return {
         "attn spec": {**a, "options": []},
         "attn heads-only": {**a, "options": ["--head-width", str(head_dim)]},
