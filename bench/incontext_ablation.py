@@ -158,20 +158,30 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def effective_options(options: list[str]) -> list[str]:
+    """A row's options with the spec's choice for every estimator option it does not name.
+
+    Rows record one change against the method as specified, so what a row leaves out is the
+    spec's, whatever the CLI default: the |q k| pair score, f = 1 unit per head, and the spec's
+    split (beta = 1). The prune command and the importance sharing both read this.
+    """
+    out = list(options)
+    if "--rope-score" not in out:
+        out += ["--rope-score", "qk"]
+    if "--units-per-head" not in out:
+        out += ["--units-per-head", "1"]
+    if not {"--mlp-bias", "--attention-share", "--allocation"} & set(out):
+        out += ["--attention-share", "1"]
+    return out
+
+
 def prune_cmd(
     args: argparse.Namespace, spec: dict[str, Any], out: Path, nsamples: int, seqlen: int, seed: int
 ) -> list[str]:
     ratio = spec.get("ratio", 0.3)
-    cmd = [PY, "-m", "intraslice", "prune", "--model", args.model, "--ratio", str(ratio), "--nsamples",
-           str(nsamples), "--seqlen", str(seqlen), "--seed", str(seed), "--no-eval", "--no-incontext",
-           "--no-progress", "--overwrite", "--out", str(out), *spec["options"]]  # fmt: skip
-    if "--rope-score" not in spec["options"]:  # rows without a score are the spec's, whatever the CLI default
-        cmd += ["--rope-score", "qk"]
-    if "--units-per-head" not in spec["options"]:  # and f = 1 (the spec's), whatever the CLI default
-        cmd += ["--units-per-head", "1"]
-    if not {"--mlp-bias", "--attention-share", "--allocation"} & set(spec["options"]):
-        cmd += ["--attention-share", "1"]  # and beta = 1 (the spec's split), whatever the CLI default
-    return cmd
+    return [PY, "-m", "intraslice", "prune", "--model", args.model, "--ratio", str(ratio), "--nsamples",
+            str(nsamples), "--seqlen", str(seqlen), "--seed", str(seed), "--no-eval", "--no-incontext",
+            "--no-progress", "--overwrite", "--out", str(out), *effective_options(spec["options"])]  # fmt: skip
 
 
 def prune_layers(
@@ -236,8 +246,8 @@ def key_of(name: str, nsamples: int, seqlen: int, seed: int, args: argparse.Name
 
 def calibration_options(options: list[str]) -> dict[str, str]:
     # what the estimator's importances depend on: its windows, and the units they are summed over
+    options = effective_options(options)
     out = {o: options[i + 1] for i, o in enumerate(options) if o in ("--calib", "--calib-repeat", "--units-per-head")}
-    out.setdefault("--units-per-head", "1")
     if "--calib-repeat-estimator" not in options:
         out.pop("--calib-repeat", None)  # the estimator sees the plain windows
     return out
