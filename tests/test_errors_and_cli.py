@@ -233,6 +233,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
         (["--attention-share", "4"], "--attention-share 4 leaves no room for attention"),
         (["--attention-share", "0", "--max-layer-ratio", "0.35"], "above the per-layer cap 0.35"),
         (["--attention-share", "auto", "--allocation", "uniform"], "needs a global allocation"),
+        (["--mlp-multiple", "0"], "--mlp-multiple must be a positive integer"),
     ],
 )
 def test_allocation_errors(capsys, tiny_model_dir: Path, calib_file: Path, tmp_path: Path, extra, needle) -> None:

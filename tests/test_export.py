@@ -144,6 +144,17 @@ def test_uniform_layers_need_the_uniform_allocation() -> None:
     assert cfg.head_width == 16  # a multiple of 8
 
 
+def test_llamacpp_rounds_mlp_widths_to_q8_0_blocks() -> None:
+    """--deploy llamacpp rounds MLP widths to 32 (whole Q8_0/Q4_0 blocks) unless told otherwise."""
+    for deploy, given, want in (("llamacpp", None, 32), ("stock", None, 8), (None, None, 8), ("llamacpp", 256, 256)):
+        cfg = PruneConfig(deploy=deploy, mlp_multiple=given)
+        cfg.validate(2)
+        assert cfg.mlp_multiple == want
+    for bad in (0, -8, 2.5):
+        with pytest.raises(IntraSliceError, match="--mlp-multiple must be a positive integer"):
+            PruneConfig(mlp_multiple=bad).validate(2)
+
+
 # -- stock export ----------------------------------------------------------------------------------
 
 STOCK_CHILD = """
@@ -337,6 +348,9 @@ def test_gguf_export_structure(arch: str, tmp_path: Path) -> None:
         p = export_gguf(src, tmp_path / f"m-{kind}.gguf", kind, llama_cpp=root, tokenizer_pre="gpt2")
         types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
         assert types["blk.0.attn_q.weight"] == qtype and types["blk.0.attn_norm.weight"] == "F32"
+        # --deploy llamacpp keeps MLP widths whole Q8_0 blocks (32): no down_proj falls back to f16
+        assert all(s["intermediate_size"] % 32 == 0 for s in layers)
+        assert all(types[f"blk.{li}.ffn_down.weight"] == qtype for li in range(len(layers)))
 
 
 def test_cli_prune_deploy_stock_export(capsys, tiny_model_dir: Path, tmp_path: Path) -> None:

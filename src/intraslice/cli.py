@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
-from .config import DEFAULT_GRAD_SAMPLES
+from .config import DEFAULT_GRAD_SAMPLES, default_mlp_multiple
 from .errors import IntraSliceError
 
 
@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         "|q k| (qk: the method as specified), or slowest first (an ablation); IntraSlice only",
     )
     p.add_argument("--head-width", type=int, default=None, help="one head width for the model (a multiple of 8)")
+    p.add_argument(
+        "--mlp-multiple",
+        type=int,
+        default=None,
+        help="MLP widths are multiples of this (default 8; 32 with --deploy llamacpp, so every tensor stores as "
+        "Q8_0/Q4_0; 256 for the K-quants)",
+    )
     p.add_argument("--equal-kv-groups", action="store_true", help="every kept KV head keeps equally many query heads")
     p.add_argument("--uniform-layers", action="store_true", help="every layer the same shape (stock Llama/Qwen2)")
     p.add_argument(
@@ -417,6 +424,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         rope_selection=args.rope_selection,
         rope_score=args.rope_score,
         head_width=args.head_width,
+        mlp_multiple=args.mlp_multiple,
         equal_kv_groups=args.equal_kv_groups,
         uniform_layers=args.uniform_layers,
         deploy=args.deploy,
@@ -496,7 +504,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             t = time.perf_counter()
             dense = _whole_model(ckpt.directory, ckpt.dtype, device)  # timing needs the whole dense model
             cfg.ratio, probes = ratio_for_speedup(
-                dense, args.target_speedup, args.speed_seqlen, min_head_width=args.min_head_width, log=print
+                dense,
+                args.target_speedup,
+                args.speed_seqlen,
+                min_head_width=args.min_head_width,
+                mlp_multiple=cfg.mlp_multiple or default_mlp_multiple(cfg.deploy),
+                log=print,
             )
             del dense
             timings["speed_search"] = time.perf_counter() - t

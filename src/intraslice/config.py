@@ -30,6 +30,15 @@ DEFAULT_ATTENTION_SHARE: float | str = 0.25
 MAX_RATIO = 0.95
 METHODS = ("intraslice", "slicegpt", "channel")
 DEPLOY_TARGETS = ("llamacpp", "stock")
+
+
+def default_mlp_multiple(deploy: str | None) -> int:
+    """MLP widths round to multiples of 8, or of 32 for llama.cpp: Q8_0, Q4_0 and Q5_0 store rows
+    in blocks of 32 values, and llama.cpp's converter stores a ``down_proj`` whose rows do not
+    split into whole blocks as f16, so a "Q8_0" file would be part f16."""
+    return 32 if deploy == "llamacpp" else 8
+
+
 #: Per-layer allocations: every layer alike, or from mask gradients (plain or PCA-rotated; method.md 3).
 ALLOCATIONS = ("uniform", "global", "global_pca")
 #: The allocation of IntraSlice, the one default of the Python API and the CLI.
@@ -67,7 +76,10 @@ class PruneConfig:
     allocation: str | None = None
     damp: float = 0.01
     min_head_width: float = 0.75
-    mlp_multiple: int = 8
+    #: MLP widths are multiples of this. None: 8, or 32 with ``deploy="llamacpp"``: a width that
+    #: is not a whole number of 32-value blocks cannot be stored as Q8_0/Q4_0/Q5_0 (llama.cpp's
+    #: converter falls back to f16 for such a ``down_proj``). 256 lets the K-quants apply too.
+    mlp_multiple: int | None = None
     batch_size: int = 4
     #: Compute device ("cpu", "cuda", "cuda:1"): where the layer in work runs.
     device: str = "cpu"
@@ -142,6 +154,10 @@ class PruneConfig:
         llama.cpp (``deci``): per-layer head counts and MLP widths, but one head width, one RoPE
         frequency set and equal query groups. Stock Llama/Qwen2: the same, with every layer alike.
         """
+        if self.mlp_multiple is None:
+            self.mlp_multiple = default_mlp_multiple(self.deploy)
+        if isinstance(self.mlp_multiple, bool) or not isinstance(self.mlp_multiple, int) or self.mlp_multiple < 1:
+            raise IntraSliceError(f"--mlp-multiple must be a positive integer, got {self.mlp_multiple!r}")
         if self.deploy is not None:
             if self.deploy not in DEPLOY_TARGETS:
                 raise IntraSliceError(f"unknown --deploy {self.deploy!r}: choose one of {', '.join(DEPLOY_TARGETS)}")
