@@ -106,14 +106,20 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
         "estimator": "global_pca, f = 1, beta = 1.0 (--attention-share 1, the spec's split) unless a variant "
         "names a share, importances shared by every variant",
     }
+    if args.importances:
+        q["protocol"]["estimator"] += f"; importances from {Path(args.importances).parent.name}"
     models = q.setdefault("models", {})
     results["model"] = BUILTIN_MODELS[args.model][1]
     if "dense" not in models:
         models["dense"] = evaluate(None, work / "dense", args)
         save(out, results)
-    # every variant reuses the importances of the first ratio's unconstrained run (pruned first)
+    # every variant reuses the importances of the first ratio's unconstrained run (pruned first),
+    # or of --importances (an earlier intraslice.json on the same calibration windows)
     first = work / f"per-kv-group-r{args.ratios[0]}"
     chosen = ["per-kv-group", *[v for v in args.variants if v != "per-kv-group"]]
+    if args.importances:
+        first = Path(args.importances).parent
+        chosen = list(args.variants)
     options = {**VARIANTS, **EXTRA}
     # a lost work dir with rows still to run: prune the first model again for its importances
     refresh = any(f"{v}@{r}" not in models for r in args.ratios for v in chosen)
@@ -334,6 +340,11 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *EXTRA], help="quality: which to run"
+    )
+    ap.add_argument(
+        "--importances",
+        default=None,
+        help="quality: an intraslice.json whose importances every variant reuses (same --nsamples/--seqlen)",
     )
     ap.add_argument("--work-dir", default=None, help="default: ~/.cache/intraslice/bench-deploy[-<model>]")
     ap.add_argument("--llama-cpp", default=None, help="llama.cpp sources or the llama-cpp-python sdist")
