@@ -68,6 +68,9 @@ EXTRA: dict[str, list[str]] = {
     # attention loses half the ratio, the MLP the rest (issue #14's split), unconstrained and llamacpp
     "per-kv-group-a0.5": ["--attention-share", "0.5"],
     "llamacpp-a0.5": ["--deploy", "llamacpp", "--attention-share", "0.5"],
+    # the llamacpp set as recorded before 2026-12-03: MLP widths in multiples of 8 (since then
+    # --deploy llamacpp rounds them to 32, whole Q8_0 blocks)
+    "llamacpp-m8": ["--deploy", "llamacpp", "--mlp-multiple", "8"],
     # the CLI's default split since 2026-12-03 (attention loses a quarter of the ratio)
     "per-kv-group-a0.25": ["--attention-share", "0.25"],
     "llamacpp-a0.25": ["--deploy", "llamacpp", "--attention-share", "0.25"],
