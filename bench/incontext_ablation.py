@@ -87,6 +87,10 @@ def variants(att: float, ratio: float, head_dim: int, pm: ParamModel) -> dict[st
         "ratio": ratio,
         "options": [*qs, "--attention-share", "0.25", "--calib-repeat", "0.25"],
     }
+    shares["global_pca, attention share 0.25, repeated spans 0.5 in the layer steps"] = {
+        "ratio": ratio,
+        "options": [*qs, "--attention-share", "0.25", "--calib-repeat", "0.5"],
+    }
     return {
         "attn spec": {**a, "options": []},
         "attn heads-only": {**a, "options": ["--head-width", str(head_dim)]},
