@@ -92,6 +92,18 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def save(path: Path, data: dict[str, Any]) -> None:
+    """Write the results, keeping what another step (quality beside speed) wrote since we read
+    the file: rows and runs merge by key, ours winning."""
+    on_disk = load(path)
+    if on_disk:
+        merged = {**on_disk, **data}
+        q_disk, q_ours = on_disk.get("quality", {}), data.get("quality")
+        if q_ours is not None:
+            merged["quality"] = {**q_disk, **q_ours, "models": {**q_disk.get("models", {}), **q_ours.get("models", {})}}
+        if data.get("speed") is not None:
+            merged["speed"] = {**on_disk.get("speed", {}), **data["speed"]}
+        data.clear()  # in place: the caller holds this dict
+        data.update(merged)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
