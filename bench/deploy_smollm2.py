@@ -93,17 +93,18 @@ def load(path: Path) -> dict[str, Any]:
 
 def save(path: Path, data: dict[str, Any]) -> None:
     """Write the results, keeping what another step (quality beside speed) wrote since we read
-    the file: rows and runs merge by key, ours winning."""
+    the file: rows and runs merge by key, ours winning. In place: the callers hold references to
+    the nested dicts (``models``, ``speed``), so those are filled, never replaced."""
     on_disk = load(path)
-    if on_disk:
-        merged = {**on_disk, **data}
-        q_disk, q_ours = on_disk.get("quality", {}), data.get("quality")
-        if q_ours is not None:
-            merged["quality"] = {**q_disk, **q_ours, "models": {**q_disk.get("models", {}), **q_ours.get("models", {})}}
-        if data.get("speed") is not None:
-            merged["speed"] = {**on_disk.get("speed", {}), **data["speed"]}
-        data.clear()  # in place: the caller holds this dict
-        data.update(merged)
+    for key, value in on_disk.items():
+        ours = data.setdefault(key, value)
+        if ours is value or not isinstance(ours, dict) or not isinstance(value, dict):
+            continue
+        for k, v in value.items():
+            ours.setdefault(k, v)
+        if key == "quality" and isinstance(value.get("models"), dict):
+            for k, v in value["models"].items():
+                ours["models"].setdefault(k, v)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
