@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
-from .config import DEFAULT_GRAD_SAMPLES, default_mlp_multiple
+from .config import DEFAULT_GRAD_SAMPLES
 from .errors import IntraSliceError
 
 
@@ -429,6 +429,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         uniform_layers=args.uniform_layers,
         deploy=args.deploy,
     )
+    cfg.resolve_mlp_multiple()  # before any work: the speed search rounds MLP widths too
     if args.export == "stock-hf" and args.deploy != "stock":
         raise IntraSliceError("--export stock-hf needs a model pruned with --deploy stock")
     if args.export == "gguf" and args.deploy is None:
@@ -508,7 +509,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 args.target_speedup,
                 args.speed_seqlen,
                 min_head_width=args.min_head_width,
-                mlp_multiple=cfg.mlp_multiple or default_mlp_multiple(cfg.deploy),
+                mlp_multiple=cfg.mlp_multiple,
                 log=print,
             )
             del dense

@@ -32,13 +32,6 @@ METHODS = ("intraslice", "slicegpt", "channel")
 DEPLOY_TARGETS = ("llamacpp", "stock")
 
 
-def default_mlp_multiple(deploy: str | None) -> int:
-    """MLP widths round to multiples of 8, or of 32 for llama.cpp: Q8_0, Q4_0 and Q5_0 store rows
-    in blocks of 32 values, and llama.cpp's converter stores a ``down_proj`` whose rows do not
-    split into whole blocks as f16, so a "Q8_0" file would be part f16."""
-    return 32 if deploy == "llamacpp" else 8
-
-
 #: Per-layer allocations: every layer alike, or from mask gradients (plain or PCA-rotated; method.md 3).
 ALLOCATIONS = ("uniform", "global", "global_pca")
 #: The allocation of IntraSlice, the one default of the Python API and the CLI.
@@ -154,10 +147,7 @@ class PruneConfig:
         llama.cpp (``deci``): per-layer head counts and MLP widths, but one head width, one RoPE
         frequency set and equal query groups. Stock Llama/Qwen2: the same, with every layer alike.
         """
-        if self.mlp_multiple is None:
-            self.mlp_multiple = default_mlp_multiple(self.deploy)
-        if isinstance(self.mlp_multiple, bool) or not isinstance(self.mlp_multiple, int) or self.mlp_multiple < 1:
-            raise IntraSliceError(f"--mlp-multiple must be a positive integer, got {self.mlp_multiple!r}")
+        self.resolve_mlp_multiple()
         if self.deploy is not None:
             if self.deploy not in DEPLOY_TARGETS:
                 raise IntraSliceError(f"unknown --deploy {self.deploy!r}: choose one of {', '.join(DEPLOY_TARGETS)}")
@@ -199,6 +189,17 @@ class PruneConfig:
             self.allocation = "uniform"  # every layer alike: nothing for the estimator to allocate
         if self.uniform_layers and getattr(self, "allocation", None) not in (None, "uniform"):
             raise IntraSliceError("--uniform-layers gives every layer the same shape: use --allocation uniform")
+
+    def resolve_mlp_multiple(self) -> int:
+        """Resolve and check ``mlp_multiple``: unset is 8, or 32 for llama.cpp. Q8_0, Q4_0 and Q5_0
+        store rows in blocks of 32 values, and llama.cpp's converter stores a ``down_proj`` whose
+        rows do not split into whole blocks as f16, so a "Q8_0" file would be part f16. The CLI
+        calls this before any work (the speed search needs it before :meth:`validate`)."""
+        if self.mlp_multiple is None:
+            self.mlp_multiple = 32 if self.deploy == "llamacpp" else 8
+        if isinstance(self.mlp_multiple, bool) or not isinstance(self.mlp_multiple, int) or self.mlp_multiple < 1:
+            raise IntraSliceError(f"--mlp-multiple must be a positive integer, got {self.mlp_multiple!r}")
+        return self.mlp_multiple
 
     @property
     def needs_dense_pass(self) -> bool:
