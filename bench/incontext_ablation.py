@@ -93,6 +93,14 @@ def variants(att: float, ratio: float, head_dim: int, pm: ParamModel) -> dict[st
         "ratio": ratio,
         "options": [*qs, "--attention-share", "0.25", "--calib-repeat", "0.5"],
     }
+    # the repeated spans in the attention step alone (the MLP statistics leave them out)
+    for r in (0.25, 0.5):
+        opts = [*qs, "--attention-share", "0.25", "--calib-repeat", str(r), "--calib-repeat-in", "attention"]
+        for row, rr in (("quick start (0.2)", 0.2), ("global_pca", ratio)):
+            shares[f"{row}, attention share 0.25, repeated spans {r} in the attention step"] = {
+                "ratio": rr,
+                "options": opts,
+            }
     return {
         "attn spec": {**a, "options": []},
         "attn heads-only": {**a, "options": ["--head-width", str(head_dim)]},

@@ -78,3 +78,64 @@ def test_cli_layer_steps_see_the_repeats_and_the_estimator_the_plain_windows(
     assert torch.equal(layers[:, :-8], estimator[:, :-8])
     assert torch.equal(layers, estimator) == estimator_too
     assert json.loads((out / "intraslice.json").read_text())["calibration"]["repeat_share"] == 0.25
+
+
+@pytest.mark.parametrize("skip", [0.0, 0.25])
+def test_mlp_statistics_leave_out_the_repeated_tail_only_in_attention_mode(monkeypatch, skip: float) -> None:
+    """``--calib-repeat-in attention``: layer 0's down_proj-input covariance H, as the MLP step
+    receives it, equals Z^T Z over each window's first L - m positions (all L with skip 0),
+    Z computed independently from the pruned model's MLP input and the dense gate/up weights."""
+    import copy
+
+    from transformers.activations import ACT2FN
+
+    from intraslice.api import prune
+    from intraslice.config import PruneConfig
+    from intraslice.methods import intraslice as method
+
+    from .conftest import calib_tokens, make_tiny
+
+    dense = make_tiny("llama-mha", n_layers=1)
+    mlp = dense.model.layers[0].mlp
+    w_gate, w_up = mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()
+    act = ACT2FN[dense.config.hidden_act]
+    plain = CalibrationSet(calib_tokens(8, 32), "test", 0, 8 * 32)
+    tokens = with_repeated_spans(plain, 0.25).tokens  # the last 8 positions repeat
+    seen: list[torch.Tensor] = []
+    real = method.compress_mlp
+
+    def spy(h: torch.Tensor, *a, **kw):
+        seen.append(h.clone())
+        return real(h, *a, **kw)
+
+    monkeypatch.setattr(method, "compress_mlp", spy)
+    cfg = PruneConfig(layer_ratios=[(0.25, 0.4)], mlp_skip_tail=skip)
+    result = prune(copy.deepcopy(dense), tokens, cfg, progress=False)
+    x: list[torch.Tensor] = []
+    result.model.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: x.append(args[0]))
+    with torch.no_grad():
+        result.model(tokens)
+    z = act(x[0] @ w_gate.T) * (x[0] @ w_up.T)  # (8, 32, d_ff): the dense MLP on the pruned attention
+    z = z[:, : 32 - round(skip * 32)].reshape(-1, z.shape[-1])
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], z.T @ z, rtol=1e-9, atol=1e-9)
+
+
+def test_cli_calib_repeat_in_attention_sets_the_mlp_skip(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    from intraslice import stages
+
+    seen: dict[str, float] = {}
+    prune = stages.prune
+
+    def spy_prune(ckpt, tokens, cfg, *a, **kw):
+        seen["skip"] = cfg.mlp_skip_tail
+        return prune(ckpt, tokens, cfg, *a, **kw)
+
+    monkeypatch.setattr(stages, "prune", spy_prune)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"item {i} of the list." for i in range(600)), encoding="utf-8")
+    argv = ["prune", "--model", str(tiny_model_dir), "--calib", str(calib), "--nsamples", "4", "--seqlen", "32",
+            "--calib-repeat", "0.25", "--calib-repeat-in", "attention", "--out", str(tmp_path / "o"),
+            "--no-progress", "--no-eval", "--device", "cpu", "--allocation", "uniform"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["skip"] == 0.25

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(0-0.5; exercises copying; the estimator keeps the plain windows)",
     )
     p.add_argument(
+        "--calib-repeat-in",
+        choices=["layers", "attention"],
+        default="layers",
+        help="which layer steps fit on the repeated spans: attention and MLP (layers), or the attention "
+        "step alone (the MLP statistics leave the spans out)",
+    )
+    p.add_argument(
         "--calib-repeat-estimator",
         action="store_true",
         help="the estimator sees the repeated spans too (an ablation: measured worse, BENCHMARKS.md)",
@@ -428,6 +435,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         equal_kv_groups=args.equal_kv_groups,
         uniform_layers=args.uniform_layers,
         deploy=args.deploy,
+        mlp_skip_tail=args.calib_repeat if args.calib_repeat_in == "attention" else 0.0,
     )
     cfg.resolve_mlp_multiple()  # before any work: the speed search rounds MLP widths too
     if args.export == "stock-hf" and args.deploy != "stock":
