@@ -79,6 +79,7 @@ def variants(att: float, ratio: float, head_dim: int, pm: ParamModel) -> dict[st
     # the share lower still, and the default share with the layer steps on repeated spans (the
     # two fixes together; the estimator sees the plain windows, so the importances are shared)
     shares["global_pca, attention share 0.1"] = {"ratio": ratio, "options": [*qs, "--attention-share", "0.1"]}
+    shares["quick start (0.2), attention share 0.1"] = {"ratio": 0.2, "options": [*qs, "--attention-share", "0.1"]}
     # share 0: attention untouched, the MLP takes the whole ratio (what the MLP alone costs copying)
     shares["global_pca, attention share 0"] = {"ratio": ratio, "options": [*qs, "--attention-share", "0"]}
     shares["quick start (0.2), attention share 0.25, repeated spans in the layer steps"] = {
