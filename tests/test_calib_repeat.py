@@ -80,11 +80,32 @@ def test_cli_layer_steps_see_the_repeats_and_the_estimator_the_plain_windows(
     assert json.loads((out / "intraslice.json").read_text())["calibration"]["repeat_share"] == 0.25
 
 
-@pytest.mark.parametrize("skip", [0.0, 0.25])
-def test_mlp_statistics_leave_out_the_repeated_tail_only_in_attention_mode(monkeypatch, skip: float) -> None:
+@pytest.mark.parametrize("mode", ["replace", "append"])
+def test_append_mode_keeps_every_text_token_and_follows_with_an_earlier_span(mode: str) -> None:
+    src = calib(length=40)
+    out = with_repeated_spans(src, 0.25, mode)
+    m = 10
+    assert out.repeat_mode == mode and out.describe()["repeat_mode"] == mode
+    if mode == "replace":
+        assert out.tokens.shape == (6, 40) and torch.equal(out.tokens[:, :30], src.tokens[:, :30])
+    else:
+        assert out.tokens.shape == (6, 50) and torch.equal(out.tokens[:, :40], src.tokens)
+    for row in range(6):
+        tail = out.tokens[row, -m:]
+        start = int(tail[0]) - int(src.tokens[row, 0])  # distinct tokens: the value names the position
+        assert torch.equal(tail, src.tokens[row, start : start + m])
+        assert out.tokens.shape[1] - m - start >= m  # copied from at least its own length back
+    assert torch.equal(out.tokens, with_repeated_spans(calib(length=40), 0.25, mode).tokens)  # seeded
+    with pytest.raises(IntraSliceError, match="--calib-repeat-mode"):
+        with_repeated_spans(src, 0.25, "prepend")
+
+
+@pytest.mark.parametrize(("skip", "mode"), [(0, "replace"), (8, "replace"), (8, "append")])
+def test_mlp_statistics_leave_out_the_repeated_tail_only_in_attention_mode(monkeypatch, skip: int, mode: str) -> None:
     """``--calib-repeat-in attention``: layer 0's down_proj-input covariance H, as the MLP step
-    receives it, equals Z^T Z over each window's first L - m positions (all L with skip 0),
-    Z computed independently from the pruned model's MLP input and the dense gate/up weights."""
+    receives it, equals Z^T Z over each window's positions but the last ``skip`` (all of them
+    with skip 0), Z computed independently from the pruned model's MLP input and the dense
+    gate/up weights."""
     import copy
 
     from transformers.activations import ACT2FN
@@ -100,7 +121,7 @@ def test_mlp_statistics_leave_out_the_repeated_tail_only_in_attention_mode(monke
     w_gate, w_up = mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()
     act = ACT2FN[dense.config.hidden_act]
     plain = CalibrationSet(calib_tokens(8, 32), "test", 0, 8 * 32)
-    tokens = with_repeated_spans(plain, 0.25).tokens  # the last 8 positions repeat
+    tokens = with_repeated_spans(plain, 0.25, mode).tokens  # the last 8 positions repeat
     seen: list[torch.Tensor] = []
     real = method.compress_mlp
 
@@ -109,14 +130,14 @@ def test_mlp_statistics_leave_out_the_repeated_tail_only_in_attention_mode(monke
         return real(h, *a, **kw)
 
     monkeypatch.setattr(method, "compress_mlp", spy)
-    cfg = PruneConfig(layer_ratios=[(0.25, 0.4)], mlp_skip_tail=skip)
+    cfg = PruneConfig(layer_ratios=[(0.25, 0.4)], mlp_skip_positions=skip)
     result = prune(copy.deepcopy(dense), tokens, cfg, progress=False)
     x: list[torch.Tensor] = []
     result.model.model.layers[0].mlp.register_forward_pre_hook(lambda _m, args: x.append(args[0]))
     with torch.no_grad():
         result.model(tokens)
     z = act(x[0] @ w_gate.T) * (x[0] @ w_up.T)  # (8, 32, d_ff): the dense MLP on the pruned attention
-    z = z[:, : 32 - round(skip * 32)].reshape(-1, z.shape[-1])
+    z = z[:, : tokens.shape[1] - skip].reshape(-1, z.shape[-1])
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], z.T @ z, rtol=1e-9, atol=1e-9)
 
@@ -128,7 +149,8 @@ def test_cli_calib_repeat_in_attention_sets_the_mlp_skip(tiny_model_dir, tmp_pat
     prune = stages.prune
 
     def spy_prune(ckpt, tokens, cfg, *a, **kw):
-        seen["skip"] = cfg.mlp_skip_tail
+        seen["skip"] = cfg.mlp_skip_positions
+        seen["length"] = tokens.shape[1]
         return prune(ckpt, tokens, cfg, *a, **kw)
 
     monkeypatch.setattr(stages, "prune", spy_prune)
@@ -138,4 +160,22 @@ def test_cli_calib_repeat_in_attention_sets_the_mlp_skip(tiny_model_dir, tmp_pat
             "--calib-repeat", "0.25", "--calib-repeat-in", "attention", "--out", str(tmp_path / "o"),
             "--no-progress", "--no-eval", "--device", "cpu", "--allocation", "uniform"]  # fmt: skip
     assert main(argv) == 0
-    assert seen["skip"] == 0.25
+    assert seen == {"skip": 8, "length": 32}
+    assert main([*argv, "--overwrite", "--calib-repeat-mode", "append"]) == 0
+    assert seen == {"skip": 8, "length": 40}
+    report = json.loads((tmp_path / "o" / "intraslice.json").read_text())["calibration"]
+    assert report["repeat_mode"] == "append" and report["seqlen"] == 40
+
+
+def test_cli_append_beyond_the_model_positions_is_refused(capsys, tiny_model_dir, tmp_path) -> None:
+    from transformers import AutoConfig
+
+    max_pos = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    out = tmp_path / "o"
+    capsys.readouterr()  # the fixture's own output
+    argv = ["prune", "--model", str(tiny_model_dir), "--seqlen", str(max_pos), "--calib-repeat", "0.25",
+            "--calib-repeat-mode", "append", "--out", str(out), "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"more than the model's {max_pos} positions" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

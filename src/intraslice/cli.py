@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(0-0.5; exercises copying; the estimator keeps the plain windows)",
     )
     p.add_argument(
+        "--calib-repeat-mode",
+        choices=["replace", "append"],
+        default="replace",
+        help="the repeated span replaces the window's tail, or follows the window (windows of "
+        "seqlen x (1 + share) tokens, every text token kept)",
+    )
+    p.add_argument(
         "--calib-repeat-in",
         choices=["layers", "attention"],
         default="layers",
@@ -369,7 +376,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .arch import get_arch
     from .checkpoint import SourceCheckpoint
     from .config import PruneConfig, check_ratio, default_allocation
-    from .data import calibration_windows, check_repeat_share, with_repeated_spans
+    from .data import calibration_windows, check_repeat_share, repeated_span_length, with_repeated_spans
     from .importance import load_ratios_file
     from .models import parse_dtype
     from .params import parse_target_params, ratio_for_target
@@ -435,7 +442,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         equal_kv_groups=args.equal_kv_groups,
         uniform_layers=args.uniform_layers,
         deploy=args.deploy,
-        mlp_skip_tail=args.calib_repeat if args.calib_repeat_in == "attention" else 0.0,
+        mlp_skip_positions=repeated_span_length(args.seqlen, args.calib_repeat)
+        if args.calib_repeat_in == "attention"
+        else 0,
     )
     cfg.resolve_mlp_multiple()  # before any work: the speed search rounds MLP widths too
     if args.export == "stock-hf" and args.deploy != "stock":
@@ -450,11 +459,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.attention_share is not None and args.mlp_bias is not None:
         raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
     estimator = args.allocation != "uniform" and not (saved and saved.get("importance"))
+    layer_seqlen = args.seqlen  # the layer steps' windows: longer with appended spans
+    if args.calib_repeat_mode == "append":
+        layer_seqlen += repeated_span_length(args.seqlen, args.calib_repeat)
+        max_pos = getattr(ckpt.config, "max_position_embeddings", None)
+        if max_pos and layer_seqlen > max_pos:
+            raise IntraSliceError(
+                f"--calib-repeat-mode append makes windows of {layer_seqlen} tokens, more than the model's "
+                f"{max_pos} positions: lower --seqlen or --calib-repeat"
+            )
     plan = stages.plan(
         ckpt,
         cfg,
         args.nsamples,
-        args.seqlen,
+        layer_seqlen,
         estimator=estimator,
         evaluate=not args.no_eval,
         device_capacity=_bytes(args.device_memory),
@@ -471,7 +489,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     plain = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     # the layer steps see the repeated spans, the estimator the plain windows (method.md 8)
-    calib = with_repeated_spans(plain, args.calib_repeat)
+    calib = with_repeated_spans(plain, args.calib_repeat, args.calib_repeat_mode)
     grad_tokens = calib.tokens if args.calib_repeat_estimator else plain.tokens
     timings["calibration_data"] = time.perf_counter() - t
     print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)

@@ -93,10 +93,10 @@ class PruneConfig:
     #: :data:`DEFAULT_ATTENTION_SHARE`. See :func:`intraslice.importance.estimate_allocation`.
     attention_share: float | str | None = None
     mlp_bias: float | None = None
-    #: The share of each calibration window's tail that the MLP statistics leave out: the
+    #: Positions at the end of each calibration window that the MLP statistics leave out: the
     #: repeated span of ``--calib-repeat`` when only the attention step should see it
     #: (``--calib-repeat-in attention``; see :func:`intraslice.methods.intraslice.mlp_input_stats`).
-    mlp_skip_tail: float = 0.0
+    mlp_skip_positions: int = 0
     #: Channel baseline: fold the mean of removed channels into o_proj/down_proj biases (FLAP).
     bias_compensation: bool = True
     #: SliceGPT baseline: an explicit residual width instead of the one found for ``ratio``.

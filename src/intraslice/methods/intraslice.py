@@ -279,19 +279,14 @@ def attention_residuals(
     return mids
 
 
-def head_positions(z: torch.Tensor, skip_tail: float) -> torch.Tensor:
-    """``z`` (batch, positions, channels) without the last ``round(skip_tail * positions)`` positions.
-
-    The same rounding as :func:`intraslice.data.with_repeated_spans`, so the positions left
-    out are exactly each window's repeated span.
-    """
-    m = round(skip_tail * z.shape[-2])
-    return z[..., : z.shape[-2] - m, :] if m else z
+def head_positions(z: torch.Tensor, skip: int) -> torch.Tensor:
+    """``z`` (batch, positions, channels) without its last ``skip`` positions."""
+    return z[..., : z.shape[-2] - skip, :] if skip else z
 
 
 @torch.no_grad()
 def mlp_input_stats(
-    ctx: LayerContext, mids: ActivationStore | None = None, skip_tail: float = 0.0
+    ctx: LayerContext, mids: ActivationStore | None = None, skip: int = 0
 ) -> tuple[torch.Tensor, ActivationStore]:
     """Pass C: H = Z^T Z of the down_proj input, with this layer's attention already pruned.
 
@@ -300,7 +295,7 @@ def mlp_input_stats(
     layer runs, and the residual after attention is kept here, so that the layer's outputs
     only need the pruned MLP block instead of the whole layer again.
 
-    ``skip_tail``: H leaves out each window's last ``skip_tail`` share of positions.
+    ``skip``: H leaves out each window's last ``skip`` positions.
     **Decision (issue #14, ``--calib-repeat-in attention``):** a repeated span teaches the
     attention step which heads and pairs copy, but the MLP's channel choice and its
     least-squares correction, fitted on text that is trivially predictable from the
@@ -312,7 +307,7 @@ def mlp_input_stats(
         h_z = None
         for mid in mids:
             z = input_of_call(down, lambda mid=mid: ctx.arch.mlp_block(ctx.layer, mid))
-            z = head_positions(z, skip_tail)
+            z = head_positions(z, skip)
             h_z = gram(z) if h_z is None else h_z + gram(z)
         assert h_z is not None
         ctx.reduce(h_z)
@@ -322,7 +317,7 @@ def mlp_input_stats(
     mids = ctx.store("mids")
 
     def on_down(_m: nn.Module, args: tuple) -> None:
-        g = gram(head_positions(args[0], skip_tail))
+        g = gram(head_positions(args[0], skip))
         acc["h"] = acc["h"] + g if "h" in acc else g
 
     def on_mid(_m: nn.Module, args: tuple) -> None:
@@ -342,7 +337,7 @@ class IntraSliceMLPStep:
         self.cfg = cfg
 
     def collect(self, ctx: LayerContext, mids: ActivationStore | None = None) -> tuple[torch.Tensor, ActivationStore]:
-        return mlp_input_stats(ctx, mids, self.cfg.mlp_skip_tail)
+        return mlp_input_stats(ctx, mids, self.cfg.mlp_skip_positions)
 
     def compress(self, ctx: LayerContext, stats: tuple[torch.Tensor, ActivationStore], keep: int) -> MLPDone:
         h_z, mids = stats
