@@ -82,6 +82,7 @@ def variants(att: float, ratio: float, head_dim: int, pm: ParamModel) -> dict[st
     shares["quick start (0.2), attention share 0.1"] = {"ratio": 0.2, "options": [*qs, "--attention-share", "0.1"]}
     # share 0: attention untouched, the MLP takes the whole ratio (what the MLP alone costs copying)
     shares["global_pca, attention share 0"] = {"ratio": ratio, "options": [*qs, "--attention-share", "0"]}
+    shares["quick start (0.2), attention share 0"] = {"ratio": 0.2, "options": [*qs, "--attention-share", "0"]}
     shares["quick start (0.2), attention share 0.25, repeated spans in the layer steps"] = {
         "ratio": 0.2,
         "options": [*qs, "--attention-share", "0.25", "--calib-repeat", "0.25"],
