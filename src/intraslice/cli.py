@@ -442,9 +442,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         equal_kv_groups=args.equal_kv_groups,
         uniform_layers=args.uniform_layers,
         deploy=args.deploy,
-        mlp_skip_positions=repeated_span_length(args.seqlen, args.calib_repeat)
-        if args.calib_repeat_in == "attention"
-        else 0,
     )
     cfg.resolve_mlp_multiple()  # before any work: the speed search rounds MLP widths too
     if args.export == "stock-hf" and args.deploy != "stock":
@@ -491,6 +488,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     # the layer steps see the repeated spans, the estimator the plain windows (method.md 8)
     calib = with_repeated_spans(plain, args.calib_repeat, args.calib_repeat_mode)
     grad_tokens = calib.tokens if args.calib_repeat_estimator else plain.tokens
+    if args.calib_repeat_in == "attention":  # the MLP statistics leave each window's repeated span out
+        cfg.mlp_skip_positions = repeated_span_length(plain.tokens.shape[1], args.calib_repeat)
     timings["calibration_data"] = time.perf_counter() - t
     print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)
     stages.check_vocabulary(ckpt, calib.tokens, tokenizer)
