@@ -104,7 +104,7 @@ def variants(att: float, ratio: float, head_dim: int, pm: ParamModel) -> dict[st
                 "options": opts,
             }
     # the repeated span after the window instead of over its tail: every text token kept
-    for share in ("0.1", "0.25"):
+    for share in ("0", "0.1", "0.25"):
         for r in (0.25, 0.5):
             opts = [*qs, "--attention-share", share, "--calib-repeat", str(r), "--calib-repeat-mode", "append"]
             for row, rr in (("quick start (0.2)", 0.2), ("global_pca", ratio)):
