@@ -456,9 +456,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.attention_share is not None and args.mlp_bias is not None:
         raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
     estimator = args.allocation != "uniform" and not (saved and saved.get("importance"))
+    # tokens per repeated span: calibration windows are exactly --seqlen long (calibration_windows)
+    span = repeated_span_length(args.seqlen, args.calib_repeat)
     layer_seqlen = args.seqlen  # the layer steps' windows: longer with appended spans
     if args.calib_repeat_mode == "append":
-        layer_seqlen += repeated_span_length(args.seqlen, args.calib_repeat)
+        layer_seqlen += span
         max_pos = getattr(ckpt.config, "max_position_embeddings", None)
         if max_pos and layer_seqlen > max_pos:
             raise IntraSliceError(
@@ -489,7 +491,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     calib = with_repeated_spans(plain, args.calib_repeat, args.calib_repeat_mode)
     grad_tokens = calib.tokens if args.calib_repeat_estimator else plain.tokens
     if args.calib_repeat_in == "attention":  # the MLP statistics leave each window's repeated span out
-        cfg.mlp_skip_positions = repeated_span_length(plain.tokens.shape[1], args.calib_repeat)
+        cfg.mlp_skip_positions = span
     timings["calibration_data"] = time.perf_counter() - t
     print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)
     stages.check_vocabulary(ckpt, calib.tokens, tokenizer)
