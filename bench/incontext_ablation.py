@@ -188,10 +188,16 @@ def effective_options(options: list[str]) -> list[str]:
     """A row's options with the spec's choice for every estimator option it does not name.
 
     Rows record one change against the method as specified, so what a row leaves out is the
-    spec's, whatever the CLI default: the |q k| pair score, f = 1 unit per head, and the spec's
-    split (beta = 1). The prune command and the importance sharing both read this.
+    spec's, whatever the CLI default: the |q k| pair score, f = 1 unit per head, the spec's
+    split (beta = 1) and plain calibration windows (a repeated span replaces the window's
+    tail unless the row says append, as when those rows were recorded). The prune command and
+    the importance sharing both read this.
     """
     out = list(options)
+    if "--calib-repeat" not in out:
+        out += ["--calib-repeat", "0"]
+    elif "--calib-repeat-mode" not in out:
+        out += ["--calib-repeat-mode", "replace"]
     if "--rope-score" not in out:
         out += ["--rope-score", "qk"]
     if "--units-per-head" not in out:

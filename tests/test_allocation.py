@@ -245,10 +245,11 @@ def test_a_default_share_moves_only_as_far_as_the_cap_asks() -> None:
     assert 0.7 * mlp_bias_for_share(pm, 0.65) <= 0.8 < 0.7 * mlp_bias_for_share(pm, 0.64)
 
 
-def test_the_default_split_is_a_quarter_for_attention() -> None:
-    """No split given: attention loses 0.25 x the ratio. β worked out by hand for the tiny GQA
-    model (d 96, 6 heads of 16, 2 KV heads, MLP 160): attention 2*96*96 + 2*96*32 = 24576,
-    MLP 3*96*160 = 46080 parameters a layer, so β = 1 + 0.75 * 24576 / 46080 = 1.4."""
+def test_the_default_split_leaves_attention_whole() -> None:
+    """No split given: attention share 0, the MLP takes the whole ratio. β worked out by hand for
+    the tiny GQA model (d 96, 6 heads of 16, 2 KV heads, MLP 160): attention 2*96*96 + 2*96*32 =
+    24576, MLP 3*96*160 = 46080 parameters a layer, so β = 1 + 24576 / 46080 = 23/15; share 0.25
+    gives β = 1 + 0.75 * 24576 / 46080 = 1.4."""
     from intraslice.importance import resolve_split
 
     model = make_tiny("llama-gqa")
@@ -257,11 +258,13 @@ def test_the_default_split_is_a_quarter_for_attention() -> None:
         96, 6, 16, 2, 160,
     )  # fmt: skip
     _, _, beta, _, share = resolve_split(c, 0.3, "global_pca")
-    assert (share, beta) == (0.25, pytest.approx(1.4))
+    assert (share, beta) == (0.0, pytest.approx(23 / 15))
+    assert resolve_split(c, 0.3, "global_pca", attention_share=0.25)[2] == pytest.approx(1.4)
     assert resolve_split(c, 0.3, "global_pca", mlp_bias=1.2)[2:] == (1.2, None, None)
     assert resolve_split(c, 0.3, "uniform")[4] is None  # nothing to split
-    _, record = estimate_allocation(model, 0.3, "global_pca", tokens=calib_tokens(2, 16), progress=False)
-    assert (record["attention_share"], record["mlp_bias"]) == (0.25, pytest.approx(1.4))
+    alloc, record = estimate_allocation(model, 0.3, "global_pca", tokens=calib_tokens(2, 16), progress=False)
+    assert (record["attention_share"], record["mlp_bias"]) == (0.0, pytest.approx(23 / 15))
+    assert all(att == 0 for att, _ in alloc.layer_ratios)  # attention whole in every layer
     # a ratios file keeps its own split: the spec's β = 1 of an older file, or its share
     old = {**record, "attention_share": None, "mlp_bias": 1.0}
     assert resolve_split(c, 0.3, "global_pca", saved=old)[2:] == (1.0, None, None)

@@ -11,6 +11,8 @@ from intraslice.cli import main
 from intraslice.data import CalibrationSet, with_repeated_spans
 from intraslice.errors import IntraSliceError
 
+from .conftest import calib_tokens, make_tiny
+
 
 def calib(n: int = 6, length: int = 40, seed: int = 0) -> CalibrationSet:
     tokens = torch.arange(n * length).view(n, length) + 1000  # every token distinct
@@ -71,7 +73,8 @@ def test_cli_layer_steps_see_the_repeats_and_the_estimator_the_plain_windows(
     calib.write_text(" ".join(f"item {i} of the list." for i in range(600)), encoding="utf-8")  # no period
     out = tmp_path / "pruned"
     argv = ["prune", "--model", str(tiny_model_dir), "--calib", str(calib), "--nsamples", "4", "--seqlen", "32",
-            "--calib-repeat", "0.25", "--out", str(out), "--no-progress", "--no-eval", "--device", "cpu"]  # fmt: skip
+            "--calib-repeat", "0.25", "--calib-repeat-mode", "replace", "--out", str(out), "--no-progress",
+            "--no-eval", "--device", "cpu"]  # fmt: skip
     code = main(argv + (["--calib-repeat-estimator"] if estimator_too else []))
     assert code == 0, capsys.readouterr().err
     layers, estimator = seen["layers"], seen["estimator"]
@@ -159,9 +162,9 @@ def test_cli_calib_repeat_in_attention_sets_the_mlp_skip(tiny_model_dir, tmp_pat
     argv = ["prune", "--model", str(tiny_model_dir), "--calib", str(calib), "--nsamples", "4", "--seqlen", "32",
             "--calib-repeat", "0.25", "--calib-repeat-in", "attention", "--out", str(tmp_path / "o"),
             "--no-progress", "--no-eval", "--device", "cpu", "--allocation", "uniform"]  # fmt: skip
-    assert main(argv) == 0
+    assert main([*argv, "--calib-repeat-mode", "replace"]) == 0
     assert seen == {"skip": 8, "length": 32}
-    assert main([*argv, "--overwrite", "--calib-repeat-mode", "append"]) == 0
+    assert main([*argv, "--overwrite"]) == 0  # append: the default mode
     assert seen == {"skip": 8, "length": 40}
     report = json.loads((tmp_path / "o" / "intraslice.json").read_text())["calibration"]
     assert report["repeat_mode"] == "append" and report["seqlen"] == 40
@@ -179,3 +182,88 @@ def test_cli_append_beyond_the_model_positions_is_refused(capsys, tiny_model_dir
     err = capsys.readouterr().err
     assert f"more than the model's {max_pos} positions" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def _spy_windows(monkeypatch) -> dict[str, torch.Tensor]:
+    """The windows the CLI hands the estimator and the layer steps."""
+    from intraslice import stages
+
+    seen: dict[str, torch.Tensor] = {}
+    allocate, prune = stages.allocate, stages.prune
+
+    def spy_allocate(ckpt, policy, tokens, *a, **kw):
+        seen["estimator"] = tokens.clone()
+        return allocate(ckpt, policy, tokens, *a, **kw)
+
+    def spy_prune(ckpt, tokens, *a, **kw):
+        seen["layers"] = tokens.clone()
+        return prune(ckpt, tokens, *a, **kw)
+
+    monkeypatch.setattr(stages, "allocate", spy_allocate)
+    monkeypatch.setattr(stages, "prune", spy_prune)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["intraslice", "slicegpt"])
+def test_cli_default_appends_half_a_window_for_intraslice_only(tiny_model_dir, tmp_path, monkeypatch, method) -> None:
+    """The default (issue #14): IntraSlice's layer steps see each 32-token window followed by a
+    16-token repeat of an earlier span of it, the estimator the plain windows; the baselines
+    calibrate on the plain windows, as published."""
+    from intraslice.config import DEFAULT_CALIB_REPEAT, DEFAULT_CALIB_REPEAT_MODE
+
+    assert (DEFAULT_CALIB_REPEAT, DEFAULT_CALIB_REPEAT_MODE) == (0.5, "append")
+    seen = _spy_windows(monkeypatch)
+    out = tmp_path / "o"
+    argv = ["prune", "--model", str(tiny_model_dir), "--nsamples", "4", "--seqlen", "32", "--method", method,
+            "--allocation", "uniform" if method == "slicegpt" else "global_pca", "--out", str(out),
+            "--no-progress", "--no-eval", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    layers = seen["layers"]
+    report = json.loads((out / "intraslice.json").read_text())["calibration"]
+    if method == "slicegpt":
+        assert layers.shape == (4, 32) and "repeat_share" not in report
+        return
+    estimator = seen["estimator"]
+    assert estimator.shape == (4, 32) and layers.shape == (4, 48)
+    assert torch.equal(layers[:, :32], estimator)  # every text token kept
+    for row in range(4):  # the appended 16 tokens are a span of the same window
+        spans = estimator[row].unfold(0, 16, 1)
+        assert (spans == layers[row, 32:]).all(dim=1).any()
+    assert (report["repeat_share"], report["repeat_mode"], report["seqlen"]) == (0.5, "append", 48)
+
+
+def test_cli_default_span_shrinks_to_the_model_positions(capsys, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """Windows near the model's positions: the default span is shortened with one note, not refused
+    (an explicit share is refused: test_cli_append_beyond_the_model_positions_is_refused)."""
+    from transformers import AutoConfig
+
+    max_pos = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    seen = _spy_windows(monkeypatch)
+    capsys.readouterr()
+    argv = ["prune", "--model", str(tiny_model_dir), "--nsamples", "2", "--seqlen", str(max_pos - 8),
+            "--out", str(tmp_path / "o"), "--no-progress", "--no-eval", "--device", "cpu",
+            "--allocation", "uniform"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen["layers"].shape[1] == max_pos
+    assert f"shortened to 8 tokens to fit the model's {max_pos} positions" in capsys.readouterr().out
+
+
+def test_api_estimator_calibration_feeds_the_estimator_and_the_windows_the_layers(monkeypatch) -> None:
+    """``prune(..., estimator_calibration=plain)``: the CLI's default split of windows from Python."""
+    from intraslice import importance, prune
+    from intraslice.config import PruneConfig
+
+    seen: dict[str, torch.Tensor] = {}
+    estimate = importance.estimate_allocation
+
+    def spy(model, ratio, mode, tokens=None, **kw):
+        seen["estimator"] = tokens
+        return estimate(model, ratio, mode, tokens=tokens, **kw)
+
+    monkeypatch.setattr(importance, "estimate_allocation", spy)
+    plain = CalibrationSet(calib_tokens(2, 16), "test", 0, 32)
+    spans = with_repeated_spans(plain, 0.5, "append")
+    result = prune(make_tiny("llama-gqa"), spans.tokens, PruneConfig(ratio=0.3), False, plain.tokens)
+    assert seen["estimator"] is plain.tokens and result.method["allocation"]["attention_share"] == 0.0
+    with pytest.raises(IntraSliceError, match="estimator_calibration must be"):
+        prune(make_tiny("llama-gqa"), spans.tokens, PruneConfig(ratio=0.3), False, plain.tokens[0])

@@ -67,7 +67,9 @@ def test_cli_prune_end_to_end(capsys, tiny_model_dir: Path, calib_file: Path, tm
     report = json.loads((out / "intraslice.json").read_text())
     assert report["params_after"]["decoder_linear"] < report["params_before"]["decoder_linear"]
     assert report["calibration"]["source"].startswith("file:")
-    assert report["calibration"]["nsamples"] == 4 and report["calibration"]["seqlen"] == 32
+    # the layer steps' windows: 32 text tokens and the default appended span of 16
+    assert report["calibration"]["nsamples"] == 4 and report["calibration"]["seqlen"] == 48
+    assert (report["calibration"]["repeat_share"], report["calibration"]["repeat_mode"]) == (0.5, "append")
     assert {"dense", "pruned"} <= set(report["perplexity"])
     assert len(report["layers"]) == 2 and "total" in report["timings_s"]
     assert "decoder linear" in stdout and "whole model" in stdout

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .api import PruneResult, build_pruned_model, prune
 from .config import PruneConfig
-from .data import CalibrationSet, calibration_windows
+from .data import CalibrationSet, calibration_windows, with_repeated_spans
 from .errors import IntraSliceError, NonFiniteError
 from .modeling import IntraSliceConfig, IntraSliceForCausalLM, SliceGPTConfig, SliceGPTForCausalLM
 from .models import load_model
@@ -70,4 +70,5 @@ __all__ = [
     "prune",
     "register_auto_classes",
     "save_pruned",
+    "with_repeated_spans",
 ]

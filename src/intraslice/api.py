@@ -59,12 +59,22 @@ def prune(
     calibration: torch.Tensor,
     config: PruneConfig | None = None,
     progress: bool = True,
+    estimator_calibration: torch.Tensor | None = None,
 ) -> PruneResult:
     """Prune a Hugging Face causal LM (IntraSlice, or a baseline named by ``config.method``).
 
     ``calibration`` is an int64 tensor of token windows (nsamples, seqlen). The source
     ``model`` is consumed: its decoder layers are replaced in place by smaller modules
     whose weights the returned model shares.
+
+    ``estimator_calibration``: the windows of the mask-gradient estimator, when they differ
+    from the layer steps' (default: ``calibration``). The CLI's IntraSlice default gives the
+    layer steps each window followed by a repeat of an earlier span of it and the estimator
+    the plain windows (docs/method.md section 8); from Python::
+
+        plain = calibration_windows(tokenizer, "wikitext2", nsamples=128, seqlen=2048)
+        spans = with_repeated_spans(plain, DEFAULT_CALIB_REPEAT, DEFAULT_CALIB_REPEAT_MODE)
+        prune(model, spans.tokens, config, estimator_calibration=plain.tokens)
 
     The per-layer ratios are ``config.layer_ratios`` when given; otherwise
     ``config.allocation`` decides, and its default is the CLI's: ``global_pca`` for
@@ -85,7 +95,11 @@ def prune(
     before = param_report(model)
     model.eval()
     extra: dict[str, Any] = {"method": config.method}
-    config, extra["allocation"] = allocate_layers(model, calibration, config, progress)
+    grad_windows = calibration if estimator_calibration is None else estimator_calibration
+    if grad_windows.dim() != 2 or grad_windows.shape[0] < 1:
+        shape = tuple(grad_windows.shape)
+        raise IntraSliceError(f"estimator_calibration must be (nsamples, seqlen) token ids, got shape {shape}")
+    config, extra["allocation"] = allocate_layers(model, grad_windows, config, progress)
     method, pruned_config, model_cls, info = make_method(model, config)
     extra.update(info)
     policy = config.policy()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
-from .config import DEFAULT_GRAD_SAMPLES
+from .config import DEFAULT_CALIB_REPEAT, DEFAULT_CALIB_REPEAT_MODE, DEFAULT_GRAD_SAMPLES
 from .errors import IntraSliceError
 
 
@@ -101,16 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calib-repeat",
         type=float,
-        default=0.0,
+        default=None,
         help="share of each calibration window that repeats an earlier span of it, for the layer steps "
-        "(0-0.5; exercises copying; the estimator keeps the plain windows)",
+        f"(0-0.5; exercises copying; the estimator keeps the plain windows; default {DEFAULT_CALIB_REPEAT} "
+        "for intraslice, shortened to fit the model's positions, 0 for the baselines)",
     )
     p.add_argument(
         "--calib-repeat-mode",
         choices=["replace", "append"],
-        default="replace",
+        default=DEFAULT_CALIB_REPEAT_MODE,
         help="the repeated span replaces the window's tail, or follows the window (windows of "
-        "seqlen x (1 + share) tokens, every text token kept)",
+        f"seqlen x (1 + share) tokens, every text token kept; default {DEFAULT_CALIB_REPEAT_MODE})",
     )
     p.add_argument(
         "--calib-repeat-in",
@@ -391,6 +392,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise IntraSliceError("give one of --ratio, --target-params, --target-speedup")
     if args.ratio is not None:
         check_ratio(args.ratio)
+    repeat_given = args.calib_repeat is not None
+    if not repeat_given:  # copying protection is IntraSlice's; the baselines calibrate as published
+        args.calib_repeat = DEFAULT_CALIB_REPEAT if args.method == "intraslice" else 0.0
     check_repeat_share(args.calib_repeat)  # before any work
     if args.allocation is None:
         args.allocation = default_allocation(args.method)  # the Python API's default too
@@ -460,9 +464,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     span = repeated_span_length(args.seqlen, args.calib_repeat)
     layer_seqlen = args.seqlen  # the layer steps' windows: longer with appended spans
     if args.calib_repeat_mode == "append":
-        layer_seqlen += span
         max_pos = getattr(ckpt.config, "max_position_embeddings", None)
-        if max_pos and layer_seqlen > max_pos:
+        if max_pos and not repeat_given and span and args.seqlen + span > max_pos:
+            # the default adapts (a 2048-position model at --seqlen 2048 gets no span) instead of failing
+            args.calib_repeat = max(0, max_pos - args.seqlen) / args.seqlen
+            span = repeated_span_length(args.seqlen, args.calib_repeat)
+            what = f"shortened to {span} tokens" if span else "left out (the windows fill them)"
+            print(  # the run's log, not stderr: not a problem with the input
+                f"note: the appended calibration spans are {what} to fit the model's {max_pos} "
+                "positions (lower --seqlen for longer ones)",
+                flush=True,
+            )
+        layer_seqlen += span
+        if max_pos and span and layer_seqlen > max_pos:
             raise IntraSliceError(
                 f"--calib-repeat-mode append makes windows of {layer_seqlen} tokens, more than the model's "
                 f"{max_pos} positions: lower --seqlen or --calib-repeat"

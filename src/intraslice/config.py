@@ -24,8 +24,16 @@ DEFAULT_GRAD_SAMPLES = 8
 DEFAULT_UNITS_PER_HEAD = 1
 #: How the estimator splits the ratio between attention and MLP when neither --mlp-bias nor
 #: --attention-share is given: a share of the ratio for attention, or "auto" (docs/method.md
-#: section 4; the decision and its measurements are in BENCHMARKS.md, issue #14).
-DEFAULT_ATTENTION_SHARE: float | str = 0.25
+#: section 4; the decision and its measurements are in BENCHMARKS.md, issue #14). 0: the MLP
+#: takes the whole ratio while it can under the per-layer cap (``feasible_share`` raises it
+#: when it cannot), because attention pruning is what costs in-context copying.
+DEFAULT_ATTENTION_SHARE: float | str = 0.0
+#: IntraSlice's layer steps calibrate on each window followed by a repeat of an earlier span
+#: of it, this share of the window long (``--calib-repeat``, ``--calib-repeat-mode append``):
+#: the heads that copy work on the calibration text, and every text token is kept
+#: (docs/method.md section 8). The baselines keep their plain windows, as published.
+DEFAULT_CALIB_REPEAT = 0.5
+DEFAULT_CALIB_REPEAT_MODE = "append"
 
 MAX_RATIO = 0.95
 METHODS = ("intraslice", "slicegpt", "channel")
