@@ -162,3 +162,40 @@ def test_nested_stage_timers_count_each_second_once(monkeypatch) -> None:
         with ctx.timed("inner"):
             pass
     assert timings == {"outer": 7.0, "inner": 3.0}
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2", "phi3", "phi"])
+def test_attention_at_ratio_zero_is_kept_as_is_and_equals_the_full_step(arch: str, monkeypatch) -> None:
+    """A layer whose attention ratio is 0 keeps its attention weights bit for bit, without the
+    attention statistics; the full step (V/O basis and damped correction) gives the same model
+    to float64 rounding, so skipping it changes nothing but the time (the default share 0)."""
+    from intraslice.methods import intraslice as method
+
+    def pruned(skip: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+        if not skip:  # an empty constraint list: no constraint, but the step runs in full
+            init = method.IntraSliceAttentionStep.__init__
+
+            def full(self, cfg):
+                init(self, cfg)
+                self.constraints = []
+
+            monkeypatch.setattr(method.IntraSliceAttentionStep, "__init__", full)
+        from intraslice.arch import get_arch
+
+        source = make_tiny(arch)
+        dense = make_tiny(arch)
+        get_arch(dense.config).prepare_model(dense)  # the layout pruning reads (Phi's q/k re-paired)
+        result = prune(source, calib_tokens(4, 32), PruneConfig(layer_ratios=[(0.0, 0.3)] * 2), progress=False)
+        monkeypatch.undo()
+        return dense, result.model
+
+    dense, fast = pruned(skip=True)
+    _, full = pruned(skip=False)
+    for a, b in zip(dense.model.layers, fast.model.layers, strict=True):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            da, db = getattr(a.self_attn, name), getattr(b.self_attn, name)
+            assert torch.equal(da.weight, db.weight)
+            assert (da.bias is None) == (db.bias is None) and (da.bias is None or torch.equal(da.bias, db.bias))
+    tokens = calib_tokens(2, 24, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(tokens).logits, full(tokens).logits, rtol=1e-8, atol=1e-8)

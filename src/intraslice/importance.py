@@ -544,8 +544,8 @@ def estimate_allocation(
     ``attention_share`` A (instead of ``mlp_bias`` β): attention loses A x ``ratio`` of its
     parameters and the MLP the rest (:func:`~intraslice.algo.allocation.mlp_bias_for_share`);
     the estimator still spreads each budget over the layers. Neither given: A =
-    :data:`~intraslice.config.DEFAULT_ATTENTION_SHARE` (0.25: **Decision**, docs/method.md
-    section 4; attention pruning costs copying and perplexity more per parameter). ``"auto"``: A from one ranking
+    :data:`~intraslice.config.DEFAULT_ATTENTION_SHARE` (0: **Decision**, docs/method.md
+    sections 4 and 8; attention pruning costs copying and perplexity more per parameter). ``"auto"``: A from one ranking
     of every unit and neuron by importance per parameter
     (:func:`~intraslice.algo.allocation.joint_attention_share`).
 

@@ -197,7 +197,17 @@ class IntraSliceAttentionStep:
         #: Per-layer export constraints (``methods.deploy.prepare_constraints``); None: none.
         self.constraints: list[AttentionConstraints] | None = None
 
-    def collect(self, ctx: LayerContext, att_ratio: float) -> AttentionStats:
+    def collect(self, ctx: LayerContext, att_ratio: float) -> AttentionStats | None:
+        """Passes A-B and the plan; None when the layer keeps its whole attention.
+
+        Why None: at ratio 0 every head stays at full width with every pair, and the V/O basis
+        and its damped correction are exactly lossless (method.md 2.E), so the statistics
+        would only reproduce the weights. Under the default attention share 0 that is every
+        layer, and the passes cost more than the MLP step (BENCHMARKS.md, "Quick start").
+        Export constraints (a common width or pair set) may shrink even a ratio-0 layer.
+        """
+        if att_ratio == 0 and self.constraints is None:
+            return None
         n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
         h_dense, mu, dense_x = dense_attention_stats(ctx, self.cfg.rope_score)
         keep = n_h * h - round(n_h * h * att_ratio)
@@ -218,9 +228,23 @@ class IntraSliceAttentionStep:
         return AttentionStats(plan, h_dense, h_t, cross, xts)
 
     def compress(
-        self, ctx: LayerContext, stats: AttentionStats, att_ratio: float, pruned: IntraSliceConfig
+        self, ctx: LayerContext, stats: AttentionStats | None, att_ratio: float, pruned: IntraSliceConfig
     ) -> AttentionDone:
         q_proj, k_proj, v_proj, o_proj = ctx.arch.qkvo(ctx.layer)
+        if stats is None:  # the whole attention kept: its own weights in the pruned model's module
+            n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
+            spec = {
+                "num_heads": n_h,
+                "num_kv_heads": n_kv,
+                "head_dim": h,
+                "kv_index": [i // (n_h // n_kv) for i in range(n_h)],
+                "rope_pairs": [list(range(h // 2)) for _ in range(n_kv)],
+                "intermediate_size": ctx.dims["m"],
+            }
+            pruned.layers[ctx.index] = spec
+            weights = tuple((m.weight, bias_of(m)) for m in (q_proj, k_proj, v_proj, o_proj))
+            install_attention(ctx.arch, ctx.layer, pruned, ctx.index, spec, weights, ctx.dtype, ctx.device)
+            return AttentionDone(spec, 0.0, None)  # no mids: the MLP step runs the layer for them
         plan = stats.plan
         comp = compress_attention(
             plan,
