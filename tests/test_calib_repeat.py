@@ -54,21 +54,7 @@ def test_bad_share_is_refused(capsys: pytest.CaptureFixture[str], tmp_path) -> N
 def test_cli_layer_steps_see_the_repeats_and_the_estimator_the_plain_windows(
     capsys: pytest.CaptureFixture[str], tiny_model_dir, tmp_path, monkeypatch, estimator_too: bool
 ) -> None:
-    from intraslice import stages
-
-    seen: dict[str, torch.Tensor] = {}
-    allocate, prune = stages.allocate, stages.prune
-
-    def spy_allocate(ckpt, policy, tokens, *a, **kw):
-        seen["estimator"] = tokens.clone()
-        return allocate(ckpt, policy, tokens, *a, **kw)
-
-    def spy_prune(ckpt, tokens, *a, **kw):
-        seen["layers"] = tokens.clone()
-        return prune(ckpt, tokens, *a, **kw)
-
-    monkeypatch.setattr(stages, "allocate", spy_allocate)
-    monkeypatch.setattr(stages, "prune", spy_prune)
+    seen = _spy_windows(monkeypatch)
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"item {i} of the list." for i in range(600)), encoding="utf-8")  # no period
     out = tmp_path / "pruned"
