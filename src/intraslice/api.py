@@ -89,16 +89,15 @@ def prune(
     arch = get_arch(model.config)
     config.validate(arch.dims(model.config)["n_layers"])
     arch.prepare_model(model)
-    if calibration.dim() != 2 or calibration.shape[0] < 1:
-        raise IntraSliceError(f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}")
+    grad_windows = calibration if estimator_calibration is None else estimator_calibration
+    for name, windows in (("calibration", calibration), ("estimator_calibration", grad_windows)):
+        if windows.dim() != 2 or windows.shape[0] < 1:
+            shape = tuple(windows.shape)
+            raise IntraSliceError(f"{name} must be (nsamples, seqlen) token ids, got shape {shape}")
     t0 = time.perf_counter()
     before = param_report(model)
     model.eval()
     extra: dict[str, Any] = {"method": config.method}
-    grad_windows = calibration if estimator_calibration is None else estimator_calibration
-    if grad_windows.dim() != 2 or grad_windows.shape[0] < 1:
-        shape = tuple(grad_windows.shape)
-        raise IntraSliceError(f"estimator_calibration must be (nsamples, seqlen) token ids, got shape {shape}")
     config, extra["allocation"] = allocate_layers(model, grad_windows, config, progress)
     method, pruned_config, model_cls, info = make_method(model, config)
     extra.update(info)

@@ -32,6 +32,7 @@ from ..algo.attention import (
 from ..algo.mlp import compress_mlp
 from ..config import PruneConfig
 from ..modeling import IntraSliceConfig
+from ..modeling.configuration_intraslice import unpruned_layer
 from ..modeling.modeling_intraslice import rotate_half
 from ..pipeline.devices import ActivationStore
 from ..pipeline.hooks import cross_gram, gram, hooks, input_of_call, masked_rows
@@ -232,15 +233,8 @@ class IntraSliceAttentionStep:
     ) -> AttentionDone:
         q_proj, k_proj, v_proj, o_proj = ctx.arch.qkvo(ctx.layer)
         if stats is None:  # the whole attention kept: its own weights in the pruned model's module
-            n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
-            spec = {
-                "num_heads": n_h,
-                "num_kv_heads": n_kv,
-                "head_dim": h,
-                "kv_index": [i // (n_h // n_kv) for i in range(n_h)],
-                "rope_pairs": [list(range(h // 2)) for _ in range(n_kv)],
-                "intermediate_size": ctx.dims["m"],
-            }
+            d = ctx.dims
+            spec = unpruned_layer(d["n_heads"], d["n_kv"], d["head_dim"], d["m"])
             pruned.layers[ctx.index] = spec
             weights = tuple((m.weight, bias_of(m)) for m in (q_proj, k_proj, v_proj, o_proj))
             install_attention(ctx.arch, ctx.layer, pruned, ctx.index, spec, weights, ctx.dtype, ctx.device)

@@ -35,6 +35,19 @@ from typing import Any
 from transformers import PretrainedConfig
 
 
+def unpruned_layer(num_heads: int, num_kv_heads: int, head_dim: int, intermediate_size: int) -> dict[str, Any]:
+    """The spec of a layer that keeps every head at full width with every RoPE pair."""
+    g = num_heads // num_kv_heads
+    return {
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "kv_index": [i // g for i in range(num_heads)],
+        "rope_pairs": [list(range(head_dim // 2)) for _ in range(num_kv_heads)],
+        "intermediate_size": intermediate_size,
+    }
+
+
 class IntraSliceConfig(PretrainedConfig):
     """Config of an IntraSlice-pruned decoder-only causal LM (Llama family layout)."""
 
@@ -95,19 +108,8 @@ class IntraSliceConfig(PretrainedConfig):
         self.use_cache = use_cache
         if layers is None:
             # An unpruned layout: handy for tests and for building a config by hand.
-            h = self.head_dim
-            g = self.num_attention_heads // self.num_key_value_heads
-            layers = [
-                {
-                    "num_heads": self.num_attention_heads,
-                    "num_kv_heads": self.num_key_value_heads,
-                    "head_dim": h,
-                    "kv_index": [i // g for i in range(self.num_attention_heads)],
-                    "rope_pairs": [list(range(h // 2)) for _ in range(self.num_key_value_heads)],
-                    "intermediate_size": intermediate_size,
-                }
-                for _ in range(num_hidden_layers)
-            ]
+            n_h, n_kv, h = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+            layers = [unpruned_layer(n_h, n_kv, h, intermediate_size) for _ in range(num_hidden_layers)]
         if len(layers) != num_hidden_layers:
             raise ValueError(f"layers has {len(layers)} entries, num_hidden_layers is {num_hidden_layers}")
         self.layers = [dict(spec) for spec in layers]
