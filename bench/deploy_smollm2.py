@@ -59,6 +59,8 @@ VARIANTS: dict[str, list[str]] = {
     "per-layer": ["--rope-selection", "per-layer"],
     "global": ["--rope-selection", "global"],
 }
+#: The layer steps' calibration of the CLI's default since 2026-12-06 (issue #14).
+APPENDED = ["--calib-repeat", "0.5", "--calib-repeat-mode", "append"]
 #: Run only when named in ``--variants``: the llamacpp set at a fixed narrower head width (the
 #: default keeps every pair, r = h, and deletes heads; a global pair set at r < h is the other
 #: way to meet llama.cpp's one head dimension).
@@ -74,6 +76,11 @@ EXTRA: dict[str, list[str]] = {
     # the CLI's default split since 2026-12-03 (attention loses a quarter of the ratio)
     "per-kv-group-a0.25": ["--attention-share", "0.25"],
     "llamacpp-a0.25": ["--deploy", "llamacpp", "--attention-share", "0.25"],
+    # the CLI's defaults since 2026-12-06 (issue #14): attention untouched, the layer steps on
+    # windows with a repeated span appended (half their length); named in full so the rows keep
+    # their meaning if the defaults move again
+    "per-kv-group-a0": ["--attention-share", "0", *APPENDED],
+    "llamacpp-a0": ["--deploy", "llamacpp", "--attention-share", "0", *APPENDED],
 }
 CACHE = Path(os.environ.get("INTRASLICE_CACHE", Path.home() / ".cache" / "intraslice"))
 SDIST = CACHE / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
@@ -120,7 +127,8 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
         "eval": f"WikiText-2 test, first {args.eval_windows} windows of 2048 (P1)",
         "incontext": "copy loss span 200 (8 sequences), key-value lookup 24 prompts of 1024, seed 0",
         "estimator": "global_pca, f = 1, beta = 1.0 (--attention-share 1, the spec's split) unless a variant "
-        "names a share, importances shared by every variant",
+        "names a share, importances shared by every variant; plain calibration windows except in the -a0 "
+        "variants (the default since 2026-12-06: a repeated span of half the window appended in the layer steps)",
     }
     if args.importances:
         q["protocol"]["estimator"] += f"; importances from {Path(args.importances).parent.name}"
@@ -155,7 +163,9 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
                     [PY, "-m", "intraslice", "prune", "--model", args.model, "--ratio", str(ratio),
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-eval", "--no-incontext",
                      "--no-progress", "--overwrite", "--units-per-head", "1", "--out", str(model_dir), *reuse, *extra,
-                     *([] if {"--attention-share", "--mlp-bias"} & set(extra) else ["--attention-share", "1"])]
+                     *([] if {"--attention-share", "--mlp-bias"} & set(extra) else ["--attention-share", "1"]),
+                     # plain calibration windows unless the variant names spans (rows before 2026-12-06)
+                     *([] if "--calib-repeat" in extra else ["--calib-repeat", "0"])]
                 )  # fmt: skip
                 (model_dir / "bench-prune-seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
             if key in models:

@@ -155,6 +155,36 @@ def test_llamacpp_rounds_mlp_widths_to_q8_0_blocks() -> None:
             PruneConfig(mlp_multiple=bad).validate(2)
 
 
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
+def test_deploy_with_whole_attention_skips_the_dense_pass_and_keeps_it(arch: str, monkeypatch) -> None:
+    """At attention ratio 0 in every layer (the default share 0) the unpruned attention meets
+    every llama.cpp constraint, so ``--deploy llamacpp`` gives the unconstrained run's model
+    bit for bit, without the dense statistics pass; a fixed narrower width still shrinks it."""
+    from intraslice.arch import get_arch
+    from intraslice.export.common import check_deployable
+    from intraslice.methods import deploy
+
+    calls = []
+    real = deploy.dense_rope_statistics
+    monkeypatch.setattr(deploy, "dense_rope_statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ratios = [(0.0, 0.3)] * 3
+    dense, model, result = pruned_pair(arch, layer_ratios=ratios, deploy="llamacpp")
+    _, plain, _ = pruned_pair(arch, layer_ratios=ratios, mlp_multiple=32)
+    assert not calls and result.method["constraints"]["attention_kept_whole"]
+    get_arch(dense.config).prepare_model(dense)
+    for a, b in zip(dense.model.layers, model.model.layers, strict=True):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert torch.equal(getattr(a.self_attn, name).weight, getattr(b.self_attn, name).weight)
+    ids = calib_tokens(2, 24, seed=5)
+    assert torch.equal(logits(model, ids), logits(plain, ids))
+    h = dense.config.head_dim
+    assert [s.head_dim for s in check_deployable(model.config, "gguf", uniform=False)] == [h] * 3
+    assert all(s["head_dim"] == h and s["rope_pairs"][0] == list(range(h // 2)) for s in model.config.layers)
+    _, narrow, narrow_result = pruned_pair(arch, layer_ratios=ratios, deploy="llamacpp", head_width=h // 2)
+    assert calls and "attention_kept_whole" not in narrow_result.method["constraints"]
+    assert all(s["head_dim"] == h // 2 for s in narrow.config.layers)
+
+
 # -- stock export ----------------------------------------------------------------------------------
 
 STOCK_CHILD = """

@@ -120,6 +120,17 @@ def layer_keeps(cfg: PruneConfig, dims: dict[str, int]) -> list[int]:
     return [max(total - round(total * a), 2) for a, _ in cfg.ratios_for(dims["n_layers"])]
 
 
+def constrained(cfg: PruneConfig) -> bool:
+    """Whether the run restricts the attention plan at all (False: the method as specified)."""
+    return (
+        cfg.rope_selection != "per-kv-group"
+        or cfg.head_width is not None
+        or cfg.common_width
+        or cfg.equal_kv_groups
+        or cfg.uniform_layers
+    )
+
+
 def resolve_constraints(
     cfg: PruneConfig, dims: dict[str, int], stats: list[DenseLayerStats] | None = None, model_type: str = ""
 ) -> list[AttentionConstraints] | None:
@@ -128,14 +139,7 @@ def resolve_constraints(
     Uniform layers of a Llama source keep a head count that divides the hidden size: the stock
     ``LlamaConfig`` of transformers 5.24 refuses any other, even with an explicit ``head_dim``.
     """
-    plain = (
-        cfg.rope_selection == "per-kv-group"
-        and cfg.head_width is None
-        and not cfg.common_width
-        and not cfg.equal_kv_groups
-        and not cfg.uniform_layers
-    )
-    if plain:
+    if not constrained(cfg):
         return None
     h, n_kv, n_layers = dims["head_dim"], dims["n_kv"], dims["n_layers"]
     width = cfg.head_width
@@ -187,6 +191,34 @@ def resolve_constraints(
     ]
 
 
+def whole_attention_meets(cfg: PruneConfig, dims: dict[str, int]) -> dict[str, Any] | None:
+    """What was decided when every layer keeps its whole attention; None when one does not.
+
+    Why: under the default attention share 0 (issue #14) no layer loses attention, and the
+    unpruned attention meets every export constraint by itself: one head width (h) and one
+    pair set (all of them) for the model, every KV group with all its query heads, every
+    layer alike. The dense statistics pass and the per-layer attention passes would only
+    reproduce the weights, so the run skips them as an unconstrained one does. A fixed
+    ``--head-width`` below h still shrinks every layer, so it keeps the constrained path.
+    """
+    h = dims["head_dim"]
+    if not constrained(cfg) or cfg.head_width not in (None, h):
+        return None
+    if any(a != 0 for a, _ in cfg.ratios_for(dims["n_layers"])):
+        return None
+    uniform_shape = [dims["n_kv"], dims["n_heads"] // dims["n_kv"]] if cfg.uniform_layers else None
+    return {
+        "rope_selection": cfg.rope_selection,
+        "head_width": h,
+        "equal_kv_groups": cfg.equal_kv_groups or cfg.uniform_layers,
+        "global_rope_pairs": list(range(h // 2)) if cfg.rope_selection == "global" else None,
+        "group_shape": uniform_shape,
+        "uniform_layers": cfg.uniform_layers,
+        "deploy": cfg.deploy,
+        "attention_kept_whole": True,
+    }
+
+
 def prepare_constraints(
     method: Any,
     access: LayerAccess,
@@ -203,6 +235,10 @@ def prepare_constraints(
     if cfg.method != "intraslice" or step is None or not hasattr(step, "constraints"):
         return {}
     dims = access.arch.dims(access.model.config)
+    whole = whole_attention_meets(cfg, dims)
+    if whole is not None:
+        step.constraints = None  # every layer's attention step is skipped (its weights kept)
+        return whole
     stats = None
     if cfg.needs_dense_pass:
         stats = dense_rope_statistics(access, tokens, policy, cfg.rope_score, cfg.batch_size, progress)
