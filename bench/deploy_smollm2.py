@@ -81,6 +81,7 @@ EXTRA: dict[str, list[str]] = {
     # their meaning if the defaults move again
     "per-kv-group-a0": ["--attention-share", "0", *APPENDED],
     "llamacpp-a0": ["--deploy", "llamacpp", "--attention-share", "0", *APPENDED],
+    "stock-a0": ["--deploy", "stock", "--attention-share", "0", *APPENDED],
 }
 CACHE = Path(os.environ.get("INTRASLICE_CACHE", Path.home() / ".cache" / "intraslice"))
 SDIST = CACHE / "sdist" / "llama_cpp_python-0.3.36.tar.gz"

@@ -316,6 +316,34 @@ def test_uniform_reproduces_the_core_exactly() -> None:
         assert k1 == k2 and torch.equal(v1, v2)
 
 
+def test_uniform_with_a_split_gives_every_layer_the_same_pair() -> None:
+    """A share asked of the uniform allocation (or the default share for layers that must be
+    alike) splits each layer as the estimator splits the whole model. By hand for the tiny GQA
+    model (attention 24576, MLP 46080 parameters a layer): share 0 at 0.3 leaves attention
+    whole and takes 0.3 * 70656 / 46080 = 0.46 of every MLP; share 0.5 takes 0.15 of attention
+    and 0.3 * (46080 + 0.5 * 24576) / 46080 = 0.38 of the MLP."""
+    from intraslice.importance import resolve_split
+
+    model = make_tiny("llama-gqa")
+    for share, att, mlp in ((0.0, 0.0, 0.46), (0.5, 0.15, 0.38)):
+        alloc, record = estimate_allocation(model, 0.3, "uniform", attention_share=share)
+        assert record["attention_share"] == share and len(set(alloc.layer_ratios)) == 1
+        a, m = alloc.layer_ratios[0]
+        assert (a, m) == (pytest.approx(att, abs=1e-12), pytest.approx(mlp, abs=1e-12))
+        assert a * 24576 + m * 46080 == pytest.approx(0.3 * 70656)
+    assert estimate_allocation(model, 0.3, "uniform", attention_share=0.0)[0].layer_ratios[0][0] == 0.0  # exactly
+    assert resolve_split(model.config, 0.3, "uniform", split_uniform=True)[4] == 0.0  # the default share
+    assert resolve_split(model.config, 0.3, "uniform")[2:] == (1.0, None, None)  # the spec's uniform
+    # through prune(): the same shape in every layer, attention kept whole, the real target met
+    result = prune(model, calib_tokens(), PruneConfig(ratio=0.3, allocation="uniform", attention_share=0.0),
+                   progress=False)  # fmt: skip
+    layers = result.model.config.layers
+    assert all(spec == layers[0] for spec in layers) and layers[0]["num_heads"] == 6
+    assert layers[0]["head_dim"] == 16 and layers[0]["intermediate_size"] == 88  # 160 * 0.54 = 86.4 -> 88
+    with pytest.raises(IntraSliceError, match=r"the MLP to lose 0\.92"):  # share 0 at 0.6 would take 0.92 of it
+        estimate_allocation(model, 0.6, "uniform", attention_share=0.0)
+
+
 @pytest.mark.parametrize("mode", ["global", "global_pca"])
 def test_global_modes_hit_the_real_target(mode: str, tmp_path: Path) -> None:
     model = make_tiny("llama-gqa")

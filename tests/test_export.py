@@ -215,11 +215,20 @@ print('GEN', gen_c[0].tolist())
 """
 
 
-@pytest.mark.parametrize(("arch", "width"), [("llama-mha", 8), ("llama-gqa", 8), ("llama-gqa", None), ("qwen2", 8)])
-def test_stock_export_loads_without_intraslice_and_matches(arch: str, width: int | None, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "width", "share"),
+    [("llama-mha", 8, 1.0), ("llama-gqa", 8, 1.0), ("llama-gqa", None, 1.0), ("qwen2", 8, 1.0), ("qwen2", None, None)],
+)
+def test_stock_export_loads_without_intraslice_and_matches(
+    arch: str, width: int | None, share: float | None, tmp_path: Path
+) -> None:
+    """Share 1 prunes the attention too (the shapes the export must express); no share is the
+    default split, attention kept whole and every MLP alike."""
     from intraslice.export.stock_hf import export_stock_hf
 
-    _, model, _ = pruned_pair(arch, ratio=0.3, deploy="stock", head_width=width)
+    _, model, _ = pruned_pair(arch, ratio=0.3, deploy="stock", head_width=width, attention_share=share)
+    whole = model.config.num_attention_heads * model.config.head_dim
+    assert all((spec["num_heads"] * spec["head_dim"] == whole) == (share is None) for spec in model.config.layers)
     ids = calib_tokens(2, 40, seed=9)
     ref = logits(model, ids)
     src = save_pruned(model, build_tokenizer(tmp_path / "tok"), tmp_path / "pruned")
@@ -397,6 +406,8 @@ def test_cli_prune_deploy_stock_export(capsys, tiny_model_dir: Path, tmp_path: P
     assert code == 0, captured.err
     report = json.loads((out / "intraslice.json").read_text())
     assert report["allocation"]["mode"] == "uniform" and report["method"]["constraints"]["uniform_layers"]
+    # the default split: every layer keeps its whole attention and loses the same MLP share
+    assert report["allocation"]["attention_share"] == 0 and report["method"]["constraints"]["attention_kept_whole"]
     stock = AutoModelForCausalLM.from_pretrained(out / "stock-hf")
     pruned = AutoModelForCausalLM.from_pretrained(out)
     assert type(stock).__name__ == "LlamaForCausalLM"

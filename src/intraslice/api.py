@@ -130,14 +130,31 @@ def allocate_layers(
 ) -> tuple[PruneConfig, dict[str, Any]]:
     """``config`` with its per-layer ratios filled in by its allocation, and how they were found.
 
-    Explicit ``layer_ratios`` are kept; a uniform allocation, or nothing to remove, leaves
-    them unset (every layer gets ``ratio``). The caller's config is not modified.
+    Explicit ``layer_ratios`` are kept; nothing to remove, or the spec's uniform allocation,
+    leaves them unset (every layer gets ``ratio`` in both modules); a uniform allocation with
+    a split (a share or β, or every layer alike for a stock format) gets the same pair in
+    every layer. The caller's config is not modified.
     """
     mode = config.allocation_mode()
     if config.layer_ratios is not None:
         return config, {"mode": "given"}
-    if mode == "uniform" or config.ratio == 0:
+    if config.ratio == 0:
         return config, {"mode": mode}
+    if mode == "uniform":  # no gradients: the spec's uniform, or a split asked for (every layer alike)
+        split = config.uniform_layers or config.attention_share is not None or config.mlp_bias is not None
+        if not split or config.method == "slicegpt":  # SliceGPT slices the residual: nothing to split
+            return config, {"mode": mode}
+        from .importance import estimate_allocation
+
+        alloc, record = estimate_allocation(
+            model,
+            config.ratio,
+            mode,
+            attention_share=config.attention_share,
+            mlp_bias=config.mlp_bias,
+            split_uniform=config.uniform_layers,
+        )
+        return replace(config, layer_ratios=[tuple(r) for r in alloc.layer_ratios]), record
     from .importance import estimate_allocation
 
     compute = config.policy().compute

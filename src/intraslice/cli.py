@@ -402,6 +402,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             args.allocation = "uniform"  # every layer alike: nothing to allocate
     if args.method == "slicegpt" and args.allocation != "uniform":
         raise IntraSliceError("--method slicegpt slices every layer alike: use --allocation uniform")
+    split_given = args.attention_share is not None or args.mlp_bias is not None
+    if args.method == "slicegpt" and split_given:
+        raise IntraSliceError(
+            "--attention-share / --mlp-bias split a layer's budget: SliceGPT slices the residual stream"
+        )
     if args.target_speedup is not None and args.method != "intraslice":
         raise IntraSliceError("--target-speedup is implemented for --method intraslice")
     target = parse_target_params(args.target_params) if args.target_params is not None else None
@@ -518,6 +523,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"--target-params {args.target_params} of the {args.target_of}: decoder ratio {cfg.ratio:.4f}")
     if args.target_speedup is not None and not args.target_speedup > 1.0:
         raise IntraSliceError(f"--target-speedup must be > 1, got {args.target_speedup}")
+    # every layer alike for a stock format: the default split still applies (uniform_allocation)
+    split_uniform = args.method == "intraslice" and (args.deploy == "stock" or args.uniform_layers)
     if args.target_speedup is None:  # an impossible split: now, not after minutes of evaluation
         from .importance import resolve_split
 
@@ -530,6 +537,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             args.attention_share,
             saved,
             args.max_layer_ratio,
+            split_uniform,
         )
 
     def proceed() -> int:
@@ -615,6 +623,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     cap=args.max_layer_ratio,
                     group_size=args.group_size,
                     grad_samples=args.grad_samples,
+                    split_uniform=split_uniform,
                 )
                 return {"allocation": asdict(alloc), "record": record}
 
@@ -627,7 +636,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 used = alloc_record.get("gradient_samples")
                 grads = "" if used is None else f" (mask gradients from {used} of {len(grad_tokens)} windows)"
                 print(f"allocation {args.allocation}: planned ratio {planned:.4f} in {seconds:.1f}s{grads}")
-            cfg.layer_ratios = None if args.allocation == "uniform" else [tuple(r) for r in alloc.layer_ratios]
+            spec_uniform = args.allocation == "uniform" and {tuple(r) for r in alloc.layer_ratios} == {(cfg.ratio,) * 2}
+            cfg.layer_ratios = None if spec_uniform else [tuple(r) for r in alloc.layer_ratios]
+            if args.allocation == "uniform" and not spec_uniform:
+                a, m = alloc.layer_ratios[0]
+                print(f"allocation uniform: every layer loses {a:.4f} of its attention and {m:.4f} of its MLP")
 
             # -- prune (layer by layer into the output shards) -------------------------------------
             result = stages.prune(ckpt, calib.tokens, cfg, tmp, progress=progress, checkpoint=ck)

@@ -195,7 +195,7 @@ class PruneConfig:
             raise IntraSliceError("--rope-score chooses IntraSlice's RoPE pairs: it needs --method intraslice")
         if constrained and self.method != "intraslice":
             raise IntraSliceError("the export constraints (--deploy, --rope-selection, ...) need --method intraslice")
-        if self.uniform_layers and self.layer_ratios is not None:
+        if self.uniform_layers and self.layer_ratios is not None and len({tuple(r) for r in self.layer_ratios}) > 1:
             raise IntraSliceError("--uniform-layers gives every layer the same shape: use --allocation uniform")
         if self.uniform_layers and getattr(self, "allocation", None) is None and hasattr(self, "allocation"):
             self.allocation = "uniform"  # every layer alike: nothing for the estimator to allocate

@@ -460,6 +460,7 @@ def resolve_split(
     attention_share: float | str | None = None,
     saved: dict[str, Any] | None = None,
     cap: float = 0.8,
+    split_uniform: bool = False,
 ) -> tuple[int, ParamModel, float, str | None, float | str | None]:
     """(f, parameter model, β, the option that set β, the attention share) of an allocation,
     checked before any gradient.
@@ -469,7 +470,10 @@ def resolve_split(
     (a number, or ``"auto"``: chosen later from the importances, β is then a placeholder);
     neither: :data:`~intraslice.config.DEFAULT_ATTENTION_SHARE`, moved into the feasible range
     if this ratio needs it (:func:`~intraslice.algo.allocation.feasible_share`); both together are refused.
-    Raises :class:`IntraSliceError` when f does not divide the head or the split cannot
+    The uniform allocation splits only when asked: a share or β given, or ``split_uniform``
+    (a target whose layers must all be alike, ``--deploy stock``, which takes the default
+    split like a global allocation); otherwise both modules lose the ratio, as the spec's
+    uniform allocation does. Raises :class:`IntraSliceError` when f does not divide the head or the split cannot
     reach ``ratio`` (the CLI calls this before its dense evaluation,
     :func:`estimate_allocation` before its mask gradients).
     """
@@ -484,10 +488,10 @@ def resolve_split(
         raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
     if attention_share == "auto" and mode == "uniform":
         raise IntraSliceError("--attention-share auto ranks the estimator's importances: it needs a global allocation")
-    if mode == "uniform":  # every layer loses the ratio in both modules: nothing to split
-        return units_per_head, pm, 1.0, None, None
-    check_cap(ratio, cap)
     default = attention_share is None and mlp_bias is None
+    if mode == "uniform" and default and not split_uniform:
+        return units_per_head, pm, 1.0, None, None  # the spec's uniform: both modules lose the ratio
+    check_cap(ratio, cap)
     if default and saved is not None and saved.get("importance"):  # a ratios file keeps its own split
         if saved.get("attention_share") is not None:
             attention_share = saved["attention_share"]
@@ -529,6 +533,7 @@ def estimate_allocation(
     offload: Offload | None = None,
     resident: bool = False,
     grad_samples: int | None = DEFAULT_GRAD_SAMPLES,
+    split_uniform: bool = False,
 ) -> tuple[Allocation, dict[str, Any]]:
     """The per-layer ratios for ``mode`` and a JSON-able record of how they were obtained.
 
@@ -559,7 +564,7 @@ def estimate_allocation(
     arch = get_arch(model.config)
     dims = arch.dims(model.config)
     units_per_head, pm, mlp_bias, option, attention_share = resolve_split(
-        model.config, ratio, mode, units_per_head, mlp_bias, attention_share, saved, cap
+        model.config, ratio, mode, units_per_head, mlp_bias, attention_share, saved, cap, split_uniform
     )  # a bad f or an impossible split fails here, before the mask gradients (minutes)
     record: dict[str, Any] = {
         "mode": mode,
@@ -570,7 +575,7 @@ def estimate_allocation(
         "dims": dims,
     }
     if mode == "uniform":
-        alloc = uniform_allocation(pm, ratio)
+        alloc = uniform_allocation(pm, ratio, mlp_bias)
     else:
         if saved is not None and saved.get("importance"):
             att = [torch.tensor(x, dtype=torch.float64) for x in saved["importance"]["attention"]]

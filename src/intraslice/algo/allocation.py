@@ -247,10 +247,26 @@ def allocate(
     return Allocation(list(zip(att, mlp, strict=True)), kept_units, kept_neurons, ratio, planned)
 
 
-def uniform_allocation(pm: ParamModel, ratio: float) -> Allocation:
-    units = round(pm.units_per_layer * (1 - ratio))
-    neurons = round(pm.neurons_per_layer * (1 - ratio))
-    return Allocation([(ratio, ratio)] * pm.n_layers, [units] * pm.n_layers, [neurons] * pm.n_layers, ratio, ratio)
+def uniform_allocation(pm: ParamModel, ratio: float, mlp_bias: float = 1.0) -> Allocation:
+    """Every layer alike: the MLP loses ``mlp_bias`` x ratio, attention what is left of the ratio.
+
+    β = 1 is the spec's uniform allocation (both modules lose the ratio). Another β is the
+    split of a global allocation (:func:`mlp_bias_for_share`) without the spread over layers:
+    the one allocation a stock format (every layer the same shape) can take. Attention's
+    ratio snaps to 0 within 1e-9, so a share of 0 keeps the attention whole (its step skipped).
+    """
+    if mlp_bias == 1.0:
+        att_ratio = mlp_ratio = ratio
+    else:
+        att = pm.units_per_layer * pm.attn_per_unit
+        mlp = pm.neurons_per_layer * pm.mlp_per_neuron
+        mlp_ratio = mlp_bias * ratio
+        att_ratio = (ratio * (att + mlp) - mlp_ratio * mlp) / att
+        att_ratio = 0.0 if abs(att_ratio) < 1e-9 else att_ratio
+    units = round(pm.units_per_layer * (1 - att_ratio))
+    neurons = round(pm.neurons_per_layer * (1 - mlp_ratio))
+    n = pm.n_layers
+    return Allocation([(att_ratio, mlp_ratio)] * n, [units] * n, [neurons] * n, ratio, ratio)
 
 
 def rotate_head_gradients(grads: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
