@@ -176,6 +176,13 @@ def variants(att: float, ratio: float, head_dim: int, pm: ParamModel) -> dict[st
         # attention loses only a share of the target ratio, the MLP the rest (issue #14: attention
         # pruning is what costs copying; the estimator still spreads each budget over the layers)
         **shares,
+        # the baselines at the same real decoder reduction, calibration and tests (issue #14: a
+        # method that wins on perplexity but loses in-context ability is not the winner)
+        **{
+            f"{method} ({r})": {"ratio": r, "options": ["--method", method]}
+            for method in ("slicegpt", "channel")
+            for r in (0.2, ratio)
+        },
     }
 
 
@@ -194,6 +201,8 @@ def effective_options(options: list[str]) -> list[str]:
     the importance sharing both read this.
     """
     out = list(options)
+    if "--method" in out and out[out.index("--method") + 1] != "intraslice":
+        return [*out, "--calib-repeat", "0"]  # a baseline as published: nothing of IntraSlice's applies
     if "--calib-repeat" not in out:
         out += ["--calib-repeat", "0"]
     elif "--calib-repeat-mode" not in out:
@@ -290,7 +299,7 @@ def same_importances(
 ) -> Path | None:
     """An earlier estimated variant on the same calibration windows: its importances are this one's."""
     spec = table[name]
-    if "ratio" not in spec or "--allocation" in spec["options"]:
+    if "ratio" not in spec or {"--allocation", "--method"} & set(spec["options"]):
         return None
     if "importances_from" in spec:  # the allocation of another variant: only the layer steps differ
         folder = work / dir_name(key_of(spec["importances_from"], n, length, seed, args))
@@ -299,7 +308,7 @@ def same_importances(
         return folder
     calib = calibration_options(spec["options"])
     for other, o_spec in table.items():  # any variant: equal options give equal importances
-        if other == name or "ratio" not in o_spec or "--allocation" in o_spec["options"]:
+        if other == name or "ratio" not in o_spec or {"--allocation", "--method"} & set(o_spec["options"]):
             continue
         folder = work / dir_name(key_of(other, n, length, seed, args))
         if calibration_options(o_spec["options"]) == calib and (folder / "intraslice.json").exists():
