@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
-from .config import DEFAULT_CALIB_REPEAT, DEFAULT_CALIB_REPEAT_MODE, DEFAULT_GRAD_SAMPLES
+from .config import DEFAULT_CALIB_REPEAT, DEFAULT_CALIB_REPEAT_MODE, DEFAULT_GRAD_SAMPLES, REPEAT_MODES
 from .errors import IntraSliceError
 
 
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calib-repeat-mode",
-        choices=["replace", "append"],
+        choices=REPEAT_MODES,
         default=DEFAULT_CALIB_REPEAT_MODE,
         help="the repeated span replaces the window's tail, or follows the window (windows of "
         f"seqlen x (1 + share) tokens, every text token kept; default {DEFAULT_CALIB_REPEAT_MODE})",

@@ -34,6 +34,8 @@ DEFAULT_ATTENTION_SHARE: float | str = 0.0
 #: (docs/method.md section 8). The baselines keep their plain windows, as published.
 DEFAULT_CALIB_REPEAT = 0.5
 DEFAULT_CALIB_REPEAT_MODE = "append"
+#: Where a repeated span goes: over the window's tail, or after the window (``data.with_repeated_spans``).
+REPEAT_MODES = ("replace", "append")
 
 MAX_RATIO = 0.95
 METHODS = ("intraslice", "slicegpt", "channel")

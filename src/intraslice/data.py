@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import REPEAT_MODES
 from .errors import IntraSliceError
 
 BUILTIN_CALIB = ("wikitext2", "wikitext2-valid", "c4", "c4-sample")
@@ -254,9 +255,6 @@ def check_repeat_share(share: float) -> None:
     """Refuse a ``--calib-repeat`` share outside [0, 0.5] (the copy must fit before the tail)."""
     if not 0.0 <= share <= 0.5:
         raise IntraSliceError(f"--calib-repeat must be between 0 and 0.5, got {share}")
-
-
-REPEAT_MODES = ("replace", "append")
 
 
 def repeated_span_length(seqlen: int, share: float) -> int:
