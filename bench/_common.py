@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -71,3 +74,30 @@ def update_benchmarks_md(section: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def run_child(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, check=True)``, and the child goes down with the bench.
+
+    Why: a bench killed with SIGTERM (or Ctrl-C) used to leave its ``intraslice prune`` child
+    running for minutes on a shared 2-core machine. SIGTERM becomes SystemExit here, and the
+    child is terminated (then killed) on the way out; a pruned run resumes with the same command.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if kw.pop("capture_output", False):
+        kw.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, **kw)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import BUILTIN_MODELS, ROOT, update_benchmarks_md
+from _common import BUILTIN_MODELS, ROOT, run_child, update_benchmarks_md
 
 #: In the order they run: the method, then the target comparison (issue #11's 5% at 0.3) first.
 VARIANTS: dict[str, list[str]] = {
@@ -92,7 +92,7 @@ PY = sys.executable
 
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
     print("$", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, check=True, **kw)
+    return run_child(cmd, **kw)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -33,13 +33,12 @@ import argparse
 import fcntl
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _common import BUILTIN_MODELS, ROOT, update_benchmarks_md
+from _common import BUILTIN_MODELS, ROOT, run_child, update_benchmarks_md
 
 if TYPE_CHECKING:
     from intraslice.algo.allocation import ParamModel
@@ -188,7 +187,7 @@ def variants(att: float, ratio: float, head_dim: int, pm: ParamModel) -> dict[st
 
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    run_child(cmd, cwd=ROOT)
 
 
 def effective_options(options: list[str]) -> list[str]:
