@@ -62,6 +62,16 @@ def test_8b_keeps_the_estimator_resident_70b_streams() -> None:
     assert make_plan(LlamaConfig(**LLAMA2_70B), 128, 2048, **kw).policy["estimator_weights"] == "streamed"
 
 
+def test_the_estimator_is_planned_on_its_own_windows() -> None:
+    """The layer steps' windows carry an appended span (3072 tokens at the default); the
+    estimator's are the plain 2048: its peak is the plain run's, the layer steps' the longer."""
+    cfg, kw = LlamaConfig(**LLAMA3_8B), dict(device="cuda", device_capacity=80 * GiB, host_capacity=256 * GiB)
+    plain, long = make_plan(cfg, 128, 2048, **kw), make_plan(cfg, 128, 3072, **kw)
+    split = make_plan(cfg, 128, 3072, estimator_seqlen=2048, **kw)
+    assert split.stages["estimator"] == plain.stages["estimator"] != long.stages["estimator"]
+    assert split.stages["prune"] == long.stages["prune"]
+
+
 def test_fallbacks_then_refusal() -> None:
     cfg = LlamaConfig(**LLAMA2_70B)
     roomy = make_plan(cfg, 128, 2048, device="cuda", device_capacity=80 * GiB, host_capacity=256 * GiB)

@@ -495,6 +495,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         evaluate=not args.no_eval,
         device_capacity=_bytes(args.device_memory),
         host_capacity=_bytes(args.host_memory),
+        estimator_seqlen=layer_seqlen if args.calib_repeat_estimator else args.seqlen,  # its own windows
     )
     print(plan.describe(), flush=True)
     if args.plan:

@@ -165,6 +165,7 @@ def _stages(
     estimator: bool,
     evaluate: bool,
     shard_bytes: int,
+    estimator_seqlen: int | None = None,
 ) -> dict[str, StagePeak]:
     w = s["dtype_bytes"]
     d, m, n_l, vocab = s["d"], s["m"], s["n_layers"], s["vocab"]
@@ -207,6 +208,8 @@ def _stages(
 
     # -- estimator (mask gradients, one sample at a time) ---------------------------------
     if estimator:
+        # the estimator's own windows: the plain ones when the layer steps' carry appended spans
+        seqlen = estimator_seqlen or seqlen
         est_host = PROCESS_BASE + nsamples * seqlen * 8 + n_l * seqlen * d * w
         est_host += layer if weights == "stream" else s["params"] * w
         # one layer's graph for one sample, and the LM head's logits, their softmax and gradient
@@ -256,8 +259,12 @@ def make_plan(
     device_capacity: int | None = None,
     host_capacity: int | None = None,
     shard_bytes: int = 2 * GiB,
+    estimator_seqlen: int | None = None,
 ) -> MemoryPlan:
     """Predict the peaks and choose the activation store and math device that fit.
+
+    ``seqlen`` is the layer steps' window; ``estimator_seqlen`` the estimator's when it differs
+    (the CLI's default appends a repeated span for the layer steps only; None: ``seqlen``).
 
     ``store``/``math`` ``auto`` try the fastest choice first (activations on the device,
     float64 math on the device) and fall back (host memory, then disk; math on the host)
@@ -277,7 +284,7 @@ def make_plan(
         for mt in maths:
             stages = _stages(
                 s, nsamples, seqlen, batch_size, st, mt == "device" and on_gpu, on_gpu, weights,
-                estimator, evaluate, shard_bytes,
+                estimator, evaluate, shard_bytes, estimator_seqlen,
             )  # fmt: skip
             plan = MemoryPlan(
                 model={k: s[k] for k in ("model_type", "dtype", "params", "layer_bytes", "n_layers", "d", "m")},

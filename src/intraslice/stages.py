@@ -61,8 +61,11 @@ def plan(
     evaluate: bool,
     device_capacity: int | None = None,
     host_capacity: int | None = None,
+    estimator_seqlen: int | None = None,
 ) -> MemoryPlan:
-    """The memory plan of this run; ``cfg.activations``/``cfg.math_device`` ``auto`` are resolved by it."""
+    """The memory plan of this run; ``cfg.activations``/``cfg.math_device`` ``auto`` are resolved by it.
+
+    ``seqlen``: the layer steps' windows; ``estimator_seqlen``: the estimator's (None: the same)."""
     return make_plan(
         ckpt.config,
         nsamples,
@@ -76,6 +79,7 @@ def plan(
         evaluate=evaluate,
         device_capacity=device_capacity,
         host_capacity=host_capacity,
+        estimator_seqlen=estimator_seqlen,
     )
 
 
