@@ -136,7 +136,8 @@ def test_constrained_attention_equals_the_dense_attention_on_the_kept_pairs(arch
 
 def test_uniform_layers_need_the_uniform_allocation() -> None:
     with pytest.raises(IntraSliceError, match="--allocation uniform"):
-        PruneConfig(deploy="stock", layer_ratios=[(0.3, 0.3)] * 2).validate(2)
+        PruneConfig(deploy="stock", layer_ratios=[(0.3, 0.3), (0.2, 0.4)]).validate(2)
+    PruneConfig(deploy="stock", layer_ratios=[(0.0, 0.4)] * 2).validate(2)  # one pair for every layer: alike
     with pytest.raises(IntraSliceError, match="--method intraslice"):
         PruneConfig(method="channel", deploy="llamacpp").validate(2)
     cfg = PruneConfig(head_width=13)
