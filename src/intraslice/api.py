@@ -135,6 +135,8 @@ def allocate_layers(
     a split (a share or β, or every layer alike for a stock format) gets the same pair in
     every layer. The caller's config is not modified.
     """
+    from .importance import estimate_allocation
+
     mode = config.allocation_mode()
     if config.layer_ratios is not None:
         return config, {"mode": "given"}
@@ -144,8 +146,6 @@ def allocate_layers(
         split = config.uniform_layers or config.attention_share is not None or config.mlp_bias is not None
         if not split or config.method == "slicegpt":  # SliceGPT slices the residual: nothing to split
             return config, {"mode": mode}
-        from .importance import estimate_allocation
-
         alloc, record = estimate_allocation(
             model,
             config.ratio,
@@ -155,8 +155,6 @@ def allocate_layers(
             split_uniform=config.uniform_layers,
         )
         return replace(config, layer_ratios=[tuple(r) for r in alloc.layer_ratios]), record
-    from .importance import estimate_allocation
-
     compute = config.policy().compute
     # A model already on the compute device stays there; otherwise each module visits it in turn.
     where = next(model.parameters()).device

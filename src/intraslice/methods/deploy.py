@@ -206,16 +206,22 @@ def whole_attention_meets(cfg: PruneConfig, dims: dict[str, int]) -> dict[str, A
         return None
     if any(a != 0 for a, _ in cfg.ratios_for(dims["n_layers"])):
         return None
-    uniform_shape = [dims["n_kv"], dims["n_heads"] // dims["n_kv"]] if cfg.uniform_layers else None
+    shape = (dims["n_kv"], dims["n_heads"] // dims["n_kv"]) if cfg.uniform_layers else None
+    pairs = list(range(h // 2)) if cfg.rope_selection == "global" else None
+    whole = AttentionConstraints(cfg.rope_selection, h, cfg.equal_kv_groups or cfg.uniform_layers, pairs, shape)
+    return {**decided(whole, cfg), "attention_kept_whole": True}
+
+
+def decided(c: AttentionConstraints, cfg: PruneConfig) -> dict[str, Any]:
+    """The run's constraints as its report records them (every layer's are alike)."""
     return {
-        "rope_selection": cfg.rope_selection,
-        "head_width": h,
-        "equal_kv_groups": cfg.equal_kv_groups or cfg.uniform_layers,
-        "global_rope_pairs": list(range(h // 2)) if cfg.rope_selection == "global" else None,
-        "group_shape": uniform_shape,
+        "rope_selection": c.rope_selection,
+        "head_width": c.width,
+        "equal_kv_groups": c.equal_groups,
+        "global_rope_pairs": c.pairs,
+        "group_shape": list(c.group_shape) if c.group_shape else None,
         "uniform_layers": cfg.uniform_layers,
         "deploy": cfg.deploy,
-        "attention_kept_whole": True,
     }
 
 
@@ -246,13 +252,4 @@ def prepare_constraints(
     step.constraints = constraints
     if constraints is None:
         return {}
-    c = constraints[0]
-    return {
-        "rope_selection": c.rope_selection,
-        "head_width": c.width,
-        "equal_kv_groups": c.equal_groups,
-        "global_rope_pairs": c.pairs,
-        "group_shape": list(c.group_shape) if c.group_shape else None,
-        "uniform_layers": cfg.uniform_layers,
-        "deploy": cfg.deploy,
-    }
+    return decided(constraints[0], cfg)
