@@ -263,6 +263,7 @@ def speed(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
     if not binary.is_file():
         raise SystemExit(f"no llama-bench at {binary}: run bash bench/build_llama_bench.sh first")
     s = results.setdefault("speed", {})
+    before = dict(s.get("protocol", {}))  # the protocol of the runs this one may replace
     s["protocol"] = {
         "tool": "llama-bench (llama.cpp of llama-cpp-python 0.3.36, built with GGML_NATIVE=ON)",
         "pp": args.pp,
@@ -288,6 +289,8 @@ def speed(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
                         samples[name][kind].append(v)
                 print(f"{key} round {r + 1}/{args.repeats}", flush=True)
             med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in samples.items()}
+            if key in s:  # the replaced run stays in the file, for the figures quoted from it
+                s.setdefault("earlier", []).append({"run": key, "protocol": before, **s[key]})
             s[key] = {"samples": samples, "median": med}
             save(out, results)
     s.setdefault("flops_limit", {}).update(
