@@ -258,6 +258,22 @@ def bench_once(binary: Path, gguf: Path, threads: int, pp: int, tg: int) -> dict
     return found
 
 
+def cpu() -> str:
+    """The CPU the speed runs ran on: its name and the SIMD sets ggml's kernels choose between
+    (absolute tokens/s differ several-fold between an AVX2 and an AVX-512 machine; ratios less)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    sets = ("avx2", "f16c", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+    simd = [f for f in sets if f in flags]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(simd) or 'no AVX2'}"
+
+
 def speed(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
     binary = Path(args.llama_bench)
     if not binary.is_file():
@@ -270,6 +286,7 @@ def speed(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
         "tg": args.tg,
         "repeats": args.repeats,
         "interleaved": True,
+        "cpu": cpu(),
     }
     params = results.get("quality", {}).get("models", {})
     for gtype in args.types:
@@ -339,7 +356,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"llama.cpp speed ({p['tool']}): prompt processing of {p['pp']} tokens and generation of {p['tg']} "
-            f"tokens, tokens/s, median of {p['repeats']} interleaved repeats; speedup over the dense GGUF of the "
+            f"tokens, tokens/s, median of {p['repeats']} interleaved repeats"
+            f"{'; CPU ' + p['cpu'] if p.get('cpu') else ''}; speedup over the dense GGUF of the "
             "same type and threads; FLOPs limit = dense / pruned decoder-linear parameters.",
             "",
             "| type | threads | model | pp tok/s | pp speedup | tg tok/s | tg speedup | FLOPs limit | pp / limit |",
