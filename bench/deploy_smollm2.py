@@ -131,8 +131,7 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
         "names a share, importances shared by every variant; plain calibration windows except in the -a0 "
         "variants (the default since 2026-12-06: a repeated span of half the window appended in the layer steps)",
     }
-    if args.importances:
-        q["protocol"]["estimator"] += f"; importances from {Path(args.importances).parent.name}"
+    # (rows run with --importances name their source themselves: a later run may name another)
     models = q.setdefault("models", {})
     results["model"] = BUILTIN_MODELS[args.model][1]
     if "dense" not in models:
@@ -178,6 +177,7 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
                     "ratio": ratio,
                     "variant": variant,
                     "options": extra,
+                    "importances": Path(args.importances).parent.name if args.importances else first.name,
                     "reduction": report["reduction"],
                     "params_after": report["params_after"],
                     "shapes": [
