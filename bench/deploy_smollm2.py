@@ -128,7 +128,8 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
         "eval": f"WikiText-2 test, first {args.eval_windows} windows of 2048 (P1)",
         "incontext": "copy loss span 200 (8 sequences), key-value lookup 24 prompts of 1024, seed 0",
         "estimator": "global_pca, f = 1, beta = 1.0 (--attention-share 1, the spec's split) unless a variant "
-        "names a share, importances shared by every variant; plain calibration windows except in the -a0 "
+        'names a share; each row names the run whose importances it reused ("importances": the first '
+        "ratio's unconstrained run, or --importances); plain calibration windows except in the -a0 "
         "variants (the default since 2026-12-06: a repeated span of half the window appended in the layer steps)",
     }
     # (rows run with --importances name their source themselves: a later run may name another)
