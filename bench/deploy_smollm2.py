@@ -132,7 +132,6 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
         "ratio's unconstrained run, or --importances); plain calibration windows except in the -a0 "
         "variants (the default since 2026-12-06: a repeated span of half the window appended in the layer steps)",
     }
-    # (rows run with --importances name their source themselves: a later run may name another)
     models = q.setdefault("models", {})
     results["model"] = BUILTIN_MODELS[args.model][1]
     if "dense" not in models:
@@ -178,7 +177,7 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
                     "ratio": ratio,
                     "variant": variant,
                     "options": extra,
-                    "importances": Path(args.importances).parent.name if args.importances else first.name,
+                    "importances": first.name,  # (the --importances run's directory when one is given)
                     "reduction": report["reduction"],
                     "params_after": report["params_after"],
                     "shapes": [
@@ -268,8 +267,9 @@ def cpu() -> str:
         import platform
 
         return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    lines = info.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     sets = ("avx2", "f16c", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
     simd = [f for f in sets if f in flags]
     return f"{name}, {os.cpu_count()} cores, {' '.join(simd) or 'no AVX2'}"
