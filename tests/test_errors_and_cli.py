@@ -236,7 +236,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
         (["--attention-share", "0", "--max-layer-ratio", "0.35"], "above the per-layer cap 0.35"),
         (["--attention-share", "auto", "--allocation", "uniform"], "needs a global allocation"),
         (["--attention-share", "0", "--allocation", "uniform", "--ratio", "0.6"], "MLP to lose 0.922"),
-        (["--method", "slicegpt", "--attention-share", "0"], "SliceGPT slices the residual"),
+        (["--method", "slicegpt", "--attention-share", "0"], "slicegpt slices the residual"),
         (["--mlp-multiple", "0"], "--mlp-multiple must be a positive integer"),
     ],
 )

@@ -16,7 +16,9 @@ from importlib.metadata import PackageNotFoundError, version
 from .api import PruneResult, build_pruned_model, prune
 from .config import PruneConfig
 from .data import CalibrationSet, calibration_windows, with_repeated_spans
+from .engine import RunConfig, run
 from .errors import IntraSliceError, NonFiniteError
+from .methods.registry import MethodSpec, register_method
 from .modeling import IntraSliceConfig, IntraSliceForCausalLM, SliceGPTConfig, SliceGPTForCausalLM
 from .models import load_model
 from .saving import save_pruned
@@ -58,9 +60,11 @@ __all__ = [
     "IntraSliceConfig",
     "IntraSliceError",
     "IntraSliceForCausalLM",
+    "MethodSpec",
     "NonFiniteError",
     "PruneConfig",
     "PruneResult",
+    "RunConfig",
     "SliceGPTConfig",
     "SliceGPTForCausalLM",
     "__version__",
@@ -69,6 +73,8 @@ __all__ = [
     "load_model",
     "prune",
     "register_auto_classes",
+    "register_method",
+    "run",
     "save_pruned",
     "with_repeated_spans",
 ]

@@ -10,13 +10,11 @@ import torch
 from torch import nn
 
 from .arch import get_arch
-from .baselines.channel import channel_method
-from .baselines.slicegpt import SliceGPTMethod, slicegpt_config
 from .config import PruneConfig
 from .errors import IntraSliceError
 from .methods.deploy import prepare_constraints
-from .methods.intraslice import intraslice_method
-from .modeling import IntraSliceConfig, IntraSliceForCausalLM, SliceGPTForCausalLM
+from .methods.registry import get_method
+from .modeling import IntraSliceConfig, IntraSliceForCausalLM
 from .params import param_report
 from .pipeline import ModelLayers, distributed, run_layers
 from .pipeline.sequential import LayerMethod
@@ -103,7 +101,7 @@ def prune(
     extra.update(info)
     policy = config.policy()
     extra["devices"] = policy.describe()
-    desc = "slicing layers (SliceGPT)" if config.method == "slicegpt" else "pruning layers"
+    desc = get_method(config.method).progress_label
     tokens = distributed.shard(calibration)  # under torchrun: this rank's windows
     access = ModelLayers(model, policy)
     constraints = prepare_constraints(method, access, tokens, config, policy, progress)  # export constraints
@@ -144,7 +142,7 @@ def allocate_layers(
         return config, {"mode": mode}
     if mode == "uniform":  # no gradients: the spec's uniform, or a split asked for (every layer alike)
         split = config.uniform_layers or config.attention_share is not None or config.mlp_bias is not None
-        if not split or config.method == "slicegpt":  # SliceGPT slices the residual: nothing to split
+        if not split or not get_method(config.method).per_layer_ratios:  # SliceGPT: nothing to split
             return config, {"mode": mode}
         alloc, record = estimate_allocation(
             model,
@@ -177,19 +175,8 @@ def make_method(
     model: nn.Module, config: PruneConfig
 ) -> tuple[LayerMethod, IntraSliceConfig, type[IntraSliceForCausalLM], dict[str, Any]]:
     """The layer method for ``config.method``, the pruned model's config (filled in as the
-    layers are compressed) and its model class."""
-    arch = get_arch(model.config)
-    if config.method == "slicegpt":
-        sliced, info = slicegpt_config(model, config.ratio, config.slice_dim)
-        sliced._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        return SliceGPTMethod(sliced), sliced, SliceGPTForCausalLM, info
-    pruned_config = IntraSliceConfig(**arch.pruned_config_kwargs(model.config))
-    pruned_config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if config.method == "channel":
-        pruned_config.o_proj_bias = pruned_config.o_proj_bias or config.bias_compensation
-        pruned_config.down_proj_bias = config.bias_compensation
-        return channel_method(config, pruned_config), pruned_config, IntraSliceForCausalLM, {}
-    return intraslice_method(config, pruned_config), pruned_config, IntraSliceForCausalLM, {}
+    layers are compressed) and its model class (see ``methods.registry``)."""
+    return get_method(config.method).build(model, config)
 
 
 def build_pruned_model(

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
-from .config import DEFAULT_CALIB_REPEAT, DEFAULT_CALIB_REPEAT_MODE, DEFAULT_GRAD_SAMPLES, REPEAT_MODES
+from .engine.config import add_arguments
+from .engine.run import compute_device, versions
 from .errors import IntraSliceError
 
 
@@ -42,204 +39,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, float64 or auto (the checkpoint's)")
 
 
-def share_arg(text: str) -> float | str:
-    """``--attention-share``: a number, or ``auto`` (the split the estimator's ranking chooses)."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="intraslice", description="Structured pruning of LLMs with block-intra PCA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model and save the physically smaller result")
-    _add_model_args(p)
-    p.add_argument(
-        "--ratio", type=float, default=None, help="fraction of decoder linear parameters to remove [0, 0.95] (0.3)"
+    p = sub.add_parser(
+        "prune",
+        help="prune a model and save the physically smaller result",
+        description="Every option is a field of intraslice.RunConfig; --config FILE takes them all from a TOML "
+        "file (each output directory holds its run's as run_config.toml) and flags given beside it win.",
     )
-    p.add_argument(
-        "--method",
-        choices=("intraslice", "slicegpt", "channel"),
-        default="intraslice",
-        help="intraslice (default) or a baseline: slicegpt (rotate+slice), channel (FLAP/Wanda-sp heads+channels)",
-    )
-    p.add_argument(
-        "--target-params",
-        default=None,
-        help="instead of --ratio: a fraction to remove (0.3, 30%%) or a count to keep (90M), of --target-of",
-    )
-    p.add_argument("--target-of", choices=("decoder", "model"), default="decoder", help="scope of --target-params")
-    p.add_argument(
-        "--target-speedup",
-        type=float,
-        default=None,
-        help="instead of --ratio: smallest reduction whose shapes reach this prefill speedup here (e.g. 1.3)",
-    )
-    p.add_argument("--speed-seqlen", type=int, default=512, help="prefill length timed for --target-speedup")
-    p.add_argument("--slice-dim", type=int, default=None, help="slicegpt: explicit residual width (overrides ratio)")
-    p.add_argument(
-        "--no-bias-compensation", action="store_true", help="channel: no FLAP bias compensation (Wanda-sp scores)"
-    )
-    p.add_argument("--out", default=None, help="output directory (written atomically; not needed with --plan)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace --out if it exists, and discard an interrupted run of other settings",
-    )
-    p.add_argument(
-        "--no-resume", action="store_true", help="start over, discarding an interrupted run of this same command"
-    )
-    p.add_argument(
-        "--calib",
-        default="wikitext2",
-        help="wikitext2, wikitext2-valid, c4, c4-sample, or a .txt/.jsonl path (default: wikitext2)",
-    )
-    p.add_argument(
-        "--calib-repeat",
-        type=float,
-        default=None,
-        help="share of each calibration window that repeats an earlier span of it, for the layer steps "
-        f"(0-0.5; exercises copying; the estimator keeps the plain windows; default {DEFAULT_CALIB_REPEAT} "
-        "for intraslice, shortened to fit the model's positions, 0 for the baselines)",
-    )
-    p.add_argument(
-        "--calib-repeat-mode",
-        choices=REPEAT_MODES,
-        default=DEFAULT_CALIB_REPEAT_MODE,
-        help="the repeated span replaces the window's tail, or follows the window (windows of "
-        f"seqlen x (1 + share) tokens, every text token kept; default {DEFAULT_CALIB_REPEAT_MODE})",
-    )
-    p.add_argument(
-        "--calib-repeat-in",
-        choices=["layers", "attention"],
-        default="layers",
-        help="which layer steps fit on the repeated spans: attention and MLP (layers), or the attention "
-        "step alone (the MLP statistics leave the spans out)",
-    )
-    p.add_argument(
-        "--calib-repeat-estimator",
-        action="store_true",
-        help="the estimator sees the repeated spans too (an ablation: measured worse, BENCHMARKS.md)",
-    )
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the window selection")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per layer pass")
-    p.add_argument("--damp", type=float, default=0.01, help="ridge λ as a fraction of mean(diag H)")
-    p.add_argument("--min-head-width", type=float, default=0.75, help="minimum kept head width as a fraction of h")
-    p.add_argument(
-        "--allocation",
-        choices=("uniform", "global", "global_pca"),
-        default=None,
-        help="per-layer ratios: the same everywhere, or from mask gradients (plain or PCA-rotated); "
-        "default global_pca for intraslice, uniform for the baselines",
-    )
-    p.add_argument(
-        "--units-per-head",
-        type=int,
-        default=None,
-        help="attention units per head f (global modes; default 1, or the --ratios file's f; "
-        "the head dim: one unit per dimension, per PCA direction in global_pca)",
-    )
-    p.add_argument(
-        "--mlp-bias",
-        type=float,
-        default=None,
-        help="β: every MLP loses β x the ratio on average, attention the rest (default: --attention-share's β)",
-    )
-    p.add_argument(
-        "--attention-share",
-        type=share_arg,
-        default=None,
-        help="attention loses this share of the ratio, the MLP the rest (instead of --mlp-bias; "
-        "1 = β 1; the same split on every model); auto: the share one ranking of every unit and "
-        "neuron by importance per parameter chooses",
-    )
-    p.add_argument("--max-layer-ratio", type=float, default=0.8, help="per-layer ratio cap (excess redistributed)")
-    p.add_argument("--group-size", type=int, default=8, help="calibration samples per gradient group")
-    p.add_argument(
-        "--grad-samples",
-        type=int,
-        default=DEFAULT_GRAD_SAMPLES,
-        help=f"calibration windows for the mask gradients (the first N; default {DEFAULT_GRAD_SAMPLES}; 0: all)",
-    )
-    p.add_argument(
-        "--grad-checkpointing",
-        action="store_true",
-        help="no effect (kept for old commands): the streamed estimator recomputes one layer at a time anyway",
-    )
-    p.add_argument(
-        "--ratios",
-        default=None,
-        help="intraslice.json of an earlier run: reuse its importances (no gradients recomputed)",
-    )
-    p.add_argument("--no-eval", action="store_true", help="skip the dense/pruned perplexity")
-    p.add_argument(
-        "--no-incontext", action="store_true", help="skip the dense/pruned copy loss (span 200) reported with it"
-    )
+    p.add_argument("--config", default=None, metavar="FILE", help="a run config (TOML), e.g. OUT/run_config.toml")
     p.add_argument("--plan", action="store_true", help="print the memory plan (from the config alone) and exit")
-    p.add_argument(
-        "--activations",
-        choices=("auto", "device", "cpu", "disk"),
-        default="auto",
-        help="where calibration activations wait between passes (auto: the memory plan's choice)",
-    )
-    p.add_argument(
-        "--math-device",
-        choices=("auto", "cpu", "device"),
-        default="auto",
-        help="where the float64 eigendecompositions and solves run (auto: the GPU if there is one)",
-    )
-    p.add_argument("--offload-dir", default=None, help="directory for --activations disk (default: the temp dir)")
-    p.add_argument("--device-memory", default=None, help="device memory to plan for, e.g. 80GB (default: detected)")
-    p.add_argument("--host-memory", default=None, help="host memory to plan for, e.g. 256GB (default: detected)")
-    p.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows for the perplexity (default 8)")
-    p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (P1: 2048, P2: 4096)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # Export-compatible pruning (issue #11): the shapes stock engines can run.
-    p.add_argument(
-        "--rope-selection",
-        choices=ROPE_SELECTIONS,
-        default="per-kv-group",
-        help="which heads share a RoPE pair set: per KV group (the method), per layer, or one for the model",
-    )
-    p.add_argument(
-        "--rope-score",
-        choices=ROPE_SCORES,
-        default=None,
-        help="what a RoPE pair is worth: its effect on the attention rows (attention, the default), mean "
-        "|q k| (qk: the method as specified), or slowest first (an ablation); IntraSlice only",
-    )
-    p.add_argument("--head-width", type=int, default=None, help="one head width for the model (a multiple of 8)")
-    p.add_argument(
-        "--mlp-multiple",
-        type=int,
-        default=None,
-        help="MLP widths are multiples of this (default 8; 32 with --deploy llamacpp, so every tensor stores as "
-        "Q8_0/Q4_0; 256 for the K-quants)",
-    )
-    p.add_argument("--equal-kv-groups", action="store_true", help="every kept KV head keeps equally many query heads")
-    p.add_argument("--uniform-layers", action="store_true", help="every layer the same shape (stock Llama/Qwen2)")
-    p.add_argument(
-        "--deploy",
-        choices=("llamacpp", "stock"),
-        default=None,
-        help="the constraints of a target: llamacpp (GGUF deci: global RoPE set, one head width, equal groups) "
-        "or stock (also every layer alike: LlamaForCausalLM/Qwen2ForCausalLM)",
-    )
-    p.add_argument(
-        "--export",
-        choices=("gguf", "stock-hf"),
-        default=None,
-        help="also write OUT/model-TYPE.gguf or OUT/stock-hf (see `intraslice export`)",
-    )
-    p.add_argument("--export-type", choices=("f32", "f16", "q8_0"), default="f32", help="GGUF type of --export gguf")
-    p.add_argument("--llama-cpp", default=None, help="llama.cpp sources or llama-cpp-python sdist (--export gguf)")
-
+    p.add_argument("--help-all", action="store_true", help="also list the ablation options the benchmarks use")
+    add_arguments(p, show_hidden="--help-all" in (argv or sys.argv[1:]))
     x = sub.add_parser("export", help="write a pruned model for llama.cpp (GGUF) or stock transformers/vLLM")
     x.add_argument("directory", help="a pruned model directory (from `intraslice prune`)")
     x.add_argument("--format", choices=("gguf", "stock-hf"), required=True)
@@ -331,497 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str | None, planning: bool = False) -> str:
-    """The compute device; ``planning`` (``--plan``) may name a GPU this machine lacks."""
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available() and not planning:
-        raise IntraSliceError("--device cuda asked for but CUDA is not available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise IntraSliceError(f"unknown device {name!r}: use cpu or cuda")
-    return name
-
-
-def peak_memory_mb(device: str) -> dict[str, float]:
-    from .memory import peak_rss_bytes
-
-    out = {"host_peak_rss_mb": peak_rss_bytes() / 2**20}
-    if device.startswith("cuda"):
-        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {
-        "intraslice": __version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+_device = compute_device
+_versions = versions  # the benchmark scripts record them
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """plan -> load -> allocate -> prune -> evaluate -> save, every stage streamed (see ``stages``).
+    """``intraslice prune``: the options as a :class:`RunConfig`, run by the one engine."""
+    from .engine import RunConfig, run
 
-    Resumable: each finished stage and layer is checkpointed next to ``--out``, and the
-    same command rerun after a kill continues from there (see ``intraslice.resume``).
-    """
-    from dataclasses import asdict
-
-    from . import stages
-    from .algo.allocation import Allocation, check_units_per_head
-    from .arch import get_arch
-    from .checkpoint import SourceCheckpoint
-    from .config import PruneConfig, check_ratio, default_allocation
-    from .data import calibration_windows, check_repeat_share, repeated_span_length, with_repeated_spans
-    from .importance import load_ratios_file
-    from .models import parse_dtype
-    from .params import parse_target_params, ratio_for_target
-    from .pipeline import distributed as dist
-    from .plan import refuse_unless_fits
-    from .resume import RunCheckpoint, kept_line, os_error_line, sweep_finished
-    from .resume import hook as resume_hook
-    from .saving import REPORT_FILE, atomic_directory, check_output_dir, write_report
-
-    goals = [g for g in ("ratio", "target_params", "target_speedup") if getattr(args, g) is not None]
-    if len(goals) > 1:
-        raise IntraSliceError("give one of --ratio, --target-params, --target-speedup")
-    if args.ratio is not None:
-        check_ratio(args.ratio)
-    repeat_given = args.calib_repeat is not None
-    if not repeat_given:  # copying protection is IntraSlice's; the baselines calibrate as published
-        args.calib_repeat = DEFAULT_CALIB_REPEAT if args.method == "intraslice" else 0.0
-    check_repeat_share(args.calib_repeat)  # before any work
-    if args.allocation is None:
-        args.allocation = default_allocation(args.method)  # the Python API's default too
-        if args.deploy == "stock" or args.uniform_layers:
-            args.allocation = "uniform"  # every layer alike: nothing to allocate
-    if args.method == "slicegpt" and args.allocation != "uniform":
-        raise IntraSliceError("--method slicegpt slices every layer alike: use --allocation uniform")
-    split_given = args.attention_share is not None or args.mlp_bias is not None
-    if args.method == "slicegpt" and split_given:
-        raise IntraSliceError(
-            "--attention-share / --mlp-bias split a layer's budget: SliceGPT slices the residual stream"
-        )
-    if args.target_speedup is not None and args.method != "intraslice":
-        raise IntraSliceError("--target-speedup is implemented for --method intraslice")
-    target = parse_target_params(args.target_params) if args.target_params is not None else None
-    parse_dtype(args.dtype)
-    if not args.plan:
-        if args.out is None:
-            raise IntraSliceError("--out DIR is required (or --plan to print the memory plan only)")
-        sweep_finished(args.out)  # a run killed just after its final rename left its checkpoint
-        check_output_dir(args.out, args.overwrite)
-    device = _device(args.device, planning=args.plan)
-    if not args.plan:
-        device = dist.init_from_env(device) or device  # under torchrun: one rank per GPU (or process)
-    main_rank = dist.is_main()
-    if not main_rank:  # rank 0 speaks for the job
-        sys.stdout = open(os.devnull, "w")  # for the life of the process
-    if dist.world_size() > 1 and args.target_speedup is not None:
-        raise IntraSliceError("--target-speedup times one device: run it without torchrun")
-    progress = not args.no_progress and main_rank
-    timings: dict[str, float] = {}
-
-    # -- load (nothing is read but the config and the index) ---------------------------------
-    t = time.perf_counter()
-    ckpt = stages.load(args.model, args.gguf_file, args.dtype)
-    timings["load"] = time.perf_counter() - t
-    print(f"opened {ckpt.name} ({ckpt.model_type}, {str(ckpt.dtype).replace('torch.', '')})", flush=True)
-    cfg = PruneConfig(
-        method=args.method,
-        ratio=args.ratio if args.ratio is not None else 0.3,
-        bias_compensation=not args.no_bias_compensation,
-        slice_dim=args.slice_dim,
-        damp=args.damp,
-        min_head_width=args.min_head_width,
-        batch_size=args.batch_size,
-        device=device,
-        activations=args.activations,
-        math_device=args.math_device,
-        offload_dir=args.offload_dir,
-        rope_selection=args.rope_selection,
-        rope_score=args.rope_score,
-        head_width=args.head_width,
-        mlp_multiple=args.mlp_multiple,
-        equal_kv_groups=args.equal_kv_groups,
-        uniform_layers=args.uniform_layers,
-        deploy=args.deploy,
-    )
-    cfg.resolve_mlp_multiple()  # before any work: the speed search rounds MLP widths too
-    if args.export == "stock-hf" and args.deploy != "stock":
-        raise IntraSliceError("--export stock-hf needs a model pruned with --deploy stock")
-    if args.export == "gguf" and args.deploy is None:
-        raise IntraSliceError("--export gguf needs a model pruned with --deploy llamacpp (or stock)")
-
-    # -- plan ---------------------------------------------------------------------------------
-    saved = load_ratios_file(args.ratios, ckpt.config) if args.ratios else None
-    if args.units_per_head is not None:  # a bad f is refused before the dense evaluation, not after it
-        check_units_per_head(args.units_per_head, get_arch(ckpt.config).dims(ckpt.config)["head_dim"], args.allocation)
-    if args.attention_share is not None and args.mlp_bias is not None:
-        raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
-    estimator = args.allocation != "uniform" and not (saved and saved.get("importance"))
-    # tokens per repeated span: calibration windows are exactly --seqlen long (calibration_windows)
-    span = repeated_span_length(args.seqlen, args.calib_repeat)
-    layer_seqlen = args.seqlen  # the layer steps' windows: longer with appended spans
-    if args.calib_repeat_mode == "append":
-        max_pos = getattr(ckpt.config, "max_position_embeddings", None)
-        if max_pos and not repeat_given and span and args.seqlen + span > max_pos:
-            # the default adapts (a 2048-position model at --seqlen 2048 gets no span) instead of failing
-            args.calib_repeat = max(0, max_pos - args.seqlen) / args.seqlen
-            span = repeated_span_length(args.seqlen, args.calib_repeat)
-            what = f"shortened to {span} tokens" if span else "left out (the windows fill them)"
-            print(  # the run's log, not stderr: not a problem with the input
-                f"note: the appended calibration spans are {what} to fit the model's {max_pos} "
-                "positions (lower --seqlen for longer ones)",
-                flush=True,
-            )
-        layer_seqlen += span
-        if max_pos and span and layer_seqlen > max_pos:
-            raise IntraSliceError(
-                f"--calib-repeat-mode append makes windows of {layer_seqlen} tokens, more than the model's "
-                f"{max_pos} positions: lower --seqlen or --calib-repeat"
-            )
-    plan = stages.plan(
-        ckpt,
-        cfg,
-        args.nsamples,
-        layer_seqlen,
-        estimator=estimator,
-        evaluate=not args.no_eval,
-        device_capacity=_bytes(args.device_memory),
-        host_capacity=_bytes(args.host_memory),
-        estimator_seqlen=layer_seqlen if args.calib_repeat_estimator else args.seqlen,  # its own windows
-    )
-    print(plan.describe(), flush=True)
+    if args.help_all:
+        build_parser(["prune", "--help-all"]).parse_args(["prune", "--help"])
+    base = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    result = run(base.with_args(args), plan_only=args.plan)
     if args.plan:
-        return 0 if plan.fits() else 2
-    refuse_unless_fits(plan)
-    cfg.activations, cfg.math_device = plan.policy["store"], plan.policy["math"]
-    policy = cfg.policy()
-
-    tokenizer = ckpt.tokenizer()
-    t = time.perf_counter()
-    plain = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    # the layer steps see the repeated spans, the estimator the plain windows (method.md 8)
-    calib = with_repeated_spans(plain, args.calib_repeat, args.calib_repeat_mode)
-    grad_tokens = calib.tokens if args.calib_repeat_estimator else plain.tokens
-    if args.calib_repeat_in == "attention":  # the MLP statistics leave each window's repeated span out
-        cfg.mlp_skip_positions = span
-    timings["calibration_data"] = time.perf_counter() - t
-    print(f"calibration: {calib.tokens.shape[0]} x {calib.tokens.shape[1]} tokens from {calib.source}", flush=True)
-    stages.check_vocabulary(ckpt, calib.tokens, tokenizer)
-
-    goal: dict[str, Any] = {"ratio": cfg.ratio}
-    if target is not None:
-        cfg.ratio = ratio_for_target(target, args.target_of, stages.source_param_report(ckpt.skeleton()))
-        check_ratio(cfg.ratio, "the decoder ratio for --target-params")
-        goal = {"target_params": args.target_params, "target_of": args.target_of, "ratio": cfg.ratio}
-        print(f"--target-params {args.target_params} of the {args.target_of}: decoder ratio {cfg.ratio:.4f}")
-    if args.target_speedup is not None and not args.target_speedup > 1.0:
-        raise IntraSliceError(f"--target-speedup must be > 1, got {args.target_speedup}")
-    # every layer alike for a stock format: the default split still applies (uniform_allocation)
-    split_uniform = args.method == "intraslice" and (args.deploy == "stock" or args.uniform_layers)
-    if args.target_speedup is None:  # an impossible split: now, not after minutes of evaluation
-        from .importance import resolve_split
-
-        resolve_split(
-            ckpt.config,
-            cfg.ratio,
-            args.allocation,
-            args.units_per_head,
-            args.mlp_bias,
-            args.attention_share,
-            saved,
-            args.max_layer_ratio,
-            split_uniform,
-        )
-
-    def proceed() -> int:
-        """Everything after the checkpoint is open: its errors decide what is kept (below)."""
-        nonlocal goal
-        if args.target_speedup is not None and ck is not None and ck.stage("speed_search"):
-            goal = ck.stage("speed_search")  # timings vary: the interrupted run's search result stands
-            cfg.ratio = goal["ratio"]
-            print(f"ratio {cfg.ratio} for {args.target_speedup}x from the interrupted run's search")
-        elif args.target_speedup is not None:
-            from .speed import ratio_for_speedup
-
-            print(f"searching the ratio for a {args.target_speedup}x prefill speedup ({args.speed_seqlen} tokens)")
-            t = time.perf_counter()
-            dense = _whole_model(ckpt.directory, ckpt.dtype, device)  # timing needs the whole dense model
-            cfg.ratio, probes = ratio_for_speedup(
-                dense,
-                args.target_speedup,
-                args.speed_seqlen,
-                min_head_width=args.min_head_width,
-                mlp_multiple=cfg.mlp_multiple,
-                log=print,
-            )
-            del dense
-            timings["speed_search"] = time.perf_counter() - t
-            goal = {"target_speedup": args.target_speedup, "speed_seqlen": args.speed_seqlen, "ratio": cfg.ratio}
-            goal["probes"] = probes
-            print(f"ratio {cfg.ratio} reaches {args.target_speedup}x on candidate shapes")
-            if ck is not None:
-                ck.save_stage("speed_search", goal)
-
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-
-        def stage(key: str, compute: Any) -> Any:
-            """A stage's result: saved by an interrupted run, or computed now and saved."""
-            if ck is not None and ck.stage(key) is not None:
-                return ck.stage(key)
-            value = compute()
-            if ck is not None:
-                ck.save_stage(key, value)
-            return value
-
-        def run(tmp: Any) -> None:
-            ppl: dict[str, Any] = {}
-            incontext: dict[str, Any] = {}  # copy loss at span 200 (eval/incontext.py), next to perplexity
-            evaluate = not args.no_eval and main_rank  # other ranks have nothing to add to a perplexity
-            if evaluate:
-                t = time.perf_counter()
-                ppl["dense"] = stage(
-                    "ppl_dense",
-                    lambda: stages.evaluate(
-                        ckpt, tokenizer, policy, args.eval_seqlen, args.eval_windows, progress=progress
-                    ),
-                )
-                timings["eval_dense"] = time.perf_counter() - t
-                print(f"dense perplexity: {ppl['dense']['ppl']:.3f} ({ppl['dense']['windows']} windows)", flush=True)
-                if not args.no_incontext:
-                    from .eval.incontext import prune_report_copy_loss
-
-                    t = time.perf_counter()
-                    incontext["dense"] = stage("incontext_dense", lambda: prune_report_copy_loss(ckpt, policy))
-                    timings["incontext_dense"] = time.perf_counter() - t
-                    print(f"dense copy loss (span {incontext['dense']['span']}): {incontext['dense']['copy_loss']:.3f}")
-                resume_hook("dense_eval")
-
-            # -- allocate ---------------------------------------------------------------------------
-            t = time.perf_counter()
-
-            def allocate() -> dict[str, Any]:
-                alloc, record = stages.allocate(
-                    ckpt,
-                    policy,
-                    grad_tokens,
-                    cfg.ratio,
-                    args.allocation,
-                    progress=progress,
-                    saved=saved,
-                    resident=plan.policy.get("estimator_weights") == "resident",
-                    units_per_head=args.units_per_head,
-                    mlp_bias=args.mlp_bias,
-                    attention_share=args.attention_share,
-                    cap=args.max_layer_ratio,
-                    group_size=args.group_size,
-                    grad_samples=args.grad_samples,
-                    split_uniform=split_uniform,
-                )
-                return {"allocation": asdict(alloc), "record": record}
-
-            allocated = stage("allocation", allocate)
-            alloc, alloc_record = Allocation(**allocated["allocation"]), allocated["record"]
-            resume_hook("allocation")
-            timings["allocation"] = time.perf_counter() - t
-            if args.allocation != "uniform":
-                planned, seconds = alloc.planned_ratio, timings["allocation"]
-                used = alloc_record.get("gradient_samples")
-                grads = "" if used is None else f" (mask gradients from {used} of {len(grad_tokens)} windows)"
-                print(f"allocation {args.allocation}: planned ratio {planned:.4f} in {seconds:.1f}s{grads}")
-            spec_uniform = args.allocation == "uniform" and {tuple(r) for r in alloc.layer_ratios} == {(cfg.ratio,) * 2}
-            cfg.layer_ratios = None if spec_uniform else [tuple(r) for r in alloc.layer_ratios]
-            if args.allocation == "uniform" and not spec_uniform:
-                a, m = alloc.layer_ratios[0]
-                print(f"allocation uniform: every layer loses {a:.4f} of its attention and {m:.4f} of its MLP")
-
-            # -- prune (layer by layer into the output shards) -------------------------------------
-            result = stages.prune(ckpt, calib.tokens, cfg, tmp, progress=progress, checkpoint=ck)
-            timings.update({f"prune_{k}": v for k, v in result.timings.items()})
-
-            if not main_rank:
-                return
-
-            # -- evaluate ---------------------------------------------------------------------------
-            if evaluate:
-                t = time.perf_counter()
-                ppl["pruned"] = stage(
-                    "ppl_pruned",
-                    lambda: stages.evaluate(
-                        SourceCheckpoint.from_directory(tmp, name="pruned"),
-                        tokenizer,
-                        policy,
-                        args.eval_seqlen,
-                        args.eval_windows,
-                        progress=progress,
-                    ),
-                )
-                timings["eval_pruned"] = time.perf_counter() - t
-                if not args.no_incontext:
-                    from .eval.incontext import prune_report_copy_loss
-
-                    t = time.perf_counter()
-                    incontext["pruned"] = stage(
-                        "incontext_pruned",
-                        lambda: prune_report_copy_loss(SourceCheckpoint.from_directory(tmp, name="pruned"), policy),
-                    )
-                    timings["incontext_pruned"] = time.perf_counter() - t
-            if args.target_speedup is not None:
-                _speed_check(ckpt, tmp, device, args, goal, timings)
-
-            # -- save -------------------------------------------------------------------------------
-            t = time.perf_counter()
-            tokenizer.save_pretrained(tmp)
-            report = {
-                "intraslice_version": _versions()["intraslice"],
-                "versions": _versions(),
-                "source_model": ckpt.name,
-                "goal": goal,
-                "allocation": alloc_record,
-                "command": sys.argv,
-                "calibration": calib.describe(),
-                "config": cfg.to_dict(),
-                "memory_plan": plan.to_dict(),
-                **result.report(),
-                "perplexity": ppl,
-                "incontext": incontext,
-                "peak_memory": peak_memory_mb(device),
-            }
-            if ck is not None:
-                report["resumed"] = ck.resumed
-            report["timings_s"].update(timings)
-            report["timings_s"]["save"] = time.perf_counter() - t
-            write_report(tmp, report)
-            try:
-                from .report import PLOT_FILE, plot_allocation
-
-                plot_allocation(report, tmp / PLOT_FILE)
-            except IntraSliceError as exc:  # matplotlib missing: the model is saved, only the plot is skipped
-                print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
-            run.report = report  # type: ignore[attr-defined]
-
-        if ck is None:
-            if not main_rank:  # writes nothing: rank 0 writes the one output directory
-                run(Path(args.out))
-                dist.barrier()
-                return 0
-            out = atomic_directory(args.out, run, args.overwrite)
-            dist.barrier()
-            _print_summary(run.report, out)  # type: ignore[attr-defined]
-            return 0
-        if ck.stage("complete"):  # killed in the final rename: everything is written
-            run.report = json.loads((ck.partial / REPORT_FILE).read_text(encoding="utf-8"))  # type: ignore[attr-defined]
-        else:
-            run(ck.partial)
-        out = ck.finish()
-        _print_summary(run.report, out)  # type: ignore[attr-defined]
-        return 0
-
-    # -- the checkpoint: resume an interrupted run of this command, or start one -------------
-    ck: RunCheckpoint | None = None
-    if dist.world_size() == 1:
-        ck = RunCheckpoint.open(
-            args.out, _run_settings(args, ckpt, calib.tokens, policy), args.overwrite, args.no_resume
-        )
-    try:
-        return proceed()
-    except IntraSliceError:
-        if ck is not None:
-            ck.discard()  # a user error: this run's checkpoint is worth nothing
-        raise
-    except OSError as exc:  # disk full, read-only, permissions: the finished layers are kept
-        if ck is None:
-            raise
-        ck.release()
-        raise IntraSliceError(os_error_line(exc, ck)) from None
-    except BaseException as exc:
-        if ck is not None:
-            ck.release()  # interrupted: the same command resumes
-            if isinstance(exc, KeyboardInterrupt):
-                print(f"intraslice: {kept_line(ck)}", file=sys.stderr)
-        raise
-
-
-def _run_settings(args: argparse.Namespace, ckpt: Any, tokens: torch.Tensor, policy: Any) -> dict[str, Any]:
-    """What a resumed run must share with the interrupted one (see ``intraslice.resume``).
-
-    Every option that can change the output, the model files, the calibration tokens, the
-    resolved devices and dtype, and the versions of the code that computes. Left out: where
-    things are written or kept (``--out``, ``--offload-dir``, ``--activations``), the
-    memory capacities (they only choose among equal-result stores), progress bars.
-    """
-    from .resume import model_fingerprint, tensor_digest
-
-    ignored = {"overwrite", "no_resume", "no_progress", "out", "plan", "offload_dir", "activations"}
-    ignored |= {"device_memory", "host_memory", "command", "grad_checkpointing"}
-    options = {k: v for k, v in sorted(vars(args).items()) if k not in ignored}
-    if args.ratios:
-        from .resume import _sha256_file
-
-        options["ratios"] = f"{args.ratios} ({_sha256_file(Path(args.ratios))})"
-    return {
-        "model": model_fingerprint(ckpt.directory, list(ckpt.weight_map.values())),
-        "calibration": {"shape": list(tokens.shape), "sha256": tensor_digest(tokens)},
-        "options": options,
-        "devices": {**policy.describe(), "dtype": str(ckpt.dtype).replace("torch.", "")},
-        "versions": _versions(),
-    }
-
-
-def _bytes(text: str | None) -> int | None:
-    """``--device-memory 80GB`` / ``80GiB`` / ``8e10``: a capacity in bytes (None: detect)."""
-    if text is None:
-        return None
-    s = str(text).strip().upper().replace("IB", "B")
-    units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(float(s))
-    except ValueError:
-        raise IntraSliceError(f"cannot read the memory size {text!r}: use e.g. 80GB, 24GiB or a byte count") from None
-
-
-def _whole_model(directory: Any, dtype: torch.dtype, device: str) -> Any:
-    """A whole model for the speed measurements (they time the full forward on the device)."""
-    from transformers import AutoModelForCausalLM
-
-    from . import register_auto_classes
-
-    register_auto_classes()
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval().to(device)
-
-
-def _speed_check(ckpt: Any, out: Any, device: str, args: argparse.Namespace, goal: dict, timings: dict) -> None:
-    from .speed import benchmark_speed
-
-    t = time.perf_counter()
-    pair = [
-        ("dense", _whole_model(ckpt.directory, ckpt.dtype, device)),
-        ("pruned", _whole_model(out, ckpt.dtype, device)),
-    ]
-    speed = benchmark_speed(pair, [args.speed_seqlen], [], repeats=5, warmup=1).to_dict()
-    goal["measured_prefill_speedup"] = speed["models"]["pruned"]["prefill"][str(args.speed_seqlen)]["speedup"]
-    timings["speed_check"] = time.perf_counter() - t
-    print(f"measured prefill speedup of the pruned model: {goal['measured_prefill_speedup']:.3f}x")
-    if goal["measured_prefill_speedup"] < args.target_speedup:
-        warnings.warn(
-            f"the pruned model reaches {goal['measured_prefill_speedup']:.2f}x, below the "
-            f"{args.target_speedup}x target (the allocation changed the shapes the search timed)",
-            stacklevel=1,
-        )
+        return 0 if result.plan_fits else 2
+    if result.report is not None:
+        _print_summary(result.report, result.out)
+    return 0
 
 
 def _print_summary(report: dict[str, Any], out: Any) -> None:
@@ -870,24 +209,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_stock_hf(args.directory, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
-
-
-def _export_pruned(args: argparse.Namespace) -> None:
-    """``prune --export FORMAT``: the export of the directory just written, inside it."""
-    from .pipeline import distributed as dist
-
-    if not dist.is_main():
-        return
-    out = Path(args.out)
-    if args.export == "gguf":
-        from .export.gguf import export_gguf
-
-        path = export_gguf(out, out / f"model-{args.export_type}.gguf", args.export_type, llama_cpp=args.llama_cpp)
-    else:
-        from .export.stock_hf import export_stock_hf
-
-        path = export_stock_hf(out, out / "stock-hf")
-    print(f"exported {path}")
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
@@ -1055,7 +376,7 @@ def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     from .memory import pin_mmap_threshold
 
@@ -1064,10 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         if args.command == "prune":
-            rc = cmd_prune(args)
-            if rc == 0 and args.export and not args.plan:
-                _export_pruned(args)
-            return rc
+            return cmd_prune(args)
         if args.command == "export":
             return cmd_export(args)
         if args.command == "report":

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .algo.attention import ROPE_SCORES, ROPE_SELECTIONS
 from .errors import IntraSliceError
+from .methods.registry import _INTRASLICE_REPEAT, get_method, method_names
 from .pipeline.devices import DevicePolicy
 
 #: Step D's pair score unless told otherwise: measured better than the spec's mean |q k| on both
@@ -32,13 +33,46 @@ DEFAULT_ATTENTION_SHARE: float | str = 0.0
 #: of it, this share of the window long (``--calib-repeat``, ``--calib-repeat-mode append``):
 #: the heads that copy work on the calibration text, and every text token is kept
 #: (docs/method.md section 8). The baselines keep their plain windows, as published.
-DEFAULT_CALIB_REPEAT = 0.5
+DEFAULT_CALIB_REPEAT = _INTRASLICE_REPEAT
 DEFAULT_CALIB_REPEAT_MODE = "append"
 #: Where a repeated span goes: over the window's tail, or after the window (``data.with_repeated_spans``).
 REPEAT_MODES = ("replace", "append")
 
 MAX_RATIO = 0.95
-METHODS = ("intraslice", "slicegpt", "channel")
+
+
+def opt(
+    default: Any = None,
+    flag: str | None = None,
+    help: str = "",
+    *,
+    type: Any = None,
+    choices: Any = None,
+    action: str | None = None,
+    hidden: bool = False,
+) -> Any:
+    """A config field and its command-line option, declared once.
+
+    The CLI is generated from these (``intraslice.engine.config.add_arguments``), so a field
+    and its flag cannot drift apart. ``action="store_false"`` is a ``--no-X`` flag for a field
+    that defaults to True. ``hidden``: an ablation the benchmarks rejected, left out of
+    ``--help`` (``--help-all`` lists it) but still set from the CLI or a config file.
+    ``choices`` may be a callable (the registered methods, read when the parser is built).
+    """
+    meta = {"flag": flag, "help": help, "type": type, "choices": choices, "action": action, "hidden": hidden}
+    return field(default=default, metadata=meta)
+
+
+def share_arg(text: str | float) -> float | str:
+    """``--attention-share``: a number, or ``auto`` (the split the estimator's ranking chooses)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number or auto, got {text!r}") from None
+
+
 DEPLOY_TARGETS = ("llamacpp", "stock")
 
 
@@ -53,8 +87,9 @@ def default_allocation(method: str) -> str:
 
     IntraSlice: :data:`DEFAULT_ALLOCATION`. The baselines: uniform, as published (SliceGPT
     slices every layer alike; the channel baseline is FLAP/Wanda-sp's per-layer pruning).
+    Each method's registration says (:class:`intraslice.methods.registry.MethodSpec`).
     """
-    return DEFAULT_ALLOCATION if method == "intraslice" else "uniform"
+    return get_method(method).default_allocation
 
 
 @dataclass
@@ -72,18 +107,30 @@ class PruneConfig:
 
     #: "intraslice" (the method), or a baseline: "slicegpt", "channel". Whatever the method,
     #: ``ratio`` is the fraction of *real* decoder linear parameters removed.
-    method: str = "intraslice"
+    method: str = opt("intraslice", "--method", "the method, or a baseline to compare with", choices=method_names)
     ratio: float = 0.3
     layer_ratios: list[tuple[float, float]] | None = None
     #: "uniform", "global" or "global_pca"; None: the method's default (:func:`default_allocation`).
-    allocation: str | None = None
-    damp: float = 0.01
-    min_head_width: float = 0.75
+    allocation: str | None = opt(
+        None,
+        "--allocation",
+        "per-layer ratios: the same everywhere, or from mask gradients (plain or PCA-rotated); "
+        "default global_pca for intraslice, uniform for the baselines",
+        choices=ALLOCATIONS,
+    )
+    damp: float = opt(0.01, "--damp", "ridge λ as a fraction of mean(diag H)", type=float)
+    min_head_width: float = opt(0.75, "--min-head-width", "minimum kept head width as a fraction of h", type=float)
     #: MLP widths are multiples of this. None: 8, or 32 with ``deploy="llamacpp"``: a width that
     #: is not a whole number of 32-value blocks cannot be stored as Q8_0/Q4_0/Q5_0 (llama.cpp's
     #: converter falls back to f16 for such a ``down_proj``). 256 lets the K-quants apply too.
-    mlp_multiple: int | None = None
-    batch_size: int = 4
+    mlp_multiple: int | None = opt(
+        None,
+        "--mlp-multiple",
+        "MLP widths are multiples of this (default 8; 32 with --deploy llamacpp, so every tensor stores as "
+        "Q8_0/Q4_0; 256 for the K-quants)",
+        type=int,
+    )
+    batch_size: int = opt(4, "--batch-size", "calibration windows per layer pass", type=int)
     #: Compute device ("cpu", "cuda", "cuda:1"): where the layer in work runs.
     device: str = "cpu"
     #: Where calibration activations wait between passes: auto, device, cpu (pinned on
@@ -101,44 +148,75 @@ class PruneConfig:
     #: The estimator's split of ``ratio`` between attention and MLP (global allocations): attention
     #: loses ``attention_share`` x ratio (a number or "auto"), or the MLP ``mlp_bias`` x ratio; neither:
     #: :data:`DEFAULT_ATTENTION_SHARE`. See :func:`intraslice.importance.estimate_allocation`.
-    attention_share: float | str | None = None
-    mlp_bias: float | None = None
+    attention_share: float | str | None = opt(
+        None,
+        "--attention-share",
+        "attention loses this share of the ratio, the MLP the rest (default 0: attention keeps every head "
+        "while the MLP can take the ratio); auto: one ranking of every unit and neuron chooses",
+        type=share_arg,
+    )
+    mlp_bias: float | None = opt(
+        None,
+        "--mlp-bias",
+        "β: every MLP loses β x the ratio, attention the rest (instead of --attention-share)",
+        type=float,
+        hidden=True,
+    )
     #: Positions at the end of each calibration window that the MLP statistics leave out: the
     #: repeated span of ``--calib-repeat`` when only the attention step should see it
     #: (``--calib-repeat-in attention``; see :func:`intraslice.methods.intraslice.mlp_input_stats`).
     mlp_skip_positions: int = 0
     #: Channel baseline: fold the mean of removed channels into o_proj/down_proj biases (FLAP).
-    bias_compensation: bool = True
+    bias_compensation: bool = opt(
+        True, "--no-bias-compensation", "channel: no FLAP bias compensation (Wanda-sp scores)", action="store_false"
+    )
     #: SliceGPT baseline: an explicit residual width instead of the one found for ``ratio``.
-    slice_dim: int | None = None
+    slice_dim: int | None = opt(None, "--slice-dim", "slicegpt: explicit residual width (overrides ratio)", type=int)
     # -- export-compatible constraints (issue #11; IntraSlice only) ---------------------------
     #: Which heads share a RoPE pair set: "per-kv-group" (the method), "per-layer", or
     #: "global" (one set for the model, scored on the dense model before pruning).
-    rope_selection: str = "per-kv-group"
+    rope_selection: str = opt(
+        "per-kv-group",
+        "--rope-selection",
+        "which heads share a RoPE pair set: per KV group (the method), per layer, or one for the model",
+        choices=ROPE_SELECTIONS,
+    )
     #: What a RoPE pair is worth in step D: "attention" (its effect on the attention rows;
     #: the default, docs/method.md section 8), "qk" (mean |q k|, method.md 2.D as specified)
     #: or "low-frequency" (slowest first; an ablation). None: the default for IntraSlice,
     #: nothing for the baselines (``validate`` resolves it, so reports record what ran).
-    rope_score: str | None = None
+    rope_score: str | None = opt(
+        None,
+        "--rope-score",
+        "what a RoPE pair is worth: its effect on the attention rows (attention, the default), mean |q k| "
+        "(qk: the method as specified), or slowest first (an ablation)",
+        choices=ROPE_SCORES,
+        hidden=True,
+    )
     #: A model-wide common head width (rounded to a multiple of 8); None: per layer, unless
     #: ``common_width`` asks the dense-model statistics to choose one.
-    head_width: int | None = None
+    head_width: int | None = opt(None, "--head-width", "one head width for the model (a multiple of 8)", type=int)
     common_width: bool = False
     #: Every kept KV head keeps the same number of query heads.
-    equal_kv_groups: bool = False
+    equal_kv_groups: bool = opt(
+        False, "--equal-kv-groups", "every kept KV head keeps equally many query heads", action="store_true"
+    )
     #: Every layer the same shape (heads, KV heads, width, MLP width): the stock HF format.
-    uniform_layers: bool = False
+    uniform_layers: bool = opt(
+        False, "--uniform-layers", "every layer the same shape (stock Llama/Qwen2)", action="store_true"
+    )
     #: "llamacpp" or "stock": sets the constraints that target needs (see ``apply_deploy``).
-    deploy: str | None = None
+    deploy: str | None = opt(
+        None,
+        "--deploy",
+        "the constraints of a target: llamacpp (GGUF deci: global RoPE set, one head width, equal groups) "
+        "or stock (also every layer alike: LlamaForCausalLM/Qwen2ForCausalLM)",
+        choices=DEPLOY_TARGETS,
+    )
 
     def validate(self, n_layers: int) -> None:
-        if self.method not in METHODS:
-            raise IntraSliceError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.allocation is not None and self.allocation not in ALLOCATIONS:
-            raise IntraSliceError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-        if self.method == "slicegpt" and (self.layer_ratios is not None or self.allocation_mode() != "uniform"):
-            raise IntraSliceError("the slicegpt baseline slices every layer alike: use the uniform allocation")
-        check_ratio(self.ratio, "ratio")
+        """Check everything, the per-layer ratios against the model's ``n_layers`` too."""
+        self.check_options()
         if self.layer_ratios is not None:
             if len(self.layer_ratios) != n_layers:
                 raise IntraSliceError(
@@ -147,6 +225,20 @@ class PruneConfig:
             for i, (a, m) in enumerate(self.layer_ratios):
                 check_ratio(a, f"attention ratio of layer {i}")
                 check_ratio(m, f"MLP ratio of layer {i}")
+
+    def check_options(self) -> None:
+        """Check and resolve what needs no model: the method, the ratio, the deploy constraints."""
+        spec = get_method(self.method)  # an unknown method is refused here
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise IntraSliceError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if not spec.per_layer_ratios and (self.layer_ratios is not None or self.allocation_mode() != "uniform"):
+            raise IntraSliceError(f"--method {spec.name} slices every layer alike: use --allocation uniform")
+        if not spec.per_layer_ratios and (self.attention_share is not None or self.mlp_bias is not None):
+            raise IntraSliceError(
+                "--attention-share / --mlp-bias split a layer's budget: "
+                f"--method {spec.name} slices the residual stream"
+            )
+        check_ratio(self.ratio, "ratio")
         if not 0 < self.min_head_width <= 1:
             raise IntraSliceError(f"min_head_width must be in (0, 1], got {self.min_head_width}")
         if self.damp < 0:
@@ -172,7 +264,8 @@ class PruneConfig:
             self.common_width = True
             if self.deploy == "stock":
                 self.uniform_layers = True
-        if self.rope_score is None and self.method == "intraslice":
+        exportable = get_method(self.method).export_constraints
+        if self.rope_score is None and exportable:
             self.rope_score = DEFAULT_ROPE_SCORE
         if self.rope_score is not None and self.rope_score not in ROPE_SCORES:
             raise IntraSliceError(f"unknown --rope-score {self.rope_score!r}: choose one of {', '.join(ROPE_SCORES)}")
@@ -193,9 +286,9 @@ class PruneConfig:
             or self.equal_kv_groups
             or self.uniform_layers
         )
-        if self.rope_score is not None and self.method != "intraslice":
+        if self.rope_score is not None and not exportable:
             raise IntraSliceError("--rope-score chooses IntraSlice's RoPE pairs: it needs --method intraslice")
-        if constrained and self.method != "intraslice":
+        if constrained and not exportable:
             raise IntraSliceError("the export constraints (--deploy, --rope-selection, ...) need --method intraslice")
         if self.uniform_layers and self.layer_ratios is not None and len({tuple(r) for r in self.layer_ratios}) > 1:
             raise IntraSliceError("--uniform-layers gives every layer the same shape: use --allocation uniform")

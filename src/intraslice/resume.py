@@ -469,44 +469,28 @@ def save_activations(store: Any, directory: Path) -> list[Path]:
 def method_state(method: Any, pruned_config: Any, done: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """What a method carries from layer to layer, as JSON and tensors.
 
-    ``LayerwiseMethod`` (IntraSlice, channel): the exact-budget carry; every method: the
-    pruned config's per-layer entries so far; ``SliceGPTMethod``: the residual basis the
-    next layer reads. JSON floats round-trip exactly (shortest repr).
+    Every method: the pruned config's per-layer entries so far; then the method's own
+    ``checkpoint_state()`` (IntraSlice and channel: the exact-budget carry; SliceGPT: the
+    residual basis the next layer reads). JSON floats round-trip exactly (shortest repr).
     """
-    from .baselines.slicegpt import SliceGPTMethod
-    from .methods.layerwise import LayerwiseMethod
-
+    own = getattr(method, "checkpoint_state", None)
+    if own is None:
+        raise IntraSliceError(f"method {type(method).__name__} cannot be checkpointed (no checkpoint_state)")
     state: dict[str, Any] = {"config_layers": list(getattr(pruned_config, "layers", None) or [])[:done]}
-    tensors: dict[str, torch.Tensor] = {}
-    if isinstance(method, LayerwiseMethod):
-        state["carry"] = None if method.budget is None else float(method.budget.carry)
-    elif isinstance(method, SliceGPTMethod):
-        if method.basis_in is not None:
-            tensors["basis_in"] = method.basis_in.detach().to("cpu").contiguous()
-    else:
-        raise IntraSliceError(f"method {type(method).__name__} cannot be checkpointed")
-    return json.loads(json.dumps(state)), tensors
+    carried, tensors = own()
+    state.update(carried)
+    return json.loads(json.dumps(state)), dict(tensors)
 
 
 def restore_method(
     method: Any, pruned_config: Any, state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], cfg: Any, arch: Any
 ) -> None:
     """Put :func:`method_state` back into a freshly made method (same settings)."""
-    from .baselines.slicegpt import SliceGPTMethod
-    from .methods.layerwise import Budget, LayerwiseMethod
-
     saved_layers = state.get("config_layers") or []
     if saved_layers and getattr(pruned_config, "layers", None) is not None:
         for i, spec in enumerate(saved_layers):
             pruned_config.layers[i] = spec
-    if isinstance(method, LayerwiseMethod):
-        n_layers = arch.dims(pruned_config)["n_layers"]
-        method.ratios = cfg.ratios_for(n_layers)
-        method.budget = Budget(cfg, arch)
-        method.budget.carry = float(state.get("carry") or 0.0)
-    elif isinstance(method, SliceGPTMethod):
-        basis = tensors.get("basis_in")
-        method.basis_in = None if basis is None else cfg.policy().to_math(basis, float64=False)
+    method.restore_state(dict(state), dict(tensors), cfg, arch, int(pruned_config.num_hidden_layers))
 
 
 def kept_line(checkpoint: RunCheckpoint, fix: str = "") -> str:

@@ -30,6 +30,7 @@ from .arch import get_arch
 from .checkpoint import SourceCheckpoint
 from .config import PruneConfig
 from .errors import IntraSliceError
+from .methods.registry import get_method
 from .params import param_report
 from .pipeline import DevicePolicy, run_layers
 from .pipeline import distributed as dist
@@ -231,7 +232,7 @@ def prune(
         assert checkpoint is not None
         restore_method(method, pruned_config, saved["method"], checkpoint.load_method_tensors(), cfg, arch)
     access = StreamedLayers(ckpt, policy, writer, model=skeleton)
-    desc = "slicing layers (SliceGPT)" if cfg.method == "slicegpt" else "pruning layers"
+    desc = get_method(cfg.method).progress_label
 
     def after_layer(index: int, inputs: Any, outcome: Any) -> None:
         assert checkpoint is not None

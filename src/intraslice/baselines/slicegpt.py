@@ -202,6 +202,18 @@ class SliceGPTMethod:
         self.config = config
         self.basis_in: torch.Tensor | None = None  # on the math device
 
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What the next layer reads (JSON, tensors): the residual basis of this layer's output."""
+        tensors = {} if self.basis_in is None else {"basis_in": self.basis_in.detach().to("cpu").contiguous()}
+        return {}, tensors
+
+    def restore_state(
+        self, state: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: Any, arch: Any, n_layers: int
+    ) -> None:
+        """Continue after an interrupted run's last finished layer (see ``intraslice.resume``)."""
+        basis = tensors.get("basis_in")
+        self.basis_in = None if basis is None else cfg.policy().to_math(basis, float64=False)
+
     @torch.no_grad()
     def compress(self, ctx: LayerContext) -> LayerResult:
         li, layer, arch = ctx.index, ctx.layer, ctx.arch

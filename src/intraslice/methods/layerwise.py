@@ -90,6 +90,18 @@ class LayerwiseMethod:
         self.ratios: list[tuple[float, float]] | None = None
         self.budget: Budget | None = None
 
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What this method carries from layer to layer (JSON, tensors): the exact-budget carry."""
+        return {"carry": None if self.budget is None else float(self.budget.carry)}, {}
+
+    def restore_state(
+        self, state: dict[str, Any], tensors: dict[str, Any], cfg: PruneConfig, arch: ArchSpec, n_layers: int
+    ) -> None:
+        """Continue after layer ``done - 1`` of an interrupted run (see ``intraslice.resume``)."""
+        self.ratios = self.cfg.ratios_for(n_layers)
+        self.budget = Budget(self.cfg, arch)
+        self.budget.carry = float(state.get("carry") or 0.0)
+
     def compress(self, ctx: LayerContext) -> LayerResult:
         if self.ratios is None:
             self.ratios = self.cfg.ratios_for(ctx.dims["n_layers"])

@@ -1,0 +1,755 @@
+"""One engine: a run is a :class:`RunConfig` and an ordered list of registered stages.
+
+``intraslice prune`` and :func:`intraslice.run` both build a config and call :func:`run`.
+The stages, in order (``STAGES``; :func:`register_stage` adds one, e.g. recovery after
+``prune``):
+
+- *prepare* (nothing written yet): ``check`` (the options alone), ``load`` (config and
+  index only), ``resolve`` (the options against the model), ``plan`` (memory; ``--plan``
+  stops here), ``calibrate`` (the windows), ``goal`` (a parameter target as a ratio);
+- *work* (inside the output's transaction: an atomic directory, or a resumable
+  checkpoint): ``speed_search``, ``evaluate_dense``, ``allocate``, ``prune``,
+  ``evaluate_pruned``, ``speed_check``, ``save``;
+- *finish* (after the output is in place): ``export``.
+
+Each stage reads and writes the :class:`Run` it is given; a work stage whose result an
+interrupted run already saved takes it from the checkpoint (:meth:`Run.cached`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import PruneConfig, check_ratio
+from ..errors import IntraSliceError
+from ..methods.registry import get_method
+from .config import RUN_CONFIG_FILE, RunConfig
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+@dataclass
+class Run:
+    """The state a run's stages share: the effective config and what each stage produced."""
+
+    config: RunConfig
+    plan_only: bool = False
+    log: Callable[[str], None] = field(default_factory=lambda: _print_line)
+    cfg: PruneConfig = field(init=False)  # the method section, resolved as the stages go
+    device: str = "cpu"
+    main_rank: bool = True
+    progress: bool = True
+    repeat_given: bool = False
+    target: Any = None
+    saved: dict[str, Any] | None = None  # a --ratios file
+    ckpt: Any = None
+    plan: Any = None
+    policy: Any = None
+    tokenizer: Any = None
+    calib: Any = None
+    grad_tokens: torch.Tensor | None = None
+    span: int = 0
+    goal: dict[str, Any] = field(default_factory=dict)
+    ck: Any = None  # RunCheckpoint
+    directory: Path | None = None  # the output being written (a temporary or partial directory)
+    alloc_record: dict[str, Any] = field(default_factory=dict)
+    result: Any = None  # StreamedPruneResult
+    ppl: dict[str, Any] = field(default_factory=dict)
+    incontext: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] | None = None
+    out: Path | None = None
+    plan_fits: bool = True
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self.cfg = self.config.method
+
+    @property
+    def evaluating(self) -> bool:
+        return self.config.evaluation.enabled and self.main_rank  # other ranks have nothing to add
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """A stage's result: saved by an interrupted run, or computed now and saved."""
+        if self.ck is not None and self.ck.stage(key) is not None:
+            return self.ck.stage(key)
+        value = compute()
+        if self.ck is not None:
+            self.ck.save_stage(key, value)
+        return value
+
+    def timed(self, key: str, compute: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        value = compute()
+        self.timings[key] = time.perf_counter() - t
+        return value
+
+
+@dataclass
+class Stage:
+    """A named step of a run. ``phase``: prepare, work or finish (see the module docstring)."""
+
+    name: str
+    phase: str
+    fn: Callable[[Run], None]
+
+    def __call__(self, run: Run) -> None:
+        self.fn(run)
+
+
+STAGES: list[Stage] = []
+
+
+def register_stage(
+    name: str, phase: str, after: str | None = None, before: str | None = None
+) -> Callable[[Callable[[Run], None]], Callable[[Run], None]]:
+    """Decorator: add a stage to every run, at the end of its phase or next to a named stage."""
+
+    def add(fn: Callable[[Run], None]) -> Callable[[Run], None]:
+        stage = Stage(name, phase, fn)
+        names = [s.name for s in STAGES]
+        if name in names:
+            STAGES[names.index(name)] = stage
+        elif after is not None:
+            STAGES.insert(names.index(after) + 1, stage)
+        elif before is not None:
+            STAGES.insert(names.index(before), stage)
+        else:
+            STAGES.append(stage)
+        return fn
+
+    return add
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` wrote: the output directory and the report saved in it."""
+
+    out: Path | None
+    report: dict[str, Any] | None
+    config: RunConfig
+    plan_fits: bool = True
+
+
+def run(config: RunConfig, plan_only: bool = False, log: Callable[[str], None] | None = None) -> RunResult:
+    """Prune as ``intraslice prune`` does; ``config`` is copied, never modified.
+
+    Resumable: each finished stage and layer is checkpointed next to ``config.output.out``,
+    and the same config run again after a kill continues from there (``intraslice.resume``).
+    """
+    state = Run(config=copy.deepcopy(config), plan_only=plan_only)
+    if log is not None:
+        state.log = log
+    for stage in _phase("prepare"):
+        stage(state)
+        if state.stopped:
+            return RunResult(None, None, state.config, state.plan_fits)
+    _work(state)
+    for stage in _phase("finish"):
+        stage(state)
+    return RunResult(state.out, state.report, state.config, True)
+
+
+def _phase(phase: str) -> list[Stage]:
+    return [s for s in STAGES if s.phase == phase]
+
+
+def _work(state: Run) -> None:
+    """The work stages inside the output's transaction: kept on an interruption, gone on a user error."""
+    from ..pipeline import distributed as dist
+    from ..resume import RunCheckpoint, kept_line, os_error_line
+    from ..saving import REPORT_FILE, atomic_directory
+
+    out = state.config.output
+    if dist.world_size() == 1:
+        settings = run_settings(state.config, state.ckpt, state.calib.tokens, state.policy)
+        state.ck = RunCheckpoint.open(out.out, settings, out.overwrite, not out.resume)
+    ck = state.ck
+
+    def work(directory: Path) -> None:
+        state.directory = Path(directory)
+        for stage in _phase("work"):
+            stage(state)
+            if not state.main_rank and stage.name == "prune":
+                return  # rank 0 evaluates and writes
+
+    try:
+        if ck is None:
+            if not state.main_rank:  # writes nothing: rank 0 writes the one output directory
+                work(Path(out.out))
+                dist.barrier()
+                return
+            state.out = atomic_directory(out.out, work, out.overwrite)
+            dist.barrier()
+            return
+        if ck.stage("complete"):  # killed in the final rename: everything is written
+            state.report = json.loads((ck.partial / REPORT_FILE).read_text(encoding="utf-8"))
+        else:
+            work(ck.partial)
+        state.out = ck.finish()
+    except IntraSliceError:
+        if ck is not None:
+            ck.discard()  # a user error: this run's checkpoint is worth nothing
+        raise
+    except OSError as exc:  # disk full, read-only, permissions: the finished layers are kept
+        if ck is None:
+            raise
+        ck.release()
+        raise IntraSliceError(os_error_line(exc, ck)) from None
+    except BaseException as exc:
+        if ck is not None:
+            ck.release()  # interrupted: the same command resumes
+            if isinstance(exc, KeyboardInterrupt):
+                print(f"intraslice: {kept_line(ck)}", file=sys.stderr)
+        raise
+
+
+# -- prepare ----------------------------------------------------------------------------------
+@register_stage("check", "prepare")
+def check_options(run: Run) -> None:
+    """Everything that needs neither the model nor the data, so a typo costs nothing."""
+    from ..data import check_repeat_share
+    from ..models import parse_dtype
+    from ..params import parse_target_params
+    from ..pipeline import distributed as dist
+    from ..resume import sweep_finished
+    from ..saving import check_output_dir
+
+    c, cfg = run.config, run.cfg
+    goals = [g for g in ("ratio", "target_params", "target_speedup") if getattr(c.goal, g) is not None]
+    if len(goals) > 1:
+        raise IntraSliceError("give one of --ratio, --target-params, --target-speedup")
+    if c.goal.ratio is not None:
+        check_ratio(c.goal.ratio)
+    cfg.ratio = c.goal.ratio if c.goal.ratio is not None else 0.3
+    spec = get_method(cfg.method)
+    run.repeat_given = c.calibration.repeat is not None
+    if not run.repeat_given:  # copying protection is IntraSlice's; the baselines calibrate as published
+        c.calibration.repeat = spec.calib_repeat
+    check_repeat_share(c.calibration.repeat)
+    if cfg.allocation is None:
+        cfg.allocation = spec.default_allocation  # the Python API's default too
+        if cfg.deploy == "stock" or cfg.uniform_layers:
+            cfg.allocation = "uniform"  # every layer alike: nothing to allocate
+    if c.goal.target_speedup is not None and not spec.speed_target:
+        raise IntraSliceError(f"--target-speedup is implemented for --method intraslice, not {cfg.method}")
+    run.target = parse_target_params(c.goal.target_params) if c.goal.target_params is not None else None
+    parse_dtype(c.model.dtype)
+    cfg.check_options()  # the method, its allocation and split, the deploy constraints
+    if not run.plan_only:
+        if c.output.out is None:
+            raise IntraSliceError("--out DIR is required (or --plan to print the memory plan only)")
+        sweep_finished(c.output.out)  # a run killed just after its final rename left its checkpoint
+        check_output_dir(c.output.out, c.output.overwrite)
+    run.device = compute_device(c.model.device, planning=run.plan_only)
+    if not run.plan_only:
+        run.device = dist.init_from_env(run.device) or run.device  # under torchrun: one rank per GPU
+    cfg.device = run.device
+    run.main_rank = dist.is_main()
+    if not run.main_rank:  # rank 0 speaks for the job
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
+    if dist.world_size() > 1 and c.goal.target_speedup is not None:
+        raise IntraSliceError("--target-speedup times one device: run it without torchrun")
+    run.progress = c.output.progress and run.main_rank
+    if c.export.format == "stock-hf" and cfg.deploy != "stock":
+        raise IntraSliceError("--export stock-hf needs a model pruned with --deploy stock")
+    if c.export.format == "gguf" and cfg.deploy is None:
+        raise IntraSliceError("--export gguf needs a model pruned with --deploy llamacpp (or stock)")
+    if cfg.attention_share is not None and cfg.mlp_bias is not None:
+        raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
+
+
+@register_stage("load", "prepare")
+def load_source(run: Run) -> None:
+    from .. import stages
+
+    m = run.config.model
+    run.ckpt = run.timed("load", lambda: stages.load(m.model, m.gguf_file, m.dtype))
+    dtype = str(run.ckpt.dtype).replace("torch.", "")
+    run.log(f"opened {run.ckpt.name} ({run.ckpt.model_type}, {dtype})")
+
+
+@register_stage("resolve", "prepare")
+def resolve_against_model(run: Run) -> None:
+    """The options that depend on the model: the estimator's f, a --ratios file, the span length."""
+    from ..algo.allocation import check_units_per_head
+    from ..arch import get_arch
+    from ..data import repeated_span_length
+    from ..importance import load_ratios_file
+
+    c, cfg, ckpt = run.config, run.cfg, run.ckpt
+    run.saved = load_ratios_file(c.allocation.ratios, ckpt.config) if c.allocation.ratios else None
+    if c.allocation.units_per_head is not None:  # a bad f is refused before the dense evaluation
+        head_dim = get_arch(ckpt.config).dims(ckpt.config)["head_dim"]
+        check_units_per_head(c.allocation.units_per_head, head_dim, cfg.allocation)
+    seqlen, share = c.calibration.seqlen, c.calibration.repeat
+    run.span = repeated_span_length(seqlen, share)  # calibration windows are exactly --seqlen long
+    if c.calibration.repeat_mode == "append":
+        max_pos = getattr(ckpt.config, "max_position_embeddings", None)
+        if max_pos and not run.repeat_given and run.span and seqlen + run.span > max_pos:
+            # the default adapts (a 2048-position model at --seqlen 2048 gets no span) instead of failing
+            c.calibration.repeat = max(0, max_pos - seqlen) / seqlen
+            run.span = repeated_span_length(seqlen, c.calibration.repeat)
+            what = f"shortened to {run.span} tokens" if run.span else "left out (the windows fill them)"
+            run.log(
+                f"note: the appended calibration spans are {what} to fit the model's {max_pos} "
+                "positions (lower --seqlen for longer ones)"
+            )
+        if max_pos and run.span and seqlen + run.span > max_pos:
+            raise IntraSliceError(
+                f"--calib-repeat-mode append makes windows of {seqlen + run.span} tokens, more than the model's "
+                f"{max_pos} positions: lower --seqlen or --calib-repeat"
+            )
+
+
+def layer_seqlen(run: Run) -> int:
+    """The layer steps' window length: longer than ``--seqlen`` with appended spans."""
+    c = run.config.calibration
+    return c.seqlen + (run.span if c.repeat_mode == "append" else 0)
+
+
+@register_stage("plan", "prepare")
+def plan_memory(run: Run) -> None:
+    from .. import stages
+    from ..plan import refuse_unless_fits
+
+    c, cfg = run.config, run.cfg
+    estimator = cfg.allocation != "uniform" and not (run.saved and run.saved.get("importance"))
+    run.plan = stages.plan(
+        run.ckpt,
+        cfg,
+        c.calibration.nsamples,
+        layer_seqlen(run),
+        estimator=estimator,
+        evaluate=c.evaluation.enabled,
+        device_capacity=parse_bytes(c.memory.device_memory),
+        host_capacity=parse_bytes(c.memory.host_memory),
+        estimator_seqlen=layer_seqlen(run) if c.calibration.repeat_estimator else c.calibration.seqlen,
+    )
+    run.log(run.plan.describe())
+    if run.plan_only:
+        run.plan_fits, run.stopped = run.plan.fits(), True
+        return
+    refuse_unless_fits(run.plan)
+    cfg.activations, cfg.math_device = run.plan.policy["store"], run.plan.policy["math"]
+    c.memory.activations, c.memory.math_device = cfg.activations, cfg.math_device
+    run.policy = cfg.policy()
+
+
+@register_stage("calibrate", "prepare")
+def calibrate(run: Run) -> None:
+    from .. import stages
+    from ..data import calibration_windows, with_repeated_spans
+
+    c = run.config.calibration
+    run.tokenizer = run.ckpt.tokenizer()
+    t = time.perf_counter()
+    plain = calibration_windows(run.tokenizer, c.source, c.nsamples, c.seqlen, c.seed)
+    # the layer steps see the repeated spans, the estimator the plain windows (method.md 8)
+    run.calib = with_repeated_spans(plain, c.repeat, c.repeat_mode)
+    run.grad_tokens = run.calib.tokens if c.repeat_estimator else plain.tokens
+    if c.repeat_in == "attention":  # the MLP statistics leave each window's repeated span out
+        run.cfg.mlp_skip_positions = run.span
+    run.timings["calibration_data"] = time.perf_counter() - t
+    shape = run.calib.tokens.shape
+    run.log(f"calibration: {shape[0]} x {shape[1]} tokens from {run.calib.source}")
+    stages.check_vocabulary(run.ckpt, run.calib.tokens, run.tokenizer)
+
+
+@register_stage("goal", "prepare")
+def resolve_goal(run: Run) -> None:
+    """A parameter target as a decoder ratio; an impossible split is refused now, not after minutes."""
+    from .. import stages
+    from ..params import ratio_for_target
+
+    g, cfg = run.config.goal, run.cfg
+    run.goal = {"ratio": cfg.ratio}
+    if run.target is not None:
+        cfg.ratio = ratio_for_target(run.target, g.target_of, stages.source_param_report(run.ckpt.skeleton()))
+        check_ratio(cfg.ratio, "the decoder ratio for --target-params")
+        run.goal = {"target_params": g.target_params, "target_of": g.target_of, "ratio": cfg.ratio}
+        run.log(f"--target-params {g.target_params} of the {g.target_of}: decoder ratio {cfg.ratio:.4f}")
+    if g.target_speedup is not None and not g.target_speedup > 1.0:
+        raise IntraSliceError(f"--target-speedup must be > 1, got {g.target_speedup}")
+    if g.target_speedup is None:
+        from ..importance import resolve_split
+
+        a = run.config.allocation
+        resolve_split(
+            run.ckpt.config,
+            cfg.ratio,
+            cfg.allocation,
+            a.units_per_head,
+            cfg.mlp_bias,
+            cfg.attention_share,
+            run.saved,
+            a.max_layer_ratio,
+            split_uniform(cfg),
+        )
+
+
+def split_uniform(cfg: PruneConfig) -> bool:
+    """Every layer alike for a stock format, with the default split (``uniform_allocation``)."""
+    return get_method(cfg.method).export_constraints and cfg.uniform_layers
+
+
+# -- work -------------------------------------------------------------------------------------
+@register_stage("speed_search", "work")
+def speed_search(run: Run) -> None:
+    g, cfg = run.config.goal, run.cfg
+    if g.target_speedup is None:
+        return
+    if run.ck is not None and run.ck.stage("speed_search"):
+        run.goal = run.ck.stage("speed_search")  # timings vary: the interrupted run's search result stands
+        cfg.ratio = run.goal["ratio"]
+        run.log(f"ratio {cfg.ratio} for {g.target_speedup}x from the interrupted run's search")
+        return
+    from ..speed import ratio_for_speedup
+
+    run.log(f"searching the ratio for a {g.target_speedup}x prefill speedup ({g.speed_seqlen} tokens)")
+    t = time.perf_counter()
+    dense = whole_model(run.ckpt.directory, run.ckpt.dtype, run.device)  # timing needs the whole model
+    cfg.ratio, probes = ratio_for_speedup(
+        dense,
+        g.target_speedup,
+        g.speed_seqlen,
+        min_head_width=cfg.min_head_width,
+        mlp_multiple=cfg.mlp_multiple,
+        log=run.log,
+    )
+    del dense
+    run.timings["speed_search"] = time.perf_counter() - t
+    run.goal = {"target_speedup": g.target_speedup, "speed_seqlen": g.speed_seqlen, "ratio": cfg.ratio}
+    run.goal["probes"] = probes
+    run.log(f"ratio {cfg.ratio} reaches {g.target_speedup}x on candidate shapes")
+    if run.ck is not None:
+        run.ck.save_stage("speed_search", run.goal)
+
+
+@register_stage("evaluate_dense", "work")
+def evaluate_dense(run: Run) -> None:
+    from .. import stages
+    from ..resume import hook
+
+    if run.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if not run.evaluating:
+        return
+    e = run.config.evaluation
+    run.ppl["dense"] = run.timed(
+        "eval_dense",
+        lambda: run.cached(
+            "ppl_dense",
+            lambda: stages.evaluate(run.ckpt, run.tokenizer, run.policy, e.seqlen, e.windows, progress=run.progress),
+        ),
+    )
+    run.log(f"dense perplexity: {run.ppl['dense']['ppl']:.3f} ({run.ppl['dense']['windows']} windows)")
+    if e.incontext:
+        from ..eval.incontext import prune_report_copy_loss
+
+        def copy_loss() -> Any:
+            return run.cached("incontext_dense", lambda: prune_report_copy_loss(run.ckpt, run.policy))
+
+        dense = run.timed("incontext_dense", copy_loss)
+        run.incontext["dense"] = dense
+        print(f"dense copy loss (span {dense['span']}): {dense['copy_loss']:.3f}")
+    hook("dense_eval")
+
+
+@register_stage("allocate", "work")
+def allocate(run: Run) -> None:
+    from .. import stages
+    from ..algo.allocation import Allocation
+    from ..resume import hook
+
+    cfg, a = run.cfg, run.config.allocation
+    t = time.perf_counter()
+
+    def compute() -> dict[str, Any]:
+        alloc, record = stages.allocate(
+            run.ckpt,
+            run.policy,
+            run.grad_tokens,
+            cfg.ratio,
+            cfg.allocation,
+            progress=run.progress,
+            saved=run.saved,
+            resident=run.plan.policy.get("estimator_weights") == "resident",
+            units_per_head=a.units_per_head,
+            mlp_bias=cfg.mlp_bias,
+            attention_share=cfg.attention_share,
+            cap=a.max_layer_ratio,
+            group_size=a.group_size,
+            grad_samples=a.grad_samples,
+            split_uniform=split_uniform(cfg),
+        )
+        return {"allocation": asdict(alloc), "record": record}
+
+    allocated = run.cached("allocation", compute)
+    alloc, run.alloc_record = Allocation(**allocated["allocation"]), allocated["record"]
+    hook("allocation")
+    run.timings["allocation"] = time.perf_counter() - t
+    if cfg.allocation != "uniform":
+        used = run.alloc_record.get("gradient_samples")
+        grads = "" if used is None else f" (mask gradients from {used} of {len(run.grad_tokens)} windows)"
+        seconds = run.timings["allocation"]
+        print(f"allocation {cfg.allocation}: planned ratio {alloc.planned_ratio:.4f} in {seconds:.1f}s{grads}")
+    spec_uniform = cfg.allocation == "uniform" and {tuple(r) for r in alloc.layer_ratios} == {(cfg.ratio,) * 2}
+    cfg.layer_ratios = None if spec_uniform else [tuple(r) for r in alloc.layer_ratios]
+    if cfg.allocation == "uniform" and not spec_uniform:
+        att, mlp = alloc.layer_ratios[0]
+        print(f"allocation uniform: every layer loses {att:.4f} of its attention and {mlp:.4f} of its MLP")
+
+
+@register_stage("prune", "work")
+def prune_layers(run: Run) -> None:
+    from .. import stages
+
+    run.result = stages.prune(
+        run.ckpt, run.calib.tokens, run.cfg, run.directory, progress=run.progress, checkpoint=run.ck
+    )
+    run.timings.update({f"prune_{k}": v for k, v in run.result.timings.items()})
+
+
+@register_stage("evaluate_pruned", "work")
+def evaluate_pruned(run: Run) -> None:
+    from .. import stages
+    from ..checkpoint import SourceCheckpoint
+
+    if not run.evaluating:
+        return
+    e = run.config.evaluation
+
+    def pruned() -> Any:
+        return SourceCheckpoint.from_directory(run.directory, name="pruned")
+
+    run.ppl["pruned"] = run.timed(
+        "eval_pruned",
+        lambda: run.cached(
+            "ppl_pruned",
+            lambda: stages.evaluate(pruned(), run.tokenizer, run.policy, e.seqlen, e.windows, progress=run.progress),
+        ),
+    )
+    if e.incontext:
+        from ..eval.incontext import prune_report_copy_loss
+
+        run.incontext["pruned"] = run.timed(
+            "incontext_pruned",
+            lambda: run.cached("incontext_pruned", lambda: prune_report_copy_loss(pruned(), run.policy)),
+        )
+
+
+@register_stage("speed_check", "work")
+def speed_check(run: Run) -> None:
+    import warnings
+
+    from ..speed import benchmark_speed
+
+    g = run.config.goal
+    if g.target_speedup is None:
+        return
+    t = time.perf_counter()
+    pair = [
+        ("dense", whole_model(run.ckpt.directory, run.ckpt.dtype, run.device)),
+        ("pruned", whole_model(run.directory, run.ckpt.dtype, run.device)),
+    ]
+    speed = benchmark_speed(pair, [g.speed_seqlen], [], repeats=5, warmup=1).to_dict()
+    measured = speed["models"]["pruned"]["prefill"][str(g.speed_seqlen)]["speedup"]
+    run.goal["measured_prefill_speedup"] = measured
+    run.timings["speed_check"] = time.perf_counter() - t
+    run.log(f"measured prefill speedup of the pruned model: {measured:.3f}x")
+    if measured < g.target_speedup:
+        warnings.warn(
+            f"the pruned model reaches {measured:.2f}x, below the {g.target_speedup}x target "
+            "(the allocation changed the shapes the search timed)",
+            stacklevel=1,
+        )
+
+
+@register_stage("save", "work")
+def save(run: Run) -> None:
+    """The tokenizer, intraslice.json, run_config.toml and allocation.png next to the weights."""
+    from ..saving import write_report
+
+    t = time.perf_counter()
+    run.tokenizer.save_pretrained(run.directory)
+    report = {
+        "intraslice_version": versions()["intraslice"],
+        "versions": versions(),
+        "source_model": run.ckpt.name,
+        "goal": run.goal,
+        "allocation": run.alloc_record,
+        "command": sys.argv,
+        "calibration": run.calib.describe(),
+        "config": run.cfg.to_dict(),
+        "memory_plan": run.plan.to_dict(),
+        **run.result.report(),
+        "perplexity": run.ppl,
+        "incontext": run.incontext,
+        "peak_memory": peak_memory_mb(run.device),
+    }
+    if run.ck is not None:
+        report["resumed"] = run.ck.resumed
+    report["timings_s"].update(run.timings)
+    write_run_config(run)
+    report["timings_s"]["save"] = time.perf_counter() - t
+    write_report(run.directory, report)
+    try:
+        from ..report import PLOT_FILE, plot_allocation
+
+        plot_allocation(report, run.directory / PLOT_FILE)
+    except IntraSliceError as exc:  # matplotlib missing: the model is saved, only the plot is skipped
+        print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
+    run.report = report
+
+
+def effective_config(run: Run) -> RunConfig:
+    """The config that makes this model again bit for bit: every default as it was resolved.
+
+    A speedup target is replaced by the ratio its search found (timings vary between runs).
+    """
+    config = copy.deepcopy(run.config)
+    config.method = copy.deepcopy(run.cfg)
+    config.model.device = run.device
+    if config.goal.target_speedup is not None:
+        config.goal.target_speedup = None
+        config.goal.ratio = run.cfg.ratio
+    elif config.goal.ratio is None and config.goal.target_params is None:
+        config.goal.ratio = run.cfg.ratio
+    return config
+
+
+def write_run_config(run: Run) -> None:
+    config = effective_config(run)
+    header = (
+        "The effective config of the run that wrote this directory (every default resolved).\n"
+        f"Reproduce it: intraslice prune --config {RUN_CONFIG_FILE} --out OTHER_DIR"
+    )
+    if run.config.goal.target_speedup is not None:
+        header += f"\n--target-speedup {run.config.goal.target_speedup} chose ratio {run.cfg.ratio}"
+    (run.directory / RUN_CONFIG_FILE).write_text(config.to_toml(header), encoding="utf-8")
+
+
+# -- finish -----------------------------------------------------------------------------------
+@register_stage("export", "finish")
+def export(run: Run) -> None:
+    """``--export FORMAT``: the export of the directory just written, inside it."""
+    from ..pipeline import distributed as dist
+
+    e = run.config.export
+    if e.format is None or not dist.is_main():
+        return
+    out = Path(run.out)
+    if e.format == "gguf":
+        from ..export.gguf import export_gguf
+
+        path = export_gguf(out, out / f"model-{e.type}.gguf", e.type, llama_cpp=e.llama_cpp)
+    else:
+        from ..export.stock_hf import export_stock_hf
+
+        path = export_stock_hf(out, out / "stock-hf")
+    run.log(f"exported {path}")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def run_settings(config: RunConfig, ckpt: Any, tokens: torch.Tensor, policy: Any) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one (see ``intraslice.resume``).
+
+    Every option that can change the output, the model files, the calibration tokens, the
+    resolved devices and dtype, and the versions of the code that computes. Left out: where
+    things are written or kept (``--out``, ``--offload-dir``, ``--activations``), the
+    memory capacities (they only choose among equal-result stores), progress bars.
+    """
+    from ..resume import _sha256_file, model_fingerprint, tensor_digest
+
+    ignored = {"overwrite", "no_resume", "no_progress", "out", "offload_dir", "activations"}
+    ignored |= {"device_memory", "host_memory", "math_device"}
+    options = {k: v for k, v in sorted(config.cli_values().items()) if k not in ignored}
+    if config.allocation.ratios:
+        path = config.allocation.ratios
+        options["ratios"] = f"{path} ({_sha256_file(Path(path))})"
+    return {
+        "model": model_fingerprint(ckpt.directory, list(ckpt.weight_map.values())),
+        "calibration": {"shape": list(tokens.shape), "sha256": tensor_digest(tokens)},
+        "options": options,
+        "devices": {**policy.describe(), "dtype": str(ckpt.dtype).replace("torch.", "")},
+        "versions": versions(),
+    }
+
+
+def compute_device(name: str | None, planning: bool = False) -> str:
+    """The compute device; ``planning`` (``--plan``) may name a GPU this machine lacks."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available() and not planning:
+        raise IntraSliceError("--device cuda asked for but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise IntraSliceError(f"unknown device {name!r}: use cpu or cuda")
+    return name
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """``--device-memory 80GB`` / ``80GiB`` / ``8e10``: a capacity in bytes (None: detect)."""
+    if text is None:
+        return None
+    s = str(text).strip().upper().replace("IB", "B")
+    units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise IntraSliceError(f"cannot read the memory size {text!r}: use e.g. 80GB, 24GiB or a byte count") from None
+
+
+def whole_model(directory: Any, dtype: torch.dtype, device: str) -> Any:
+    """A whole model for the speed measurements (they time the full forward on the device)."""
+    from transformers import AutoModelForCausalLM
+
+    from .. import register_auto_classes
+
+    register_auto_classes()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval().to(device)
+
+
+def peak_memory_mb(device: str) -> dict[str, float]:
+    from ..memory import peak_rss_bytes
+
+    out = {"host_peak_rss_mb": peak_rss_bytes() / 2**20}
+    if device.startswith("cuda"):
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "intraslice": __version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+__all__ = ["STAGES", "Run", "RunResult", "Stage", "register_stage", "run"]
