@@ -1,28 +1,41 @@
 """Calibration and evaluation text: sources, tokenized windows, and their cache.
 
-Calibration sources (``--calib``):
+Calibration sources (``--calib``), a small registry (:func:`register_calib_source`):
 
-* ``wikitext2``: the WikiText-2 *train* split through Hugging Face ``datasets`` when it can
-  be fetched; offline, the bundled WikiText-2 *validation* split, with a warning. The
-  source actually used is always recorded.
+* ``c4`` (the default since issue #38): web text. Online, the C4 ``en`` train shard 0
+  through Hugging Face ``datasets`` (the SparseGPT/Wanda/GPTQ convention); offline, the
+  *calibration* split of the bundled C4 sample, with a warning.
+* ``c4-sample``: the calibration split of the bundled C4 sample (4 of every 5 documents;
+  the 5th are ``c4-heldout``, for evaluation only).
+* ``fineweb-edu``: FineWeb-Edu (sample-10BT) through ``datasets``, online only.
+* ``wikitext2``: the paper's protocol, kept for the reproduction benches. Online the
+  WikiText-2 *train* split; offline the bundled *validation* split (the tokenized release,
+  with ``<unk>`` and `` @-@ ``), with a warning.
 * ``wikitext2-valid``: the bundled validation split.
-* ``c4``: the C4 ``en`` train shard 0 through ``datasets`` (SliceGPT/GPTQ convention); offline
-  the bundled C4 sample, with a warning.
-* ``c4-sample``: the bundled C4 sample.
+* ``mix:SRC=W,SRC=W``: windows drawn from each source in proportion to its weight
+  (``mix:c4=0.5,wikitext2=0.5``).
+* ``hf:NAME?config=C&split=S&column=COL``: any Hugging Face dataset with a text column
+  (streamed; online only).
 * a path to a ``.txt`` file (documents separated by blank lines) or a ``.jsonl`` file
   (``text``, or ``prefix`` + ``gold_completion`` fields).
 
-Test splits are never used for calibration. Windows are non-overlapping runs of
-``seqlen`` tokens, ``nsamples`` of them picked with a seeded permutation.
+Evaluation texts (:data:`EVAL_TEXTS`): ``wikitext2`` (the test split) and ``c4-heldout``
+(the bundled C4 documents no calibration source contains). Test and held-out splits are
+never used for calibration: a file named like a test split, and any text that contains an
+evaluation document, is refused. Windows are non-overlapping runs of ``seqlen`` tokens,
+``nsamples`` of them picked with a seeded permutation; each run records their hashes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import lzma
+import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,7 +47,13 @@ from safetensors.torch import load_file, save_file
 from .config import REPEAT_MODES
 from .errors import IntraSliceError
 
-BUILTIN_CALIB = ("wikitext2", "wikitext2-valid", "c4", "c4-sample")
+#: The calibration source of ``intraslice prune`` unless told otherwise (issue #38; BENCHMARKS.md
+#: "Calibration text"): web text kept more of what held-out text measures than WikiText.
+DEFAULT_CALIB = "c4"
+#: Evaluation texts: never calibrated on (``check_not_evaluation``).
+EVAL_TEXTS = ("wikitext2", "c4-heldout")
+#: One in this many bundled C4 documents is held out for evaluation (the others calibrate).
+C4_HELDOUT_EVERY = 5
 
 
 @dataclass
@@ -53,6 +72,8 @@ class CalibrationSet:
     repeat_share: float = 0.0
     #: "replace" (the span replaces the window's tail) or "append" (it follows the window)
     repeat_mode: str = "replace"
+    #: A mix's components: source, weight, windows (in the order the windows are stacked).
+    parts: list[dict[str, Any]] | None = None
 
     def describe(self) -> dict[str, Any]:
         n, t = self.tokens.shape
@@ -63,9 +84,13 @@ class CalibrationSet:
             "seed": self.seed,
             "tokens_available": self.total_tokens,
         }
+        out["tokens"] = n * t
+        out["window_sha256"] = [tensor_sha256(w) for w in self.tokens]
         if self.repeat_share:
             out["repeat_share"] = self.repeat_share
             out["repeat_mode"] = self.repeat_mode
+        if self.parts:
+            out["parts"] = self.parts
         return out
 
 
@@ -136,7 +161,7 @@ def wikitext2_test_text() -> TextSource:
     return TextSource(text, "bundled:wikitext-2-raw-v1/test")
 
 
-def _jsonl_text(raw: str) -> str:
+def _jsonl_docs(raw: str) -> list[str]:
     docs = []
     for line in raw.splitlines():
         if not line.strip():
@@ -148,46 +173,236 @@ def _jsonl_text(raw: str) -> str:
             docs.append(str(row["prefix"]) + str(row.get("gold_completion", "")))
         else:
             raise IntraSliceError("calibration .jsonl rows need a 'text' field (or 'prefix'/'gold_completion')")
-    return "\n\n".join(docs)
+    return docs
+
+
+def _jsonl_text(raw: str) -> str:
+    return "\n\n".join(_jsonl_docs(raw))
+
+
+@functools.lru_cache(maxsize=1)
+def c4_documents() -> tuple[str, ...]:
+    """The bundled C4 sample's documents, in file order."""
+    return tuple(_jsonl_docs(_bundled("c4_sample.jsonl.xz").decode("utf-8")))
+
+
+def c4_split(which: str) -> TextSource:
+    """The bundled C4 sample split by document: ``heldout`` (every 5th) or ``calibration`` (the rest).
+
+    Why by document: a window that straddles a held-out document would leak it; a whole
+    document is either calibration text or evaluation text, never both.
+    """
+    docs = c4_documents()
+    held = which == "heldout"
+    picked = [d for i, d in enumerate(docs) if (i % C4_HELDOUT_EVERY == C4_HELDOUT_EVERY - 1) == held]
+    return TextSource("\n\n".join(picked), f"bundled:c4-sample/{which}")
+
+
+def evaluation_text(name: str) -> TextSource:
+    """An evaluation text of :data:`EVAL_TEXTS`: WikiText-2 test, or the held-out C4 documents."""
+    if name == "wikitext2":
+        return wikitext2_test_text()
+    if name == "c4-heldout":
+        return c4_split("heldout")
+    raise IntraSliceError(f"unknown evaluation text {name!r}: choose one of {', '.join(EVAL_TEXTS)}")
+
+
+def _wikitext2() -> TextSource:
+    ds = _from_hub("wikitext", "wikitext-2-raw-v1", split="train")
+    if ds is not None:
+        return TextSource(_wikitext_join(ds["text"]), "hf:wikitext/wikitext-2-raw-v1/train")
+    warnings.warn(
+        "WikiText-2 train split unavailable offline: calibrating on the bundled WikiText-2 "
+        "validation split instead (recorded in the output)",
+        stacklevel=3,
+    )
+    return _wikitext2_valid()
+
+
+def _wikitext2_valid() -> TextSource:
+    return TextSource(_bundled("wikitext2_valid.tokens.xz").decode("utf-8"), "bundled:wikitext-2/validation")
+
+
+def _c4() -> TextSource:
+    ds = _from_hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+    if ds is not None:
+        return TextSource("\n\n".join(ds["text"][:20000]), "hf:allenai/c4/en/train-00000")
+    warnings.warn("C4 unavailable offline: calibrating on the bundled C4 sample's calibration split", stacklevel=3)
+    return c4_split("calibration")
+
+
+def _fineweb_edu() -> TextSource:
+    text = _hf_text("HuggingFaceFW/fineweb-edu", {"config": "sample-10BT"})
+    return TextSource(text, "hf:HuggingFaceFW/fineweb-edu/sample-10BT")
+
+
+#: Rows read from a streamed hub dataset (about 10-40 M characters of web text).
+HF_ROWS = 20000
+
+
+def _hf_text(name: str, options: dict[str, str]) -> str:
+    """The text column of a hub dataset, streamed (the first :data:`HF_ROWS` rows)."""
+    import itertools
+
+    if _offline() or not _hub_reachable():
+        raise IntraSliceError(f"calibration source hf:{name} needs the Hugging Face hub, which is unreachable")
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise IntraSliceError(f"calibration source hf:{name} needs datasets: pip install 'intraslice[hub]'") from None
+    column = options.get("column", "text")
+    try:
+        ds = datasets.load_dataset(
+            name, options.get("config"), split=options.get("split", "train"), streaming=True
+        )
+        rows = list(itertools.islice(iter(ds), HF_ROWS))
+    except Exception as exc:  # the hub's many failure types: one line naming the dataset
+        raise IntraSliceError(f"cannot read the dataset {name!r} from the hub: {type(exc).__name__}: {exc}") from None
+    if not rows:
+        raise IntraSliceError(f"the dataset {name!r} has no rows in split {options.get('split', 'train')!r}")
+    if column not in rows[0]:
+        raise IntraSliceError(
+            f"the dataset {name!r} has no column {column!r} (columns: {', '.join(rows[0])}): pass ?column=NAME"
+        )
+    return "\n\n".join(str(r[column]) for r in rows if r.get(column))
+
+
+def parse_hf_source(source: str) -> tuple[str, dict[str, str]]:
+    """``hf:NAME?config=C&split=S&column=COL`` -> (NAME, options)."""
+    from urllib.parse import parse_qsl
+
+    name, _, query = source[len("hf:") :].partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - {"config", "split", "column"})
+    if not name or unknown:
+        what = f"unknown option {unknown[0]!r}" if unknown else "no dataset name"
+        raise IntraSliceError(f"calibration source {source!r}: {what} (use hf:NAME?config=C&split=S&column=COL)")
+    return name, options
+
+
+#: name -> (loader, one line for --help). ``register_calib_source`` adds one.
+_CALIB_SOURCES: dict[str, tuple[Callable[[], TextSource], str]] = {}
+
+
+def register_calib_source(name: str, loader: Callable[[], TextSource], summary: str = "") -> None:
+    """Make ``--calib NAME`` read the text ``loader()`` returns (it names what it read)."""
+    _CALIB_SOURCES[name] = (loader, summary)
+
+
+def calib_source_names() -> tuple[str, ...]:
+    return tuple(_CALIB_SOURCES)
+
+
+register_calib_source("c4", _c4, "web text: C4 en (online), the bundled sample's calibration split (offline)")
+register_calib_source("c4-sample", lambda: c4_split("calibration"), "the bundled C4 sample's calibration split")
+register_calib_source("fineweb-edu", _fineweb_edu, "FineWeb-Edu sample-10BT (online only)")
+register_calib_source("wikitext2", _wikitext2, "WikiText-2 train (online; offline the bundled validation split)")
+register_calib_source("wikitext2-valid", _wikitext2_valid, "the bundled WikiText-2 validation split")
+#: Kept for the messages and scripts that list the built-in names.
+BUILTIN_CALIB = calib_source_names()
 
 
 def calibration_text(source: str) -> TextSource:
-    """The text of a calibration source (see the module docstring)."""
-    if source == "wikitext2":
-        ds = _from_hub("wikitext", "wikitext-2-raw-v1", split="train")
-        if ds is not None:
-            return TextSource(_wikitext_join(ds["text"]), "hf:wikitext/wikitext-2-raw-v1/train")
-        warnings.warn(
-            "WikiText-2 train split unavailable offline: calibrating on the bundled WikiText-2 "
-            "validation split instead (recorded in the output)",
-            stacklevel=2,
-        )
-        source = "wikitext2-valid"
-    if source == "wikitext2-valid":
-        return TextSource(_bundled("wikitext2_valid.tokens.xz").decode("utf-8"), "bundled:wikitext-2/validation")
-    if source == "c4":
-        ds = _from_hub("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
-        if ds is not None:
-            return TextSource("\n\n".join(ds["text"][:20000]), "hf:allenai/c4/en/train-00000")
-        warnings.warn("C4 unavailable offline: calibrating on the bundled C4 sample", stacklevel=2)
-        source = "c4-sample"
-    if source == "c4-sample":
-        return TextSource(_jsonl_text(_bundled("c4_sample.jsonl.xz").decode("utf-8")), "bundled:c4-sample")
+    """The text of a calibration source (see the module docstring); evaluation text is refused."""
+    if source in _CALIB_SOURCES:
+        text = _CALIB_SOURCES[source][0]()
+        if not text.name.startswith("bundled:"):  # fetched text: it may hold an evaluation document
+            check_not_evaluation(text)
+        return text
+    if source.startswith("hf:"):
+        name, options = parse_hf_source(source)
+        text = TextSource(_hf_text(name, options), source)
+        check_not_evaluation(text)
+        return text
+    if source.startswith("mix:"):
+        raise IntraSliceError("a mix is drawn window by window: use calibration_windows, not calibration_text")
+    if source in EVAL_TEXTS or source == "c4-heldout":
+        raise IntraSliceError(f"refusing to calibrate on {source!r}: it is an evaluation text")
     path = Path(source)
     if not path.is_file():
         raise IntraSliceError(
-            f"unknown calibration source {source!r}: use one of {', '.join(BUILTIN_CALIB)} or a .txt/.jsonl file path"
+            f"unknown calibration source {source!r}: use one of {', '.join(_CALIB_SOURCES)}, "
+            "mix:SRC=W,SRC=W, hf:NAME?column=COL, or a .txt/.jsonl file path"
         )
     if "test" in path.name.lower():
         raise IntraSliceError(f"refusing to calibrate on {path.name!r}: it looks like a test split")
     raw = path.read_text(encoding="utf-8")
-    text = _jsonl_text(raw) if path.suffix == ".jsonl" else raw
-    return TextSource(text, f"file:{path.resolve()}")
+    text = TextSource(_jsonl_text(raw) if path.suffix == ".jsonl" else raw, f"file:{path.resolve()}")
+    check_not_evaluation(text)
+    return text
+
+
+#: Characters of each evaluation document looked for in a calibration text.
+_PROBE_CHARS = 160
+
+
+@functools.lru_cache(maxsize=1)
+def _evaluation_probes() -> tuple[tuple[str, str], ...]:
+    """(evaluation text, snippet): the middle of every held-out C4 document and of long WikiText-2
+    test paragraphs, long enough that finding one in other text means that document is there."""
+    probes = []
+    for doc in c4_split("heldout").text.split("\n\n"):
+        if len(doc) >= 2 * _PROBE_CHARS:
+            mid = len(doc) // 2
+            probes.append(("c4-heldout", doc[mid : mid + _PROBE_CHARS]))
+    paragraphs = [p.strip() for p in wikitext2_test_text().text.split("\n") if len(p.strip()) >= 2 * _PROBE_CHARS]
+    for p in paragraphs[:: max(1, len(paragraphs) // 200)]:
+        mid = len(p) // 2
+        probes.append(("wikitext2 test", p[mid : mid + _PROBE_CHARS]))
+    return tuple(probes)
+
+
+def check_not_evaluation(text: TextSource) -> None:
+    """Refuse calibration text that contains an evaluation document (held-out C4, WikiText-2 test).
+
+    Why: a model calibrated on the text it is then scored on looks better than it is, and
+    users' files (or a hub dataset) may be built from the same corpora.
+    """
+    for where, probe in _evaluation_probes():
+        if probe in text.text:
+            raise IntraSliceError(
+                f"calibration source {text.name} contains text of the evaluation set {where}: "
+                "calibrating on it would hide what pruning costs"
+            )
+
+
+def parse_mix(source: str) -> list[tuple[str, float]]:
+    """``mix:c4=0.5,wikitext2=0.5`` -> [("c4", 0.5), ("wikitext2", 0.5)], checked."""
+    parts = []
+    for item in source[len("mix:") :].split(","):
+        name, eq, weight = item.strip().rpartition("=")
+        try:
+            w = float(weight) if eq else float("nan")
+        except ValueError:
+            w = float("nan")
+        if not name or not (w > 0 and math.isfinite(w)):
+            raise IntraSliceError(f"calibration mix {source!r}: each part is SRC=WEIGHT with a weight > 0")
+        if name.startswith("mix:"):
+            raise IntraSliceError(f"calibration mix {source!r}: a mix cannot contain a mix")
+        parts.append((name, w))
+    if len({n for n, _ in parts}) != len(parts):
+        raise IntraSliceError(f"calibration mix {source!r} names a source twice")
+    return parts
+
+
+def mix_counts(weights: list[float], nsamples: int) -> list[int]:
+    """Windows per part: proportional to the weights, rounded by largest remainder (sums to nsamples)."""
+    total = sum(weights)
+    exact = [w / total * nsamples for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda k: counts[k] - exact[k])[: nsamples - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def cache_dir() -> Path:
     root = os.environ.get("INTRASLICE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "intraslice")
     return Path(root)
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 (16 hex digits) of a window's token ids: the record of exactly what calibrated."""
+    return hashlib.sha256(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -219,6 +434,8 @@ def calibration_windows(
     """``nsamples`` non-overlapping windows of ``seqlen`` tokens, seeded; cached on disk."""
     if nsamples < 1 or seqlen < 2:
         raise IntraSliceError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    if source.startswith("mix:"):
+        return _mixed_windows(tokenizer, source, nsamples, seqlen, seed, use_cache)
     text = calibration_text(source)
     digest = hashlib.sha256(text.text.encode("utf-8")).hexdigest()[:16]
     key = f"{text.name}|{digest}|{tokenizer_fingerprint(tokenizer)}|{nsamples}|{seqlen}|{seed}"
@@ -249,6 +466,25 @@ def calibration_windows(
         except OSError:
             pass  # a read-only cache is not an error
     return CalibrationSet(windows, text.name, seed, int(ids.numel()))
+
+
+def _mixed_windows(
+    tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int, use_cache: bool
+) -> CalibrationSet:
+    """A mix: each part's share of the windows, drawn from that source as a plain source's are."""
+    parts = parse_mix(source)
+    counts = mix_counts([w for _, w in parts], nsamples)
+    sets, record = [], []
+    for (name, weight), n in zip(parts, counts, strict=True):
+        if n == 0:
+            record.append({"source": name, "weight": weight, "windows": 0})
+            continue
+        part = calibration_windows(tokenizer, name, n, seqlen, seed, use_cache)
+        sets.append(part)
+        record.append({"source": part.source, "weight": weight, "windows": n})
+    tokens = torch.cat([c.tokens for c in sets])
+    label = "mix:" + ",".join(f"{r['source']}={r['weight']:g}" for r in record)
+    return CalibrationSet(tokens, label, seed, sum(c.total_tokens for c in sets), parts=record)
 
 
 def check_repeat_share(share: float) -> None:
@@ -298,4 +534,4 @@ def with_repeated_spans(calib: CalibrationSet, share: float, mode: str = "replac
         starts = torch.randint(0, length - 2 * m + 1, (n,), generator=gen)
         for row, start in enumerate(starts.tolist()):
             tokens[row, length - m :] = tokens[row, start : start + m]
-    return CalibrationSet(tokens, calib.source, calib.seed, calib.total_tokens, share, mode)
+    return CalibrationSet(tokens, calib.source, calib.seed, calib.total_tokens, share, mode, calib.parts)
