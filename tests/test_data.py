@@ -25,7 +25,7 @@ def test_windows_are_seeded_non_overlapping_and_cached(tok, tmp_path: Path, monk
     monkeypatch.setenv("INTRASLICE_CACHE", str(tmp_path / "cache"))
     a = calibration_windows(tok, "c4-sample", nsamples=16, seqlen=64, seed=0)
     assert a.tokens.shape == (16, 64) and a.tokens.dtype == torch.long
-    assert a.source == "bundled:c4-sample"
+    assert a.source == "bundled:c4-sample/calibration"  # the held-out documents are not in it
     assert len(list((tmp_path / "cache" / "windows").iterdir())) == 1
     b = calibration_windows(tok, "c4-sample", nsamples=16, seqlen=64, seed=0)  # from the cache
     assert torch.equal(a.tokens, b.tokens)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .data import EVAL_TEXTS
 from .engine.config import add_arguments
 from .engine.run import compute_device, versions
 from .errors import IntraSliceError
@@ -90,10 +91,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True)
-    pp = esub.add_parser("ppl", help="WikiText-2 test perplexity (P1: --seqlen 2048, P2: --seqlen 4096)")
+    pp = esub.add_parser("ppl", help="perplexity on WikiText-2 test or held-out C4 (P1: --seqlen 2048, P2: 4096)")
     _add_model_args(pp)
     pp.add_argument("--seqlen", type=int, default=2048)
     pp.add_argument("--windows", type=int, default=None, help="evaluate the first N windows only")
+    pp.add_argument(
+        "--text",
+        choices=EVAL_TEXTS,
+        default="wikitext2",
+        help="wikitext2 (the test split; default) or c4-heldout (bundled C4 documents no calibration source holds)",
+    )
     pp.add_argument("--json", default=None, help="also write the result to this JSON file")
     pp.add_argument("--no-progress", action="store_true")
     zs = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness (offline data bundled)")
@@ -173,13 +180,32 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
     print(f"{'':16}{'before':>14}{'after':>14}{'removed':>10}")
     for key, label in (("decoder_linear", "decoder linear"), ("whole_model", "whole model")):
         print(f"{label:16}{b[key]:>14,}{a[key]:>14,}{r[key]:>9.1%}")
-    ppl = report.get("perplexity") or {}
-    if ppl:
+    calib = report.get("calibration") or {}
+    if calib:
+        print(f"calibrated on {calib['source']} ({calib['nsamples']} x {calib['seqlen']} tokens)")
+    texts = report.get("perplexities") or {"wikitext2": report.get("perplexity") or {}}
+    for ppl in texts.values():
+        if "dense" not in ppl or "pruned" not in ppl:
+            continue
         d, p = ppl["dense"], ppl["pruned"]
         print(
             f"perplexity ({d['source']}, {d['windows']}/{d['windows_total']} windows of {d['seqlen']}): "
             f"dense {d['ppl']:.3f} -> pruned {p['ppl']:.3f}"
         )
+        if calib and same_family(calib["source"], d["source"]):
+            print(
+                "  note: calibrated on the same corpus (other documents): in-domain, it flatters the pruned "
+                "model; the other texts and the zero-shot mean are out of domain"
+            )
+    zs = report.get("zeroshot") or {}
+    if "mean" in zs.get("dense", {}) and "mean" in zs.get("pruned", {}):
+        d, p = zs["dense"], zs["pruned"]
+        print(
+            f"zero-shot mean ({', '.join(d['tasks'])}; {d['limit']} each): "
+            f"dense {d['mean']:.3f} -> pruned {p['mean']:.3f}"
+        )
+    elif zs.get("dense", {}).get("skipped"):
+        print(f"zero-shot mean skipped: {zs['dense']['skipped']}")
     copy = report.get("incontext") or {}
     if "dense" in copy and "pruned" in copy:
         d, p = copy["dense"], copy["pruned"]
@@ -195,6 +221,14 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
             f"{layer['index']:>5} {layer['num_heads']:>6} {layer['num_kv_heads']:>2} {layer['head_dim']:>3} "
             f"{layer['intermediate_size']:>5}"
         )
+
+
+def same_family(calibration: str, evaluation: str) -> bool:
+    """Whether a calibration source and an evaluation text come from the same corpus."""
+    for family in ("wikitext", "c4"):
+        if family in calibration.lower() and family in evaluation.lower():
+            return True
+    return False
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -221,7 +255,13 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     device = _device(args.device)
     ckpt = SourceCheckpoint.open(args.model, args.gguf_file, dtype=parse_dtype(args.dtype))
     res = stages.evaluate(
-        ckpt, ckpt.tokenizer(), DevicePolicy(device), args.seqlen, args.windows, progress=not args.no_progress
+        ckpt,
+        ckpt.tokenizer(),
+        DevicePolicy(device),
+        args.seqlen,
+        args.windows,
+        progress=not args.no_progress,
+        text=args.text,
     )
     res.update({"model": ckpt.name, "params": stages.source_param_report(ckpt.skeleton()), "versions": _versions()})
     print(

@@ -332,24 +332,25 @@ def calibration_text(source: str) -> TextSource:
     return text
 
 
-#: Characters of each evaluation document looked for in a calibration text.
-_PROBE_CHARS = 160
+#: Lines at least this long of an evaluation text are looked for in calibration text.
+_PROBE_CHARS = 120
 
 
 @functools.lru_cache(maxsize=1)
-def _evaluation_probes() -> tuple[tuple[str, str], ...]:
-    """(evaluation text, snippet): the middle of every held-out C4 document and of long WikiText-2
-    test paragraphs, long enough that finding one in other text means that document is there."""
-    probes = []
-    for doc in c4_split("heldout").text.split("\n\n"):
-        if len(doc) >= 2 * _PROBE_CHARS:
-            mid = len(doc) // 2
-            probes.append(("c4-heldout", doc[mid : mid + _PROBE_CHARS]))
-    paragraphs = [p.strip() for p in wikitext2_test_text().text.split("\n") if len(p.strip()) >= 2 * _PROBE_CHARS]
-    for p in paragraphs[:: max(1, len(paragraphs) // 200)]:
-        mid = len(p) // 2
-        probes.append(("wikitext2 test", p[mid : mid + _PROBE_CHARS]))
-    return tuple(probes)
+def _evaluation_lines() -> dict[str, str]:
+    """Every long line of the evaluation texts (stripped) -> the text's name.
+
+    Why whole lines: a line of 120 characters or more found verbatim means that document
+    (a WikiText paragraph, a C4 paragraph) is there, and a set lookup per calibration line
+    keeps the check linear in the calibration text (tens of MB online).
+    """
+    lines: dict[str, str] = {}
+    for name, text in (("c4-heldout", c4_split("heldout").text), ("wikitext2 test", wikitext2_test_text().text)):
+        for line in text.split("\n"):
+            line = line.strip()
+            if len(line) >= _PROBE_CHARS:
+                lines.setdefault(line, name)
+    return lines
 
 
 def check_not_evaluation(text: TextSource) -> None:
@@ -358,8 +359,10 @@ def check_not_evaluation(text: TextSource) -> None:
     Why: a model calibrated on the text it is then scored on looks better than it is, and
     users' files (or a hub dataset) may be built from the same corpora.
     """
-    for where, probe in _evaluation_probes():
-        if probe in text.text:
+    known = _evaluation_lines()
+    for line in text.text.split("\n"):
+        where = known.get(line.strip())
+        if where is not None:
             raise IntraSliceError(
                 f"calibration source {text.name} contains text of the evaluation set {where}: "
                 "calibrating on it would hide what pruning costs"

@@ -350,12 +350,14 @@ def evaluate(
     windows: int | None = None,
     progress: bool = True,
     chunk: int = 16,
+    text: str = "wikitext2",
 ) -> dict[str, Any]:
-    """WikiText-2 test perplexity of a checkpoint, streamed one layer at a time."""
-    from .data import tokenize, wikitext2_test_text
+    """Perplexity of a checkpoint on an evaluation text (``data.EVAL_TEXTS``: WikiText-2 test,
+    or the held-out C4 documents), streamed one layer at a time."""
+    from .data import evaluation_text, tokenize
     from .eval.ppl import streamed_window_nlls
 
-    text = wikitext2_test_text()
+    name, text = text, evaluation_text(text)
     ids = tokenize(tokenizer, text.text)
     total = ids.numel() // seqlen
     if total < 1:
@@ -381,6 +383,7 @@ def evaluate(
         "windows_total": total,
         "tokens_scored": count,
         "source": text.name,
+        "text": name,
         "streamed": True,
         "seconds": time.perf_counter() - t0,
     }

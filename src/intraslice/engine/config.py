@@ -27,6 +27,7 @@ from ..config import (
     PruneConfig,
     opt,
 )
+from ..data import DEFAULT_CALIB
 from ..errors import IntraSliceError
 
 #: The file every output directory holds: the effective config of the run that wrote it.
@@ -71,7 +72,11 @@ class GoalSection:
 @dataclass
 class CalibrationSection:
     source: str = opt(
-        "wikitext2", "--calib", "wikitext2, wikitext2-valid, c4, c4-sample, or a .txt/.jsonl path (default: wikitext2)"
+        DEFAULT_CALIB,
+        "--calib",
+        f"calibration text (default {DEFAULT_CALIB}): c4 (web text; offline the bundled sample's calibration split), "
+        "c4-sample, fineweb-edu, wikitext2 (the paper's), wikitext2-valid, mix:SRC=W,SRC=W, "
+        "hf:NAME?column=COL, or a .txt/.jsonl path",
     )
     nsamples: int = opt(128, "--nsamples", "calibration windows (default 128)", type=int)
     seqlen: int = opt(2048, "--seqlen", "tokens per calibration window (default 2048)", type=int)
@@ -150,14 +155,43 @@ class MemorySection:
     host_memory: str | None = opt(None, "--host-memory", "host memory to plan for, e.g. 256GB (default: detected)")
 
 
+def eval_texts(value: str) -> str:
+    """``--eval-texts``: known names, comma-separated, at least one."""
+    from ..data import EVAL_TEXTS
+
+    names = [t.strip() for t in str(value).split(",") if t.strip()]
+    unknown = [t for t in names if t not in EVAL_TEXTS]
+    if not names or unknown:
+        raise ValueError(f"evaluation texts are {', '.join(EVAL_TEXTS)} (comma-separated), got {value!r}")
+    return ",".join(names)
+
+
 @dataclass
 class EvaluationSection:
     enabled: bool = opt(True, "--no-eval", "skip the dense/pruned perplexity", action="store_false")
-    windows: int = opt(8, "--eval-windows", "WikiText-2 test windows for the perplexity (default 8)", type=int)
+    texts: str = opt(
+        "wikitext2,c4-heldout",
+        "--eval-texts",
+        "texts of the perplexity, comma-separated: wikitext2 (test) and c4-heldout (bundled C4 documents no "
+        "calibration source holds)",
+        type=eval_texts,
+    )
+    windows: int = opt(8, "--eval-windows", "windows of each text for the perplexity (default 8)", type=int)
     seqlen: int = opt(2048, "--eval-seqlen", "perplexity window length (P1: 2048, P2: 4096)", type=int)
     incontext: bool = opt(
         True, "--no-incontext", "skip the dense/pruned copy loss (span 200) reported with it", action="store_false"
     )
+    zeroshot: bool = opt(
+        True,
+        "--no-zeroshot",
+        "skip the dense/pruned zero-shot mean (needs lm-eval: pip install 'intraslice[eval]'; skipped with a "
+        "note without it, or when the whole model would not fit the device)",
+        action="store_false",
+    )
+    zeroshot_tasks: str = opt(
+        "piqa,arc_easy,winogrande", "--zeroshot-tasks", "zero-shot tasks of the mean (bundled data)"
+    )
+    zeroshot_limit: int = opt(100, "--zeroshot-limit", "seeded documents per zero-shot task (default 100)", type=int)
 
 
 @dataclass

@@ -66,8 +66,9 @@ class Run:
     directory: Path | None = None  # the output being written (a temporary or partial directory)
     alloc_record: dict[str, Any] = field(default_factory=dict)
     result: Any = None  # StreamedPruneResult
-    ppl: dict[str, Any] = field(default_factory=dict)
+    ppl: dict[str, dict[str, Any]] = field(default_factory=dict)  # text -> {"dense": ..., "pruned": ...}
     incontext: dict[str, Any] = field(default_factory=dict)
+    zeroshot: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] | None = None
     out: Path | None = None
@@ -269,6 +270,17 @@ def check_options(run: Run) -> None:
         raise IntraSliceError("--export gguf needs a model pruned with --deploy llamacpp (or stock)")
     if cfg.attention_share is not None and cfg.mlp_bias is not None:
         raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
+    e = c.evaluation
+    if e.enabled and e.zeroshot:
+        from ..eval.zeroshot import parse_tasks
+
+        parse_tasks(e.zeroshot_tasks)  # an unknown task now, not after the pruning
+        if e.zeroshot_limit < 1:
+            raise IntraSliceError(f"--zeroshot-limit must be >= 1, got {e.zeroshot_limit}")
+    if c.calibration.source.startswith("mix:"):
+        from ..data import parse_mix
+
+        parse_mix(c.calibration.source)
 
 
 @register_stage("load", "prepare")
@@ -440,32 +452,88 @@ def speed_search(run: Run) -> None:
 
 @register_stage("evaluate_dense", "work")
 def evaluate_dense(run: Run) -> None:
-    from .. import stages
-    from ..resume import hook
-
     if run.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    evaluate_model(run, "dense", lambda: run.ckpt, lambda: run.ckpt.directory)
+    from ..resume import hook
+
+    hook("dense_eval")
+
+
+def evaluate_model(run: Run, which: str, open_ckpt: Callable[[], Any], directory: Callable[[], Any]) -> None:
+    """Perplexity on every evaluation text, the copy loss and the zero-shot mean of one model.
+
+    Why several texts: the calibration text flatters the text it resembles (issue #38), so
+    the report always holds one the model was never calibrated on (the held-out C4 documents).
+    """
+    from .. import stages
+
     if not run.evaluating:
         return
     e = run.config.evaluation
-    run.ppl["dense"] = run.timed(
-        "eval_dense",
-        lambda: run.cached(
-            "ppl_dense",
-            lambda: stages.evaluate(run.ckpt, run.tokenizer, run.policy, e.seqlen, e.windows, progress=run.progress),
-        ),
-    )
-    run.log(f"dense perplexity: {run.ppl['dense']['ppl']:.3f} ({run.ppl['dense']['windows']} windows)")
+    t = time.perf_counter()
+    for text in e.texts.split(","):
+        key = f"ppl_{which}" if text == "wikitext2" else f"ppl_{which}:{text}"
+
+        def ppl(text: str = text) -> dict[str, Any]:
+            return stages.evaluate(
+                open_ckpt(), run.tokenizer, run.policy, e.seqlen, e.windows, progress=run.progress, text=text
+            )
+
+        res = run.cached(key, ppl)
+        run.ppl.setdefault(text, {})[which] = res
+        run.log(f"{which} perplexity ({text}): {res['ppl']:.3f} ({res['windows']} windows)")
+    run.timings[f"eval_{which}"] = time.perf_counter() - t
     if e.incontext:
         from ..eval.incontext import prune_report_copy_loss
 
-        def copy_loss() -> Any:
-            return run.cached("incontext_dense", lambda: prune_report_copy_loss(run.ckpt, run.policy))
+        t = time.perf_counter()
+        res = run.cached(f"incontext_{which}", lambda: prune_report_copy_loss(open_ckpt(), run.policy))
+        run.incontext[which] = res
+        run.timings[f"incontext_{which}"] = time.perf_counter() - t
+        run.log(f"{which} copy loss (span {res['span']}): {res['copy_loss']:.3f}")
+    if e.zeroshot:
+        t = time.perf_counter()
+        run.zeroshot[which] = run.cached(f"zeroshot_{which}", lambda: zeroshot_mean(run, directory()))
+        run.timings[f"zeroshot_{which}"] = time.perf_counter() - t
+        zs = run.zeroshot[which]
+        if "mean" in zs:
+            run.log(f"{which} zero-shot mean ({', '.join(zs['tasks'])}; {zs['limit']} each): {zs['mean']:.3f}")
 
-        dense = run.timed("incontext_dense", copy_loss)
-        run.incontext["dense"] = dense
-        print(f"dense copy loss (span {dense['span']}): {dense['copy_loss']:.3f}")
-    hook("dense_eval")
+
+def zeroshot_mean(run: Run, directory: Any) -> dict[str, Any]:
+    """The mean accuracy of the few zero-shot tasks the report carries, or why it was skipped."""
+    e = run.config.evaluation
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return {"skipped": "lm-eval is not installed (pip install 'intraslice[eval]')"}
+    whole = int(run.plan.model["params"]) * run.ckpt.dtype.itemsize
+    capacity = run.plan.device_capacity if run.device.startswith("cuda") else run.plan.host_capacity
+    if capacity is not None and whole > 0.5 * capacity:
+        return {"skipped": f"the whole model ({whole / 2**30:.1f} GiB) would not fit beside the run"}
+    from ..eval.zeroshot import evaluate as zeroshot
+
+    try:
+        res = zeroshot(
+            whole_model(directory, run.ckpt.dtype, run.device),
+            run.tokenizer,
+            e.zeroshot_tasks,
+            limit=e.zeroshot_limit,
+            progress=False,
+        )
+    except IntraSliceError:
+        raise  # bad tasks or data: the user's to fix
+    except Exception as exc:  # lm-eval's own failures (e.g. prompts past a short context): the model is saved
+        return {"skipped": f"lm-eval failed: {type(exc).__name__}: {exc}"[:300]}
+    values = {t: r["value"] for t, r in res["tasks"].items()}
+    return {
+        "tasks": values,
+        "mean": sum(values.values()) / len(values),
+        "limit": e.zeroshot_limit,
+        "seed": res["seed"],
+        "lm_eval_version": res["lm_eval_version"],
+    }
 
 
 @register_stage("allocate", "work")
@@ -525,30 +593,11 @@ def prune_layers(run: Run) -> None:
 
 @register_stage("evaluate_pruned", "work")
 def evaluate_pruned(run: Run) -> None:
-    from .. import stages
     from ..checkpoint import SourceCheckpoint
 
-    if not run.evaluating:
-        return
-    e = run.config.evaluation
-
-    def pruned() -> Any:
-        return SourceCheckpoint.from_directory(run.directory, name="pruned")
-
-    run.ppl["pruned"] = run.timed(
-        "eval_pruned",
-        lambda: run.cached(
-            "ppl_pruned",
-            lambda: stages.evaluate(pruned(), run.tokenizer, run.policy, e.seqlen, e.windows, progress=run.progress),
-        ),
+    evaluate_model(
+        run, "pruned", lambda: SourceCheckpoint.from_directory(run.directory, name="pruned"), lambda: run.directory
     )
-    if e.incontext:
-        from ..eval.incontext import prune_report_copy_loss
-
-        run.incontext["pruned"] = run.timed(
-            "incontext_pruned",
-            lambda: run.cached("incontext_pruned", lambda: prune_report_copy_loss(pruned(), run.policy)),
-        )
 
 
 @register_stage("speed_check", "work")
@@ -596,8 +645,11 @@ def save(run: Run) -> None:
         "config": run.cfg.to_dict(),
         "memory_plan": run.plan.to_dict(),
         **run.result.report(),
-        "perplexity": run.ppl,
+        # WikiText-2 (or the first text) where earlier reports had it; every text under "perplexities"
+        "perplexity": run.ppl.get("wikitext2") or next(iter(run.ppl.values()), {}),
+        "perplexities": run.ppl,
         "incontext": run.incontext,
+        "zeroshot": run.zeroshot,
         "peak_memory": peak_memory_mb(run.device),
     }
     if run.ck is not None:
