@@ -162,6 +162,7 @@ def quality(args: argparse.Namespace, results: dict[str, Any], out: Path) -> Non
                 run(
                     [PY, "-m", "intraslice", "prune", "--model", args.model, "--ratio", str(ratio),
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-eval", "--no-incontext",
+                     "--calib", "wikitext2",  # the default before issue #38, as these rows were recorded
                      "--no-progress", "--overwrite", "--units-per-head", "1", "--out", str(model_dir), *reuse, *extra,
                      *([] if {"--attention-share", "--mlp-bias"} & set(extra) else ["--attention-share", "1"]),
                      # plain calibration windows unless the variant names spans (rows before 2026-12-06)

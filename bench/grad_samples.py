@@ -271,7 +271,7 @@ def main() -> int:
         t = time.perf_counter()
         run(
             [py, "-m", "intraslice", "prune", *prune_args, "--ratio", str(args.prune_ratio),
-             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calib", "wikitext2",
              "--ratios", str(work / f"alloc-{name}-r{args.prune_ratio}{fsfx}.json"),
              "--units-per-head", str(args.units_per_head), "--mlp-bias", str(args.mlp_bias),
              "--no-eval", "--no-progress", "--overwrite", "--out", str(model_dir)]
