@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..algo.attention import (
     AttentionConstraints,
@@ -35,11 +34,10 @@ from ..algo.attention import (
 )
 from ..config import PruneConfig
 from ..errors import IntraSliceError
-from ..memory import trim
 from ..pipeline import distributed
-from ..pipeline.devices import DevicePolicy
+from ..pipeline.devices import ActivationStore, DevicePolicy
 from ..pipeline.hooks import gram, hooks
-from ..pipeline.sequential import LayerAccess, LayerContext, LayerInputs, capture_inputs
+from ..pipeline.sequential import LayerAccess, LayerContext, capture_inputs, walk_layers
 from .intraslice import pair_statistic
 
 
@@ -80,10 +78,10 @@ def dense_rope_statistics(
         slot["o"] = args[0]
 
     out: list[DenseLayerStats] = []
-    for li in tqdm(range(dims["n_layers"]), desc="dense RoPE statistics", unit="layer", disable=not progress):
-        layer = access.onload(li)
+
+    def statistics(ctx: LayerContext) -> ActivationStore:
+        layer = ctx.layer
         q_proj, k_proj, _, o_proj = arch.qkvo(layer)
-        ctx = LayerContext(li, layer, arch, dims, policy, inputs, {})
         h_acc = torch.zeros(d_o, d_o, dtype=torch.float64, device=ctx.device)
         mu = torch.zeros(n_h, h, dtype=torch.float64, device=ctx.device)
         n_tok = 0
@@ -106,10 +104,11 @@ def dense_rope_statistics(
         w_o = o_proj.weight.detach().to("cpu", torch.float64)
         cum = captured_spectrum(channel_scores(torch.diagonal(h_cpu), w_o), head_spectra(h_cpu, n_h, h))
         out.append(DenseLayerStats(sigma=mu[:, : h // 2] + mu[:, h // 2 :], cum=cum))
-        access.release(li)
-        inputs.store.clear()
-        inputs = LayerInputs(outputs, inputs.kwargs, inputs.captured_bs)
-        trim()
+        return outputs
+
+    inputs = walk_layers(
+        access, inputs, policy, statistics, lambda li, _: access.release(li), 0, progress, "dense RoPE statistics"
+    )
     inputs.store.clear()
     return out
 

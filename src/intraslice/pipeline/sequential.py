@@ -202,6 +202,8 @@ class LayerContext:
     inputs: LayerInputs
     timings: dict[str, float]
     _timer_stack: list[_Timer] = field(default_factory=list, repr=False)
+    #: The layer loop's progress bar (a method may show the shapes it chose there).
+    bar: Any = field(default=None, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -289,6 +291,42 @@ class LayerMethod(Protocol):
 
 
 @torch.no_grad()
+def walk_layers(
+    access: LayerAccess,
+    inputs: LayerInputs,
+    policy: DevicePolicy,
+    visit: Callable[[LayerContext], ActivationStore],
+    after: Callable[[int, LayerInputs], None] | None = None,
+    start: int = 0,
+    progress: bool = False,
+    desc: str = "layers",
+    timings: dict[str, float] | None = None,
+) -> LayerInputs:
+    """The one layer loop: every decoder layer from ``start`` on, in order, on ``inputs``.
+
+    ``visit(ctx)`` gets each onloaded layer with its calibration inputs and returns the
+    layer's outputs (what pruning, the dense statistics and the streamed evaluation differ
+    in); they become the next layer's inputs, and the old ones are freed. ``after(i,
+    inputs)`` runs once layer ``i``'s outputs are the inputs in hand: where a pruning run
+    writes the layer and checkpoints, and a read-only pass releases the layer. Returns
+    the last layer's outputs.
+    """
+    arch = access.arch
+    dims = arch.dims(access.model.config)
+    n_layers = dims["n_layers"]
+    bar = tqdm(range(start, n_layers), desc=desc, unit="layer", disable=not progress, initial=start, total=n_layers)
+    for li in bar:
+        layer = access.onload(li)
+        ctx = LayerContext(li, layer, arch, dims, policy, inputs, timings if timings is not None else {}, bar=bar)
+        outputs = visit(ctx)
+        inputs.store.clear()
+        inputs = LayerInputs(outputs, inputs.kwargs, inputs.captured_bs)
+        if after is not None:
+            after(li, inputs)
+        trim()  # what this layer freed goes back to the system (see memory.py)
+    return inputs
+
+
 def run_layers(
     access: LayerAccess,
     tokens: torch.Tensor,
@@ -301,7 +339,7 @@ def run_layers(
     start_inputs: ActivationStore | None = None,
     after_layer: Callable[[int, ActivationStore, PipelineOutcome], None] | None = None,
 ) -> PipelineOutcome:
-    """Compress every decoder layer of ``access`` with ``method``, in order.
+    """Compress every decoder layer of ``access`` with ``method``, in order (:func:`walk_layers`).
 
     A resumed run (``intraslice.resume``) passes ``start`` (the first layer not yet done)
     and ``start_inputs`` (that layer's inputs, saved by the interrupted run); the layer
@@ -309,8 +347,6 @@ def run_layers(
     runs once layer ``i`` is emitted: where a resumable run checkpoints. ``outcome.layers``
     holds the layers done by this call only.
     """
-    arch = access.arch
-    dims = arch.dims(access.model.config)
     outcome = PipelineOutcome()
     timings = outcome.timings
     t0 = time.perf_counter()
@@ -321,29 +357,31 @@ def run_layers(
     timings["capture"] = time.perf_counter() - t0
     for batch in inputs.store:
         check_finite(batch, "the inputs", start)
-    n_layers = dims["n_layers"]
-    bar = tqdm(range(start, n_layers), desc=desc, unit="layer", disable=not progress, initial=start, total=n_layers)
-    for li in bar:
+    done: dict[int, tuple[nn.Module, LayerReport, float]] = {}
+
+    def compress(ctx: LayerContext) -> ActivationStore:
         t_layer = time.perf_counter()
-        layer = access.onload(li)
-        ctx = LayerContext(li, layer, arch, dims, policy, inputs, timings)
         result = method.compress(ctx)
         distributed.broadcast_module_(result.layer)  # every rank goes on with rank 0's solution
         t = time.perf_counter()
         outputs = result.outputs if result.outputs is not None else ctx.outputs(result.layer)
         for batch in outputs:
-            check_finite(batch, "the outputs", li)
+            check_finite(batch, "the outputs", ctx.index)
         timings["propagate"] = timings.get("propagate", 0.0) + time.perf_counter() - t
-        inputs.store.clear()
-        inputs = LayerInputs(outputs, inputs.kwargs, inputs.captured_bs)
-        access.emit(li, result.layer)
-        trim()  # what this layer freed goes back to the system (see memory.py)
-        result.report.seconds = time.perf_counter() - t_layer
-        outcome.layers.append(result.report)
         r = result.report
-        bar.set_postfix(heads=r.num_heads, r=r.head_dim, mlp=r.intermediate_size)
+        ctx.bar.set_postfix(heads=r.num_heads, r=r.head_dim, mlp=r.intermediate_size)
+        done[ctx.index] = (result.layer, r, t_layer)
+        return outputs
+
+    def emit(li: int, inputs: LayerInputs) -> None:
+        layer, report, t_layer = done.pop(li)
+        access.emit(li, layer)
+        report.seconds = time.perf_counter() - t_layer
+        outcome.layers.append(report)
         if after_layer is not None:
             after_layer(li, inputs.store, outcome)
+
+    inputs = walk_layers(access, inputs, policy, compress, emit, start, progress, desc, timings)
     inputs.store.clear()
     return outcome
 
@@ -363,13 +401,8 @@ def stream_forward(
     than the device is evaluated. The final norm and LM head are applied by the caller.
     """
     inputs = capture_inputs(access, tokens, policy, batch_size)
-    n_layers = access.arch.dims(access.model.config)["n_layers"]
-    for li in tqdm(range(n_layers), desc=desc, unit="layer", disable=not progress):
-        layer = access.onload(li)
-        ctx = LayerContext(li, layer, access.arch, {}, policy, inputs, {})
-        outputs = ctx.outputs(layer)
-        access.release(li)
-        inputs.store.clear()
-        trim()
-        inputs = LayerInputs(outputs, inputs.kwargs, inputs.captured_bs)
-    return inputs
+
+    def forward(ctx: LayerContext) -> ActivationStore:
+        return ctx.outputs(ctx.layer)
+
+    return walk_layers(access, inputs, policy, forward, lambda li, _: access.release(li), 0, progress, desc)
