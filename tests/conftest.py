@@ -234,3 +234,23 @@ def dense_rotated_qk(dense: torch.nn.Module, tokens: torch.Tensor) -> list[tuple
         k = out[li]["k_proj"].view(b, t, n_kv, h).repeat_interleave(n_h // n_kv, dim=2)
         result.append((q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin))
     return result
+
+
+# -- a 4-layer tiny Llama and a calibration text, shared by the module (resume, engine tests) --
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("resume") / "tiny4"
+    model = make_tiny("llama-gqa", dtype=torch.float32, n_layers=4)
+    build_tokenizer(d)
+    model.config.vocab_size = VOCAB
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    from .test_errors_and_cli import TEXT
+
+    p.write_text(TEXT, encoding="utf-8")
+    return p

@@ -19,28 +19,8 @@ from intraslice.methods.layerwise import MLPDone
 from intraslice.methods.registry import MethodSpec, get_method, method_names, register_method, unregister_method
 from intraslice.pipeline.modules import bias_of, new_linear, row_linear
 
-from .conftest import VOCAB, build_tokenizer, make_tiny
-from .test_errors_and_cli import TEXT, assert_user_error
-
-#: Files whose content depends on the clock (timings, the plot of the report).
-VARYING = {"intraslice.json", "allocation.png"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("engine") / "tiny"
-    model = make_tiny("llama-gqa", dtype=torch.float32, n_layers=3)
-    build_tokenizer(d)
-    model.config.vocab_size = VOCAB
-    model.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(TEXT, encoding="utf-8")
-    return p
+from .test_errors_and_cli import assert_user_error
+from .test_resume import Killed, assert_identical
 
 
 def argv(model_dir: Path, calib: Path, out: Path, *extra: str) -> list[str]:
@@ -48,22 +28,6 @@ def argv(model_dir: Path, calib: Path, out: Path, *extra: str) -> list[str]:
         "prune", "--model", str(model_dir), "--calib", str(calib), "--nsamples", "6", "--seqlen", "24",
         "--batch-size", "4", "--device", "cpu", "--out", str(out), "--no-progress", "--no-eval", *extra,
     ]  # fmt: skip
-
-
-def files(directory: Path) -> dict[str, bytes]:
-    """Every file but the clock's; the modeling code by name only."""
-    return {
-        p.name: b"" if p.suffix == ".py" else p.read_bytes()
-        for p in sorted(directory.iterdir())
-        if p.name not in VARYING
-    }
-
-
-def assert_identical(a: Path, b: Path) -> None:
-    fa, fb = files(a), files(b)
-    assert sorted(fa) == sorted(fb)
-    for name in fa:
-        assert fa[name] == fb[name], f"{name} differs"
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
@@ -195,10 +159,6 @@ def toy():
     unregister_method("toy")
 
 
-class Killed(BaseException):
-    """Like a kill: not an error the CLI handles."""
-
-
 def test_a_toy_method_runs_through_the_cli_and_resume(
     toy: None, model_dir: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -209,11 +169,12 @@ def test_a_toy_method_runs_through_the_cli_and_resume(
     assert code == 0, err
     source = load_file(str(model_dir / "model.safetensors"))
     pruned = load_file(str(tmp_path / "toy" / "model.safetensors"))
-    for i in range(3):
+    for i in range(4):
         down = pruned[f"model.layers.{i}.mlp.down_proj.weight"]
         keep = down.shape[1]
         assert keep < source[f"model.layers.{i}.mlp.down_proj.weight"].shape[1]
         torch.testing.assert_close(down, source[f"model.layers.{i}.mlp.down_proj.weight"][:, :keep], rtol=0, atol=0)
+
     # killed after layer 1, the same command resumes and makes the same files
     def hook(point: str, index: int) -> None:
         if point == "layer" and index == 1:
@@ -227,4 +188,4 @@ def test_a_toy_method_runs_through_the_cli_and_resume(
     code, _, err = run_cli(capsys, resumed)
     assert code == 0, err
     assert_identical(tmp_path / "toy", tmp_path / "resumed")
-    assert "method = \"toy\"" in (tmp_path / "resumed" / RUN_CONFIG_FILE).read_text()
+    assert 'method = "toy"' in (tmp_path / "resumed" / RUN_CONFIG_FILE).read_text()

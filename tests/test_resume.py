@@ -18,8 +18,8 @@ from intraslice import resume
 from intraslice.cli import main
 from intraslice.resume import partial_dirs
 
-from .conftest import VOCAB, build_tokenizer, make_tiny
-from .test_errors_and_cli import TEXT, assert_user_error
+from .conftest import build_tokenizer, make_tiny
+from .test_errors_and_cli import assert_user_error
 
 #: Files whose content depends on the clock (timings, the plot of the report).
 VARYING = {"intraslice.json", "allocation.png"}
@@ -27,23 +27,6 @@ VARYING = {"intraslice.json", "allocation.png"}
 
 class Killed(BaseException):
     """What the test hook raises: like a kill, not an error the CLI handles."""
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("resume") / "tiny4"
-    model = make_tiny("llama-gqa", dtype=torch.float32, n_layers=4)
-    build_tokenizer(d)
-    model.config.vocab_size = VOCAB
-    model.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(TEXT, encoding="utf-8")
-    return p
 
 
 def args(model_dir: Path, calib: Path, out: Path, *extra: str) -> list[str]:

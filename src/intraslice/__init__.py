@@ -4,7 +4,7 @@ Quick start::
 
     from intraslice import PruneConfig, calibration_windows, load_model, prune, save_pruned
     src = load_model()                      # SmolLM2-135M-Instruct (GGUF) by default
-    calib = calibration_windows(src.tokenizer, "wikitext2", nsamples=32, seqlen=512)
+    calib = calibration_windows(src.tokenizer, "c4", nsamples=32, seqlen=512)
     result = prune(src.model, calib.tokens, PruneConfig(ratio=0.3))
     save_pruned(result.model, src.tokenizer, "smollm2-pruned", report=result.report())
 """

@@ -70,7 +70,7 @@ def prune(
     layer steps each window followed by a repeat of an earlier span of it and the estimator
     the plain windows (docs/method.md section 8); from Python::
 
-        plain = calibration_windows(tokenizer, "wikitext2", nsamples=128, seqlen=2048)
+        plain = calibration_windows(tokenizer, DEFAULT_CALIB, nsamples=128, seqlen=2048)
         spans = with_repeated_spans(plain, DEFAULT_CALIB_REPEAT, DEFAULT_CALIB_REPEAT_MODE)
         prune(model, spans.tokens, config, estimator_calibration=plain.tokens)
 

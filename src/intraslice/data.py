@@ -428,7 +428,7 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 
 def calibration_windows(
     tokenizer: Any,
-    source: str = "wikitext2",
+    source: str = DEFAULT_CALIB,
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
