@@ -81,14 +81,15 @@ def run_rows(args: argparse.Namespace) -> None:
     for ratio in args.ratios:
         for n in args.nsamples:
             for source in args.sources:
-                key = f"{source}|{n}x{args.seqlen}|{ratio}"
+                grads = [] if args.grad_samples is None else ["--grad-samples", str(args.grad_samples)]
+                key = f"{source}|{n}x{args.seqlen}|{ratio}" + ("" if not grads else f"|g{args.grad_samples}")
                 if key in data["rows"] and not args.force:
                     continue
                 out = work / f"{args.model}-{source.replace(':', '_').replace(',', '_')}-{n}x{args.seqlen}-r{ratio}"
                 t = time.perf_counter()
                 run_child([PY, "-m", "intraslice", "prune", *model_arg, "--ratio", str(ratio), "--calib", source,
                            "--nsamples", str(n), "--seqlen", str(args.seqlen), "--no-eval", "--no-progress",
-                           "--overwrite", "--out", str(out)])  # fmt: skip
+                           "--overwrite", "--out", str(out), *grads])  # fmt: skip
                 wall = time.perf_counter() - t
                 report = json.loads((out / "intraslice.json").read_text())
                 timings = report["timings_s"]
@@ -122,7 +123,7 @@ def table(model: str) -> str:
     data = load(results_path(model))
     d = data["dense"]
     lines = [
-        "| calibration (read) | windows | ratio | C4 held-out ppl | zero-shot mean | WikiText-2 ppl | "
+        "| calibration (read) | windows (estimator) | ratio | C4 held-out ppl | zero-shot mean | WikiText-2 ppl | "
         "estimator | layer fits | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| dense | | | {d['c4-heldout']['ppl']:.2f} | {d['zeroshot']['mean']:.1%} | {d['wikitext2']['ppl']:.2f} "
@@ -131,7 +132,8 @@ def table(model: str) -> str:
     rows = sorted(data["rows"].values(), key=lambda r: (r["ratio"], r["tokens"], r["source"]))
     for r in rows:
         lines.append(
-            f"| {r['source']} ({r['read']}) | {r['nsamples']} x {r['seqlen']} | {r['ratio']} | "
+            f"| {r['source']} ({r['read']}) | {r['nsamples']} x {r['seqlen']} ({r['gradient_windows']}) "
+            f"| {r['ratio']} | "
             f"{r['c4-heldout']['ppl']:.2f} | {r['zeroshot']['mean']:.1%} | {r['wikitext2']['ppl']:.2f} | "
             f"{r['estimator_s']:.0f} s | {r['layers_s']:.0f} s | {r['peak_rss_mb']:.0f} MB |"
         )
@@ -139,7 +141,7 @@ def table(model: str) -> str:
     return (
         f"{BUILTIN_MODELS[model][1]}. Perplexities on the first {p.get('eval_windows')} windows of 2048 tokens of "
         f"each text; zero-shot: {p.get('zeroshot')}. Times from the run's report (estimator: the mask "
-        "gradients on the first 8 windows; layer fits: the layer-by-layer pruning), on the 2-core CPU.\n\n"
+        "gradients on the windows in brackets; layer fits: the layer-by-layer pruning), on the 2-core CPU.\n\n"
         + "\n".join(lines)
         + "\n"
     )
@@ -154,6 +156,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--zeroshot-limit", type=int, default=200)
+    ap.add_argument(
+        "--grad-samples", type=int, default=None, help="the estimator's windows (default: the CLI's, the first 8)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="~/.cache/intraslice/bench-calibration")
     ap.add_argument("--force", action="store_true", help="rerun rows already recorded")
