@@ -194,8 +194,8 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
         )
         if calib and same_family(calib["source"], d["source"]):
             print(
-                "  note: calibrated on the same corpus (other documents): in-domain, it flatters the pruned "
-                "model; the other texts and the zero-shot mean are out of domain"
+                "  note: the calibration holds other documents of this corpus: in-domain, this perplexity "
+                "flatters the pruned model (the zero-shot mean never is)"
             )
     zs = report.get("zeroshot") or {}
     if "mean" in zs.get("dense", {}) and "mean" in zs.get("pruned", {}):
