@@ -234,7 +234,8 @@ def check_options(run: Run) -> None:
         raise IntraSliceError("give one of --ratio, --target-params, --target-speedup")
     if c.goal.ratio is not None:
         check_ratio(c.goal.ratio)
-    cfg.ratio = c.goal.ratio if c.goal.ratio is not None else 0.3
+    if c.goal.ratio is not None:  # else PruneConfig's default (or what an API caller set there)
+        cfg.ratio = c.goal.ratio
     spec = get_method(cfg.method)
     run.repeat_given = c.calibration.repeat is not None
     if not run.repeat_given:  # copying protection is IntraSlice's; the baselines calibrate as published
