@@ -4,6 +4,7 @@ through the CLI and resume."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,21 @@ def test_run_config_reproduces_the_model_bit_for_bit(
     assert "ratio = 0.4" in (tmp_path / "c" / RUN_CONFIG_FILE).read_text()
     loaded = RunConfig.from_toml(saved)
     assert loaded.goal.ratio == 0.25 and loaded.method.attention_share == 0.5 and loaded.calibration.seed == 3
+
+
+def test_the_memory_options_reach_the_plan_and_the_pipeline(
+    model_dir: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--activations disk --offload-dir D``: the plan and the run use the disk store in D."""
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    extra = ("--ratio", "0.3", "--activations", "disk", "--offload-dir", str(offload))
+    code, _, err = run_cli(capsys, argv(model_dir, calib, tmp_path / "o", *extra))
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "intraslice.json").read_text())
+    assert report["memory_plan"]["policy"]["store"] == "disk"
+    assert report["method"]["devices"]["store"] == "disk"
+    assert report["config"]["offload_dir"] == str(offload)  # the policy the layer steps build
 
 
 @pytest.mark.parametrize(

@@ -301,8 +301,6 @@ register_calib_source("c4-sample", lambda: c4_split("calibration"), "the bundled
 register_calib_source("fineweb-edu", _fineweb_edu, "FineWeb-Edu sample-10BT (online only)")
 register_calib_source("wikitext2", _wikitext2, "WikiText-2 train (online; offline the bundled validation split)")
 register_calib_source("wikitext2-valid", _wikitext2_valid, "the bundled WikiText-2 validation split")
-#: Kept for the messages and scripts that list the built-in names.
-BUILTIN_CALIB = calib_source_names()
 
 
 def calibration_text(source: str) -> TextSource:
@@ -319,7 +317,7 @@ def calibration_text(source: str) -> TextSource:
         return text
     if source.startswith("mix:"):
         raise IntraSliceError("a mix is drawn window by window: use calibration_windows, not calibration_text")
-    if source in EVAL_TEXTS or source == "c4-heldout":
+    if source in EVAL_TEXTS:
         raise IntraSliceError(f"refusing to calibrate on {source!r}: it is an evaluation text")
     path = Path(source)
     if not path.is_file():

@@ -339,6 +339,8 @@ def plan_memory(run: Run) -> None:
     from ..plan import refuse_unless_fits
 
     c, cfg = run.config, run.cfg
+    m = c.memory  # where things wait and where the math runs: the plan resolves "auto"
+    cfg.activations, cfg.math_device, cfg.offload_dir = m.activations, m.math_device, m.offload_dir
     estimator = cfg.allocation != "uniform" and not (run.saved and run.saved.get("importance"))
     run.plan = stages.plan(
         run.ckpt,
@@ -357,7 +359,6 @@ def plan_memory(run: Run) -> None:
         return
     refuse_unless_fits(run.plan)
     cfg.activations, cfg.math_device = run.plan.policy["store"], run.plan.policy["math"]
-    c.memory.activations, c.memory.math_device = cfg.activations, cfg.math_device
     run.policy = cfg.policy()
 
 
@@ -673,8 +674,7 @@ def effective_config(run: Run) -> RunConfig:
 
     A speedup target is replaced by the ratio its search found (timings vary between runs).
     """
-    config = copy.deepcopy(run.config)
-    config.method = copy.deepcopy(run.cfg)
+    config = copy.deepcopy(run.config)  # its method section is run.cfg, resolved
     config.model.device = run.device
     if config.goal.target_speedup is not None:
         config.goal.target_speedup = None
@@ -728,7 +728,7 @@ def run_settings(config: RunConfig, ckpt: Any, tokens: torch.Tensor, policy: Any
     from ..resume import _sha256_file, model_fingerprint, tensor_digest
 
     ignored = {"overwrite", "no_resume", "no_progress", "out", "offload_dir", "activations"}
-    ignored |= {"device_memory", "host_memory", "math_device"}
+    ignored |= {"device_memory", "host_memory"}
     options = {k: v for k, v in sorted(config.cli_values().items()) if k not in ignored}
     if config.allocation.ratios:
         path = config.allocation.ratios
