@@ -54,10 +54,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the memory plan (from the config alone) and exit")
     p.add_argument("--help-all", action="store_true", help="also list the ablation options the benchmarks use")
     add_arguments(p, show_hidden="--help-all" in (argv or sys.argv[1:]))
-    x = sub.add_parser("export", help="write a pruned model for llama.cpp (GGUF) or stock transformers/vLLM")
+    x = sub.add_parser("export", help="write a pruned model for llama.cpp (GGUF), stock transformers or vLLM")
     x.add_argument("directory", help="a pruned model directory (from `intraslice prune`)")
-    x.add_argument("--format", choices=("gguf", "stock-hf"), required=True)
-    x.add_argument("--out", required=True, help="the GGUF file, or the stock model directory")
+    x.add_argument("--format", choices=("gguf", "stock-hf", "vllm"), required=True)
+    x.add_argument("--out", required=True, help="the GGUF file, or the model directory (stock-hf, vllm)")
     x.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f32", help="GGUF tensor type (default f32)")
     x.add_argument("--llama-cpp", default=None, help="llama.cpp sources or a llama-cpp-python sdist (GGUF)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -232,11 +232,15 @@ def same_family(calibration: str, evaluation: str) -> bool:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``intraslice export DIR --format gguf|stock-hf --out PATH``: see ``intraslice.export``."""
+    """``intraslice export DIR --format gguf|stock-hf|vllm --out PATH``: see ``intraslice.export``."""
     if args.format == "gguf":
         from .export.gguf import export_gguf
 
         out = export_gguf(args.directory, args.out, args.type, llama_cpp=args.llama_cpp, overwrite=args.overwrite)
+    elif args.format == "vllm":
+        from .export.vllm import export_vllm
+
+        out = export_vllm(args.directory, args.out, overwrite=args.overwrite)
     else:
         from .export.stock_hf import export_stock_hf
 

@@ -73,7 +73,12 @@ def share_arg(text: str | float) -> float | str:
         raise ValueError(f"expected a number or auto, got {text!r}") from None
 
 
-DEPLOY_TARGETS = ("llamacpp", "stock")
+DEPLOY_TARGETS = ("llamacpp", "stock", "vllm")
+#: Why ``--deploy vllm`` keeps the attention whole, and what prunes it instead.
+VLLM_ATTENTION = (
+    "vLLM's DeciLM has one query-head count for the model (use --attention-share 0, or add --uniform-layers "
+    "to prune the attention alike in every layer)"
+)
 
 
 #: Per-layer allocations: every layer alike, or from mask gradients (plain or PCA-rotated; method.md 3).
@@ -205,12 +210,13 @@ class PruneConfig:
     uniform_layers: bool = opt(
         False, "--uniform-layers", "every layer the same shape (stock Llama/Qwen2)", action="store_true"
     )
-    #: "llamacpp" or "stock": sets the constraints that target needs (see ``apply_deploy``).
+    #: "llamacpp", "stock" or "vllm": sets the constraints that target needs (see ``apply_deploy``).
     deploy: str | None = opt(
         None,
         "--deploy",
-        "the constraints of a target: llamacpp (GGUF deci: global RoPE set, one head width, equal groups) "
-        "or stock (also every layer alike: LlamaForCausalLM/Qwen2ForCausalLM)",
+        "the constraints of a target: llamacpp (GGUF deci: global RoPE set, one head width, equal groups), "
+        "stock (also every layer alike: LlamaForCausalLM/Qwen2ForCausalLM) or vllm (vLLM's DeciLM: "
+        "also every layer's attention kept whole, MLP widths per layer)",
         choices=DEPLOY_TARGETS,
     )
 
@@ -225,6 +231,12 @@ class PruneConfig:
             for i, (a, m) in enumerate(self.layer_ratios):
                 check_ratio(a, f"attention ratio of layer {i}")
                 check_ratio(m, f"MLP ratio of layer {i}")
+            pruned = [i for i, (a, _) in enumerate(self.layer_ratios) if float(a) != 0]
+            if self.deploy == "vllm" and not self.uniform_layers and pruned:
+                raise IntraSliceError(
+                    f"--deploy vllm keeps every layer's attention whole, but the per-layer ratios prune the "
+                    f"attention of layer {pruned[0]}: {VLLM_ATTENTION}"
+                )
 
     def check_options(self) -> None:
         """Check and resolve what needs no model: the method, the ratio, the deploy constraints."""
@@ -252,6 +264,11 @@ class PruneConfig:
 
         llama.cpp (``deci``): per-layer head counts and MLP widths, but one head width, one RoPE
         frequency set and equal query groups. Stock Llama/Qwen2: the same, with every layer alike.
+        vLLM (``DeciLMForCausalLM``): llama.cpp's, and one query-head count for the model, which
+        the layer steps cannot choose per layer; **decision**: every layer keeps its whole
+        attention (attention share 0: the MLP widths carry the per-layer allocation), or every
+        layer is alike with ``--uniform-layers``. An explicit share of 0 is refused in one line
+        when the MLP cannot take the ratio, instead of moving it as the default share would.
         """
         self.resolve_mlp_multiple()
         if self.deploy is not None:
@@ -264,6 +281,10 @@ class PruneConfig:
             self.common_width = True
             if self.deploy == "stock":
                 self.uniform_layers = True
+            if self.deploy == "vllm" and not self.uniform_layers:
+                if self.mlp_bias is not None or self.attention_share not in (None, 0, 0.0):
+                    raise IntraSliceError(f"--deploy vllm keeps every layer's attention whole: {VLLM_ATTENTION}")
+                self.attention_share = 0.0
         exportable = get_method(self.method).export_constraints
         if self.rope_score is None and exportable:
             self.rope_score = DEFAULT_ROPE_SCORE

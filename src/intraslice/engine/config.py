@@ -216,8 +216,8 @@ class ExportSection:
     format: str | None = opt(
         None,
         "--export",
-        "also write OUT/model-TYPE.gguf or OUT/stock-hf (see `intraslice export`)",
-        choices=("gguf", "stock-hf"),
+        "also write OUT/model-TYPE.gguf, OUT/stock-hf or OUT/vllm (see `intraslice export`)",
+        choices=("gguf", "stock-hf", "vllm"),
     )
     type: str = opt("f32", "--export-type", "GGUF type of --export gguf", choices=("f32", "f16", "q8_0"))
     llama_cpp: str | None = opt(None, "--llama-cpp", "llama.cpp sources or llama-cpp-python sdist (--export gguf)")

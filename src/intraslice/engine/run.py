@@ -269,6 +269,8 @@ def check_options(run: Run) -> None:
         raise IntraSliceError("--export stock-hf needs a model pruned with --deploy stock")
     if c.export.format == "gguf" and cfg.deploy is None:
         raise IntraSliceError("--export gguf needs a model pruned with --deploy llamacpp (or stock)")
+    if c.export.format == "vllm" and cfg.deploy not in ("vllm", "stock"):
+        raise IntraSliceError("--export vllm needs a model pruned with --deploy vllm (or stock)")
     if cfg.attention_share is not None and cfg.mlp_bias is not None:
         raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
     e = c.evaluation
@@ -401,17 +403,24 @@ def resolve_goal(run: Run) -> None:
         from ..importance import resolve_split
 
         a = run.config.allocation
-        resolve_split(
-            run.ckpt.config,
-            cfg.ratio,
-            cfg.allocation,
-            a.units_per_head,
-            cfg.mlp_bias,
-            cfg.attention_share,
-            run.saved,
-            a.max_layer_ratio,
-            split_uniform(cfg),
-        )
+        try:
+            resolve_split(
+                run.ckpt.config,
+                cfg.ratio,
+                cfg.allocation,
+                a.units_per_head,
+                cfg.mlp_bias,
+                cfg.attention_share,
+                run.saved,
+                a.max_layer_ratio,
+                split_uniform(cfg),
+            )
+        except IntraSliceError as exc:
+            if cfg.deploy != "vllm" or cfg.uniform_layers:
+                raise
+            raise IntraSliceError(
+                f"{exc} (--deploy vllm keeps the attention whole: lower --ratio, or add --uniform-layers)"
+            ) from None
 
 
 def split_uniform(cfg: PruneConfig) -> bool:
@@ -709,6 +718,10 @@ def export(run: Run) -> None:
         from ..export.gguf import export_gguf
 
         path = export_gguf(out, out / f"model-{e.type}.gguf", e.type, llama_cpp=e.llama_cpp)
+    elif e.format == "vllm":
+        from ..export.vllm import export_vllm
+
+        path = export_vllm(out, out / "vllm")
     else:
         from ..export.stock_hf import export_stock_hf
 

@@ -2,11 +2,12 @@
 
 * :mod:`.stock_hf`: a plain ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``
   directory (``--deploy stock`` models);
-* :mod:`.gguf`: a llama.cpp GGUF of architecture ``deci`` (``--deploy llamacpp`` models).
+* :mod:`.gguf`: a llama.cpp GGUF of architecture ``deci`` (``--deploy llamacpp`` models);
+* :mod:`.vllm`: a vLLM ``DeciLMForCausalLM`` (``nemotron-nas``) directory (``--deploy vllm`` models).
 
 The pruning math knows nothing of these; an exporter reads a saved pruned directory.
 """
 
 from __future__ import annotations
 
-FORMATS = ("gguf", "stock-hf")
+FORMATS = ("gguf", "stock-hf", "vllm")

@@ -54,13 +54,14 @@ def _refuse(fmt: str, constraint: str, option: str) -> IntraSliceError:
     return IntraSliceError(f"cannot export to {fmt}: {constraint}; prune with {option}")
 
 
-def check_deployable(config: Any, fmt: str, uniform: bool) -> list[Shape]:
+def check_deployable(config: Any, fmt: str, uniform: bool, target: str | None = None) -> list[Shape]:
     """Refuse (one line) a pruned model that ``fmt`` cannot express; return the layer shapes.
 
     ``uniform``: every layer must have the same shape (the stock HF classes). The llama.cpp
     ``deci`` architecture takes per-layer head counts and MLP widths but one head width.
+    ``target``: the ``--deploy`` option a refusal names (default: stock, or llamacpp).
     """
-    target = "--deploy stock" if uniform else "--deploy llamacpp"
+    target = target or ("--deploy stock" if uniform else "--deploy llamacpp")
     src = getattr(config, "source_model_type", None)
     if src not in LLAMA_LAYOUT:
         raise IntraSliceError(
