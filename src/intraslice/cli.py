@@ -2,6 +2,7 @@
 
     intraslice prune [--model ID_OR_DIR] [--gguf-file F] --ratio 0.3 --out DIR ...
     intraslice prune ... --method slicegpt|channel --target-params 0.3 | --target-speedup 1.3
+    intraslice heal PRUNED_DIR --out DIR [--tokens N] [--teacher SOURCE] [--data SOURCE] [--method lora|full]
     intraslice eval ppl [--model DIR] [--seqlen 2048] [--windows N]
     intraslice eval zeroshot [--model DIR] [--tasks piqa,arc_easy,...] [--limit N] [--data-dir D]
     intraslice eval incontext [--model DIR] [--spans 50 200 1000] [--json out.json]
@@ -61,6 +62,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     x.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f32", help="GGUF tensor type (default f32)")
     x.add_argument("--llama-cpp", default=None, help="llama.cpp sources or a llama-cpp-python sdist (GGUF)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    h = sub.add_parser(
+        "heal",
+        help="recover quality: distil the dense source into a pruned model (same shapes, same files)",
+        description="Forward-KL distillation from the dense model the pruned one was made from, on web text "
+        "(never an evaluation text), streamed and resumable; a heal that worsens the held-out check keeps the "
+        "pre-heal weights unless --keep-worse.",
+    )
+    h.add_argument("directory", help="a pruned model directory (from `intraslice prune`)")
+    h.add_argument("--out", required=True, help="the healed model directory (written atomically)")
+    h.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    h.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from .heal.config import add_arguments as add_heal_arguments
+
+    add_heal_arguments(h)
 
     r = sub.add_parser("report", help="plot the per-layer keep ratios of a pruned model directory")
     r.add_argument("directory")
@@ -432,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_prune(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "heal":
+            from .heal.config import from_args
+            from .heal.run import heal
+
+            heal(args.directory, args.out, from_args(args), args.overwrite, progress=not args.no_progress)
+            return 0
         if args.command == "report":
             from .report import report_directory
 

@@ -1,0 +1,119 @@
+"""The knobs of a recovery run (``intraslice heal``), one field and one flag each.
+
+Declared with :func:`intraslice.config.opt` like the prune options, so the ``heal``
+subcommand is generated from this class (:func:`add_arguments`) and the engine's
+``--heal-tokens`` stage builds the same object. Defaults: BENCHMARKS.md "Heal".
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..config import opt
+from ..errors import IntraSliceError
+
+METHODS = ("lora", "full")
+
+
+@dataclass
+class HealConfig:
+    """A distillation of the dense source (teacher) into a pruned model (student)."""
+
+    tokens: int = opt(200_000, "--tokens", "training tokens (windows x seqlen, rounded up to whole steps)", type=int)
+    teacher: str | None = opt(
+        None,
+        "--teacher",
+        "the dense model to distil from (default: the source recorded in the pruned model's run_config.toml)",
+    )
+    teacher_gguf_file: str | None = opt(None, "--teacher-gguf-file", "GGUF file name inside --teacher")
+    data: str = opt(
+        "c4",
+        "--data",
+        "training text: c4 (online C4 en; offline the bundled sample's calibration split), fineweb-edu, "
+        "hf:NAME?column=COL, mix:SRC=W,..., or a .txt/.jsonl file; never an evaluation text",
+    )
+    seqlen: int = opt(512, "--seqlen", "tokens per training window", type=int)
+    batch: int = opt(4, "--batch", "windows per optimizer step (gradients accumulated one window at a time)", type=int)
+    method: str = opt("lora", "--method", "full fine-tuning, or LoRA merged back at the end", choices=METHODS)
+    lr: float | None = opt(None, "--lr", "peak learning rate (default: 3e-4 for lora, 5e-5 for full)", type=float)
+    warmup: float = opt(0.05, "--warmup", "share of the steps with a linear warm-up", type=float)
+    min_lr: float = opt(0.1, "--min-lr", "the cosine decay ends at this fraction of --lr", type=float)
+    weight_decay: float = opt(0.0, "--weight-decay", "AdamW weight decay", type=float)
+    grad_clip: float = opt(1.0, "--grad-clip", "gradient norm clip (0: none)", type=float)
+    lora_rank: int = opt(16, "--lora-rank", "LoRA rank r (alpha = 2r)", type=int)
+    topk: int = opt(
+        64,
+        "--topk",
+        "teacher log-probabilities kept per position, plus one bucket for the rest (0: the whole vocabulary)",
+        type=int,
+    )
+    ce_weight: float = opt(0.0, "--ce-weight", "mix of next-token cross-entropy into the loss (0-1)", type=float)
+    seed: int = opt(0, "--seed", "seed of the window selection and order", type=int)
+    save_every: int = opt(10, "--save-every", "optimizer steps between resumable checkpoints", type=int)
+    eval_windows: int = opt(4, "--eval-windows", "windows of each held-out text checked before and after", type=int)
+    eval_seqlen: int = opt(2048, "--eval-seqlen", "length of the held-out windows", type=int)
+    eval_texts: str = opt("wikitext2,c4-heldout", "--eval-texts", "held-out texts of the check")
+    keep_worse: bool = opt(
+        False, "--keep-worse", "keep the healed weights even when the held-out check got worse", action="store_true"
+    )
+    device: str | None = opt(None, "--device", "cpu or cuda (default: cuda if available)")
+
+    @property
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 3e-4 if self.method == "lora" else 5e-5
+
+    def check(self) -> None:
+        """Everything that needs neither model nor data (a typo costs nothing)."""
+        if self.tokens < 1:
+            raise IntraSliceError(f"--tokens must be >= 1, got {self.tokens}: there is nothing to train on")
+        if self.seqlen < 2 or self.batch < 1:
+            raise IntraSliceError(f"need --seqlen >= 2 and --batch >= 1, got {self.seqlen} and {self.batch}")
+        if self.method not in METHODS:
+            raise IntraSliceError(f"unknown heal method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not self.peak_lr > 0:
+            raise IntraSliceError(f"--lr must be > 0, got {self.peak_lr}")
+        if not 0.0 <= self.warmup < 1.0 or not 0.0 <= self.min_lr <= 1.0:
+            raise IntraSliceError("--warmup must be in [0, 1) and --min-lr in [0, 1]")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise IntraSliceError(f"--ce-weight must be in [0, 1], got {self.ce_weight}")
+        if self.topk < 0 or self.lora_rank < 1 or self.save_every < 1 or self.eval_windows < 0:
+            raise IntraSliceError("--topk, --eval-windows must be >= 0 and --lora-rank, --save-every >= 1")
+        from ..data import EVAL_TEXTS
+
+        for text in self.texts():
+            if text not in EVAL_TEXTS:
+                raise IntraSliceError(f"unknown held-out text {text!r}: choose from {', '.join(EVAL_TEXTS)}")
+        if self.data in EVAL_TEXTS:
+            raise IntraSliceError(f"refusing to train on {self.data!r}: it is an evaluation text")
+
+    def texts(self) -> list[str]:
+        return [t.strip() for t in self.eval_texts.split(",") if t.strip()]
+
+    def steps(self) -> int:
+        return -(-self.tokens // (self.seqlen * self.batch))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``intraslice heal``'s flags, generated from :class:`HealConfig`."""
+    for f in fields(HealConfig):
+        meta = f.metadata
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        if meta["action"]:
+            kwargs["action"] = meta["action"]
+        else:
+            if meta["type"] is not None:
+                kwargs["type"] = meta["type"]
+            if meta["choices"] is not None:
+                kwargs["choices"] = meta["choices"]
+        parser.add_argument(meta["flag"], **kwargs)
+
+
+def from_args(args: argparse.Namespace) -> HealConfig:
+    return HealConfig(**{f.name: getattr(args, f.name) for f in fields(HealConfig)})

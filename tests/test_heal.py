@@ -1,0 +1,285 @@
+"""``intraslice heal``: the loss, the teacher cache, LoRA merge, training, resume, refusals, keep-worse.
+
+Tiny in-process models (a 4-layer Llama pruned by the engine), CPU, seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import intraslice
+from intraslice.cli import main
+from intraslice.engine import RunConfig
+from intraslice.heal import HealConfig, heal
+from intraslice.heal.loss import distill_loss, kl_from_logits
+from intraslice.heal.teacher import build_cache, teacher_targets
+
+from .conftest import VOCAB, build_tokenizer, make_tiny
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def sharp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with peaked predictions (scaled weights), so that pruning opens a real KL gap."""
+    d = tmp_path_factory.mktemp("heal") / "sharp"
+    model = make_tiny("llama-gqa", dtype=torch.float32, n_layers=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(8.0 if "embed" in name else 4.0)
+    build_tokenizer(d)
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(sharp_dir: Path, calib: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model_dir = sharp_dir
+    out = tmp_path_factory.mktemp("heal") / "pruned"
+    config = RunConfig()
+    config.model.model, config.model.device = str(model_dir), "cpu"
+    config.goal.ratio = 0.4
+    config.calibration.source, config.calibration.nsamples, config.calibration.seqlen = str(calib), 6, 24
+    config.method.batch_size = 4
+    config.evaluation.enabled, config.output.progress = False, False
+    config.output.out = str(out)
+    intraslice.run(config)
+    return out
+
+
+def small(calib: Path, **kw) -> HealConfig:
+    base = dict(
+        tokens=8 * 32, data=str(calib), seqlen=32, batch=2, topk=16, eval_windows=1, eval_seqlen=64, save_every=1
+    )
+    base.update(kw)
+    return HealConfig(**base)
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+# -- the loss ---------------------------------------------------------------------------------
+def reference_kl(student: torch.Tensor, teacher: torch.Tensor, k: int) -> torch.Tensor:
+    """Float64: both distributions coarsened to the teacher's top k tokens plus one bucket."""
+    p = torch.softmax(teacher.double(), -1)
+    q = torch.softmax(student.double(), -1)
+    idx = p.topk(k, -1).indices
+    pk, qk = p.gather(-1, idx), q.gather(-1, idx)
+    pt, qt = 1 - pk.sum(-1, keepdim=True), 1 - qk.sum(-1, keepdim=True)
+    P, Q = torch.cat([pk, pt], -1), torch.cat([qk, qt], -1)
+    return (P * (P.log() - Q.log())).sum()
+
+
+@pytest.mark.parametrize("k", [1, 8, 0])
+def test_topk_kl_equals_an_independent_float64_computation(k: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(10, 50, generator=g) * 2, torch.randn(10, 50, generator=g) * 3
+    tgt = teacher_targets(t, k)
+    got = kl_from_logits(s, tgt["logp"], tgt.get("idx"), tgt.get("tail"))
+    if k == 0:
+        p = torch.softmax(t.double(), -1)
+        ref = (p * (p.log() - torch.log_softmax(s.double(), -1))).sum()
+    else:
+        ref = reference_kl(s, t, k)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-6), (got, ref)
+    assert float(kl_from_logits(t, tgt["logp"], tgt.get("idx"), tgt.get("tail"))) == pytest.approx(0, abs=1e-5)
+
+
+def test_chunked_loss_and_its_gradient_equal_the_whole_window() -> None:
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 40, bias=False)
+    hidden = torch.randn(20, 8, generator=g, requires_grad=True)
+    tgt = teacher_targets(torch.randn(20, 40, generator=g), 5)
+    tokens = torch.randint(0, 40, (20,), generator=g)
+    loss, _, _ = distill_loss(hidden, head, tgt["logp"], tgt["idx"], tgt["tail"], tokens, 0.3, chunk=7)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    logits = head(hidden)
+    kl = kl_from_logits(logits, tgt["logp"], tgt["idx"], tgt["tail"]) / 20
+    ce = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:])
+    ref = 0.7 * kl + 0.3 * ce
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    assert torch.allclose(loss, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+# -- the teacher cache ------------------------------------------------------------------------
+def test_teacher_cache_round_trip_and_reuse(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from intraslice.checkpoint import SourceCheckpoint
+    from intraslice.pipeline import DevicePolicy
+
+    ckpt = SourceCheckpoint.from_directory(model_dir)
+    windows = torch.randint(0, VOCAB, (5, 16), generator=torch.Generator().manual_seed(2))
+    calls = []
+    cache = build_cache(tmp_path / "t", ckpt, windows, 8, DevicePolicy("cpu"), "k", 2, False, on_shard=calls.append)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = teacher_targets(model(input_ids=windows).logits, 8)
+    for w in range(5):
+        logp, idx, tail = cache.get(w)
+        assert idx.dtype == torch.int32 and torch.equal(idx.long(), ref["idx"][w].long())
+        assert torch.allclose(logp, ref["logp"][w], atol=1e-5) and torch.allclose(tail, ref["tail"][w], atol=1e-5)
+    assert calls == [0, 1, 2]
+    # an interrupted pass: the finished shards are reused, the rest recomputed
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    (tmp_path / "t" / "manifest.json").write_text(json.dumps(manifest))
+    calls.clear()
+    again = build_cache(tmp_path / "t", ckpt, windows, 8, DevicePolicy("cpu"), "k", 2, False, on_shard=calls.append)
+    assert calls == [1, 2]
+    assert torch.equal(again.get(4)[0], cache.get(4)[0])
+
+
+# -- the heal ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_heal_keeps_the_shapes_and_files_and_lowers_the_kl(
+    method: str, pruned_dir: Path, calib: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "healed"
+    cfg = small(calib, method=method, lr=3e-3 if method == "lora" else 1e-3, tokens=24 * 32, keep_worse=True)
+    rec = heal(pruned_dir, out, cfg, progress=False, log=lambda _: None)
+    files = sorted(p.name for p in pruned_dir.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == files
+    before, after = weights(pruned_dir), weights(out)
+    assert before.keys() == after.keys()
+    assert all(before[k].shape == after[k].shape and before[k].dtype == after[k].dtype for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
+    assert [p.shape for p in m.parameters()] == [p.shape for p in ref.parameters()]
+    assert type(m).__name__ == "IntraSliceForCausalLM"
+    # the saved weights are the trained ones: logits of the reloaded model = the state's
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = m(input_ids=ids).logits
+    sd = {k: v.float() for k, v in after.items()}
+    ref.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        b = ref(input_ids=ids).logits
+    assert torch.equal(a, b)
+    train = rec["training"]
+    assert train["kl_last"] < 0.8 * train["kl_first"], train
+    report = json.loads((out / "intraslice.json").read_text())
+    assert report["heal"]["kept"] == "healed" and report["heal"]["config"]["method"] == method
+    if method == "lora":
+        assert not any("lora" in k for k in after)
+
+
+def test_resume_after_an_interruption_is_bit_identical(pruned_dir: Path, calib: Path, tmp_path: Path) -> None:
+    cfg = small(calib, keep_worse=True, save_every=2)
+    heal(pruned_dir, tmp_path / "a", cfg, progress=False, log=lambda _: None)
+
+    def boom(step: int) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(pruned_dir, tmp_path / "b", cfg, progress=False, log=lambda _: None, on_step=boom)
+    assert not (tmp_path / "b").exists() and (tmp_path / ".b.heal" / "train" / "train.json").is_file()
+    lines: list[str] = []
+    heal(pruned_dir, tmp_path / "b", cfg, progress=False, log=lines.append)
+    assert any("resuming at step 2" in line for line in lines), lines
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not (tmp_path / ".b.heal").exists()
+
+
+def test_sigkill_mid_training_resumes_bit_identically(pruned_dir: Path, calib: Path, tmp_path: Path) -> None:
+    """A child process killed with SIGKILL after step 2 (state saved after step 1), then resumed."""
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from intraslice.heal import HealConfig, heal\n"
+        "cfg = HealConfig(**{k: v for k, v in "
+        + repr(small(calib, keep_worse=True, save_every=2).to_dict())
+        + ".items()})\n"
+        "kill = os.environ.get('KILL_AT')\n"
+        "def step(s):\n"
+        "    if kill and s == int(kill): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "heal(sys.argv[1], sys.argv[2], cfg, progress=False, on_step=step)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda out, **e: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code, str(pruned_dir), str(out)], env={**env, **e}, capture_output=True, text=True
+    )
+    a = run(tmp_path / "a")
+    assert a.returncode == 0, a.stderr[-2000:]
+    killed = run(tmp_path / "b", KILL_AT="2")
+    assert killed.returncode == -9
+    resumed = run(tmp_path / "b")
+    assert resumed.returncode == 0 and "resuming at step 2" in resumed.stdout, resumed.stdout + resumed.stderr
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_heal_made_worse_keeps_the_pre_heal_weights(pruned_dir: Path, calib: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    rec = heal(pruned_dir, tmp_path / "w", small(calib, method="full", lr=5.0, warmup=0.0), progress=False,
+               log=lines.append)  # fmt: skip
+    assert rec["worse"] and rec["kept"] == "pre-heal"
+    assert any("keeping the pre-heal weights" in line for line in lines)
+    wp, ww = weights(pruned_dir), weights(tmp_path / "w")
+    assert all(torch.equal(wp[k], ww[k]) for k in wp)
+    rec = heal(pruned_dir, tmp_path / "k", small(calib, method="full", lr=5.0, warmup=0.0, keep_worse=True),
+               progress=False, log=lines.append)  # fmt: skip
+    assert rec["kept"] == "healed" and not torch.equal(
+        weights(tmp_path / "k")["model.norm.weight"], wp["model.norm.weight"]
+    )
+
+
+# -- refusals ---------------------------------------------------------------------------------
+def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    code = main(["heal", *argv, "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    lines = [line for line in err.splitlines() if line.startswith("intraslice: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def other_teacher(tmp_path: Path, vocab: int = VOCAB, layers: int = 4, seed: int = 0) -> Path:
+    d = tmp_path / f"teacher-{vocab}-{layers}-{seed}"
+    model = make_tiny("llama-gqa", dtype=torch.float32, n_layers=layers, seed=seed)
+    build_tokenizer(d)
+    if vocab != VOCAB:
+        model.resize_token_embeddings(vocab)
+    model.save_pretrained(d)
+    return d
+
+
+def test_refusals_are_one_line_exit_2_and_write_nothing(
+    pruned_dir: Path, sharp_dir: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    base = [str(pruned_dir), "--out", str(out), "--data", str(calib), "--seqlen", "32"]
+    assert "nothing to train on" in refused(capsys, *base, "--tokens", "0")
+    assert "vocabulary" in refused(capsys, *base, "--teacher", str(other_teacher(tmp_path, vocab=VOCAB + 64)))
+    assert "layers" in refused(capsys, *base, "--teacher", str(other_teacher(tmp_path, layers=3)))
+    assert "was not pruned from it" in refused(capsys, *base, "--teacher", str(other_teacher(tmp_path, seed=7)))
+    # training text that holds WikiText-2 test
+    from intraslice.data import wikitext2_test_text
+
+    leak = tmp_path / "mine.txt"
+    leak.write_text(calib.read_text() + "\n" + wikitext2_test_text().text[:20000], encoding="utf-8")
+    line = refused(capsys, str(pruned_dir), "--out", str(out), "--data", str(leak))
+    assert "evaluation set wikitext2 test" in line
+    assert "evaluation text" in refused(capsys, *base[:-4], "--data", "wikitext2")
+    assert "not one pruned by intraslice" in refused(capsys, str(sharp_dir), "--out", str(out))
+    assert not out.exists() and not (tmp_path / ".out.heal").exists()
