@@ -19,6 +19,7 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +63,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     x.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f32", help="GGUF tensor type (default f32)")
     x.add_argument("--llama-cpp", default=None, help="llama.cpp sources or a llama-cpp-python sdist (GGUF)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    sv = sub.add_parser(
+        "serve",
+        help="run a pruned model (or any GGUF) in llama.cpp's own server: OpenAI-style completions and chat",
+        description="llama.cpp's server from the prebuilt xllamacpp wheel (pip install 'intraslice[serve]'); a "
+        "pruned directory is exported to GGUF on the fly (cached). Serves http://HOST:PORT/v1/completions and "
+        "/v1/chat/completions until interrupted; --prompt answers once and exits.",
+    )
+    sv.add_argument("model", help="a pruned model directory (from `intraslice prune`) or a .gguf file")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--ctx", type=int, default=4096, help="context length (tokens, shared by the slots)")
+    sv.add_argument("--parallel", type=int, default=1, help="server slots: sequences decoded together")
+    sv.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads (default: its choice)")
+    sv.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16", help="GGUF type of the on-the-fly export")
+    sv.add_argument("--llama-cpp", default=None, help="llama.cpp sources or a llama-cpp-python sdist (the converter)")
+    sv.add_argument("--prompt", default=None, help="answer this prompt (greedy) and exit instead of serving")
+    sv.add_argument("--n-predict", type=int, default=64, help="tokens to generate for --prompt")
+    sv.add_argument("--verbose", action="store_true", help="llama.cpp's own log")
 
     h = sub.add_parser(
         "heal",
@@ -117,6 +137,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         default="wikitext2",
         help="wikitext2 (the test split; default) or c4-heldout (bundled C4 documents no calibration source holds)",
     )
+    pp.add_argument(
+        "--engine",
+        choices=("transformers", "llamacpp"),
+        default="transformers",
+        help="llamacpp: score the GGUF export in llama.cpp's server (xllamacpp; a pruned directory or a .gguf)",
+    )
+    pp.add_argument("--parallel", type=int, default=4, help="llamacpp: windows scored at once (server slots)")
+    pp.add_argument("--threads", type=int, default=None, help="llamacpp: CPU threads")
     pp.add_argument("--json", default=None, help="also write the result to this JSON file")
     pp.add_argument("--no-progress", action="store_true")
     zs = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness (offline data bundled)")
@@ -265,8 +293,75 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``intraslice serve MODEL``: llama.cpp's server on the model's GGUF (exported on the fly)."""
+    from .serve import LlamaCppServer, gguf_for, require_xllamacpp
+
+    require_xllamacpp()
+    path = gguf_for(args.model, args.type, llama_cpp=args.llama_cpp)
+    port = 0 if args.prompt is not None else args.port
+    with LlamaCppServer(
+        path, n_ctx=args.ctx, threads=args.threads, parallel=args.parallel, port=port, host=args.host,
+        verbose=args.verbose,
+    ) as server:  # fmt: skip
+        if args.prompt is not None:
+            reply = server.complete({"prompt": args.prompt, "n_predict": args.n_predict, "temperature": 0.0})
+            print(args.prompt + reply["choices"][0]["text"])
+            t = reply.get("timings", {})
+            if t:
+                print(
+                    f"[llama.cpp: prompt {t['prompt_per_second']:.1f} tokens/s, decode "
+                    f"{t['predicted_per_second']:.1f} tokens/s]",
+                    file=sys.stderr,
+                )
+            return 0
+        print(f"serving {path} at {server.address} (OpenAI-style /v1/completions, /v1/chat/completions); Ctrl-C stops")
+        body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32})
+        print(f"try: curl {server.address}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_eval_ppl_llamacpp(args: argparse.Namespace) -> int:
+    """``eval ppl --engine llamacpp``: the same windows, scored by llama.cpp's server on the GGUF export."""
+    from .data import EVAL_TEXTS, evaluation_text, tokenize
+    from .serve import LlamaCppServer, gguf_for, require_xllamacpp
+
+    require_xllamacpp()
+    model = Path(args.model or "")
+    if model.is_file() or not (model / "config.json").is_file():
+        raise IntraSliceError("--engine llamacpp scores a pruned model directory (its tokenizer tokenizes the text)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    text = evaluation_text(args.text if args.text in EVAL_TEXTS else "wikitext2")
+    ids = tokenize(tok, text.text)
+    total = ids.numel() // args.seqlen
+    n = total if args.windows is None else min(args.windows, total)
+    if n < 1:
+        raise IntraSliceError(f"the text has {ids.numel()} tokens, fewer than one window of {args.seqlen}")
+    windows = [ids[w * args.seqlen : (w + 1) * args.seqlen].tolist() for w in range(n)]
+    path = gguf_for(model, "f32")
+    par = max(1, min(args.parallel, n))
+    with LlamaCppServer(path, n_ctx=args.seqlen * par, threads=args.threads, parallel=par, exact=True) as server:
+        res = server.perplexity(windows, progress=not args.no_progress)
+    res.update({"seqlen": args.seqlen, "windows_total": total, "source": text.name, "engine": "llama.cpp (xllamacpp)",
+                "gguf": str(path), "model": str(model), "versions": _versions()})  # fmt: skip
+    print(
+        f"perplexity {res['ppl']:.4f} on {res['windows']}/{total} windows of {args.seqlen} tokens "
+        f"({res['source']}, llama.cpp)"
+    )
+    _write_json(args.json, res)
+    return 0
+
+
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     """Streamed like pruning: one decoder layer on the device at a time, whatever the model size."""
+    if args.engine == "llamacpp":
+        return cmd_eval_ppl_llamacpp(args)
     from . import stages
     from .checkpoint import SourceCheckpoint
     from .models import parse_dtype
@@ -448,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_prune(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "heal":
             from .heal.config import from_args
             from .heal.run import heal
