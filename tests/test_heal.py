@@ -283,3 +283,25 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(
     assert "evaluation text" in refused(capsys, *base[:-4], "--data", "wikitext2")
     assert "not one pruned by intraslice" in refused(capsys, str(sharp_dir), "--out", str(out))
     assert not out.exists() and not (tmp_path / ".out.heal").exists()
+
+
+# -- the engine stage -------------------------------------------------------------------------
+def test_prune_heal_tokens_is_a_stage_of_the_one_engine(
+    sharp_dir: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["prune", "--model", str(sharp_dir), "--ratio", "0.4", "--calib", str(calib), "--nsamples", "6",
+            "--seqlen", "24", "--batch-size", "4", "--device", "cpu", "--no-progress", "--eval-windows", "1",
+            "--eval-seqlen", "64", "--no-incontext", "--no-zeroshot", "--heal-data", str(calib),
+            "--heal-tokens", "512", "--heal-keep-worse"]  # fmt: skip
+    code = main([*argv, "--out", str(tmp_path / "h")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "-> healed" in out and "heal plan: training" in out
+    report = json.loads((tmp_path / "h" / "intraslice.json").read_text())
+    assert report["heal"]["kept"] == "healed" and report["perplexities"]["wikitext2"]["healed"]["ppl"] > 0
+    code = main([*argv[:-5], "--out", str(tmp_path / "p")])
+    capsys.readouterr()
+    wh, wp = weights(tmp_path / "h"), weights(tmp_path / "p")
+    assert wh.keys() == wp.keys() and all(wh[k].shape == wp[k].shape for k in wh)
+    assert any(not torch.equal(wh[k], wp[k]) for k in wh)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no resume area left

@@ -232,9 +232,10 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
         if "dense" not in ppl or "pruned" not in ppl:
             continue
         d, p = ppl["dense"], ppl["pruned"]
+        healed = f" -> healed {ppl['healed']['ppl']:.3f}" if "healed" in ppl else ""
         print(
             f"perplexity ({d['source']}, {d['windows']}/{d['windows_total']} windows of {d['seqlen']}): "
-            f"dense {d['ppl']:.3f} -> pruned {p['ppl']:.3f}"
+            f"dense {d['ppl']:.3f} -> pruned {p['ppl']:.3f}{healed}"
         )
         if calib and same_family(calib["source"], d["source"]):
             print(

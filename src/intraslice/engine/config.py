@@ -29,6 +29,7 @@ from ..config import (
 )
 from ..data import DEFAULT_CALIB
 from ..errors import IntraSliceError
+from ..heal.config import HealSection
 
 #: The file every output directory holds: the effective config of the run that wrote it.
 RUN_CONFIG_FILE = "run_config.toml"
@@ -234,6 +235,7 @@ class RunConfig:
     allocation: AllocationSection = field(default_factory=AllocationSection)
     memory: MemorySection = field(default_factory=MemorySection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    heal: HealSection = field(default_factory=HealSection)
     output: OutputSection = field(default_factory=OutputSection)
     export: ExportSection = field(default_factory=ExportSection)
 

@@ -818,4 +818,6 @@ def versions() -> dict[str, str]:
     }
 
 
+from ..heal import stage as _heal_stage  # noqa: E402, F401  (registers the heal stages)
+
 __all__ = ["STAGES", "Run", "RunResult", "Stage", "register_stage", "run"]

@@ -117,3 +117,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> HealConfig:
     return HealConfig(**{f.name: getattr(args, f.name) for f in fields(HealConfig)})
+
+
+@dataclass
+class HealSection:
+    """``[heal]`` of a prune run: heal the pruned model right after pruning (``--heal-tokens N``)."""
+
+    tokens: int = opt(
+        0, "--heal-tokens", "after pruning, distil the dense model into the pruned one on N tokens (0: off)", type=int
+    )
+    data: str = opt("c4", "--heal-data", "training text of the heal (see `intraslice heal --data`)")
+    method: str = opt("lora", "--heal-method", "heal by LoRA (merged back) or full fine-tuning", choices=METHODS)
+    lr: float | None = opt(None, "--heal-lr", "peak learning rate of the heal", type=float, hidden=True)
+    keep_worse: bool = opt(
+        False,
+        "--heal-keep-worse",
+        "keep the healed weights even when the held-out check got worse",
+        action="store_true",
+    )
+
+    def heal_config(self, evaluation: Any, device: str) -> HealConfig:
+        """The heal's config: its held-out check is the run's evaluation (texts, windows, length)."""
+        return HealConfig(
+            tokens=self.tokens,
+            data=self.data,
+            method=self.method,
+            lr=self.lr,
+            keep_worse=self.keep_worse,
+            eval_windows=evaluation.windows if evaluation.enabled else 0,
+            eval_seqlen=evaluation.seqlen,
+            eval_texts=evaluation.texts,
+            device=device,
+        )

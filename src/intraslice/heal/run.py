@@ -352,55 +352,10 @@ def heal(
     for text, res in before.items():
         log(f"heal: before, perplexity ({text}): {res['ppl']:.3f}")
 
-    from ..pipeline import DevicePolicy
-    from .teacher import build_cache
-
-    t = time.perf_counter()
-    cache = build_cache(
-        state / "teacher",
-        teacher,
-        windows,
-        cfg.topk,
-        DevicePolicy(device),
-        key=settings["teacher"]["config"] + settings["windows"],
-        progress=progress,
-        log=log,
+    model, record, cache_nbytes = distil(
+        student_ckpt.directory, teacher, windows, cfg, state, device, settings, timings, progress, log, on_step
     )
-    timings["teacher"] = time.perf_counter() - t
-    log(f"heal: teacher cache {cache.nbytes() / 2**20:.1f} MiB in {timings['teacher']:.1f}s")
     del teacher
-
-    from .train import train
-
-    model = load_student(student_ckpt.directory, device)
-    wrapped, params = trainable(model, cfg)
-    n_train = sum(p.numel() for p in params.values())
-    t = time.perf_counter()
-    record = train(
-        model.model, model.lm_head, model.model.layers, params, windows, cache, cfg, state / "train",
-        progress=progress, log=log, on_step=on_step,
-    )  # fmt: skip
-    timings["train"] = time.perf_counter() - t
-    if cfg.method == "lora":
-        model = wrapped.merge_and_unload()
-    flops = step_flops(model, cfg)
-    step_s = record["train_seconds"] / max(1, record["steps"] - (record["resumed_at_step"] or 0))
-    record.update(
-        {
-            "trainable_params": n_train,
-            "step_tflops": flops / 1e12,
-            "step_seconds": step_s,
-            "achieved_gflops_per_s": flops / step_s / 1e9 if step_s > 0 else None,
-            "matmul_gflops_per_s": matmul_gflops(),
-            "threads": torch.get_num_threads(),
-        }
-    )
-    log(
-        f"heal: {record['tokens']} tokens in {record['train_seconds']:.0f}s ({record['tokens_per_s']:.0f} tokens/s), "
-        f"KL {record['kl_first']:.4f} -> {record['kl_last']:.4f}; a step does {record['step_tflops']:.3f} TFLOP in "
-        f"{step_s:.2f}s ({record['achieved_gflops_per_s']:.1f} GFLOP/s; this machine's matmul: "
-        f"{record['matmul_gflops_per_s']:.1f})"
-    )
 
     result: dict[str, Any] = {}
     teacher_name = settings["teacher"]["name"]
@@ -435,7 +390,7 @@ def heal(
                 "data": data_name,
                 "config": cfg.to_dict(),
                 "windows": {"distinct": int(windows.shape[0]), "trained": cfg.steps() * cfg.batch},
-                "teacher_cache_bytes": cache.nbytes(),
+                "teacher_cache_bytes": cache_nbytes,
                 "training": record,
                 "held_out": {"dense": dense, "before": before, "after": after},
                 "gap_closed": gap_closed(dense, before, after),
@@ -455,6 +410,72 @@ def heal(
         log(f"heal: {text}: {g:.1%} of the pruning gap closed")
     log(f"heal: wrote {out} ({result['kept']} weights) in {timings['total']:.0f}s")
     return result
+
+
+def distil(
+    student_dir: Path,
+    teacher: Any,
+    windows: torch.Tensor,
+    cfg: HealConfig,
+    state: Path,
+    device: str,
+    settings: dict[str, Any],
+    timings: dict[str, float],
+    progress: bool = True,
+    log: Callable[[str], None] = _print,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any], int]:
+    """The teacher's cache, then the training: (the healed model, LoRA merged; the training
+    record; the cache's bytes). Resumable from ``state``."""
+    from ..pipeline import DevicePolicy
+    from .teacher import build_cache
+
+    t = time.perf_counter()
+    cache = build_cache(
+        state / "teacher",
+        teacher,
+        windows,
+        cfg.topk,
+        DevicePolicy(device),
+        key=settings["teacher"]["config"] + settings["windows"],
+        progress=progress,
+        log=log,
+    )
+    timings["teacher"] = time.perf_counter() - t
+    log(f"heal: teacher cache {cache.nbytes() / 2**20:.1f} MiB in {timings['teacher']:.1f}s")
+
+    from .train import train
+
+    model = load_student(student_dir, device)
+    wrapped, params = trainable(model, cfg)
+    n_train = sum(p.numel() for p in params.values())
+    t = time.perf_counter()
+    record = train(
+        model.model, model.lm_head, model.model.layers, params, windows, cache, cfg, state / "train",
+        progress=progress, log=log, on_step=on_step,
+    )  # fmt: skip
+    timings["train"] = time.perf_counter() - t
+    if cfg.method == "lora":
+        model = wrapped.merge_and_unload()
+    flops = step_flops(model, cfg)
+    step_s = record["train_seconds"] / max(1, record["steps"])
+    record.update(
+        {
+            "trainable_params": n_train,
+            "step_tflops": flops / 1e12,
+            "step_seconds": step_s,
+            "achieved_gflops_per_s": flops / step_s / 1e9 if step_s > 0 else None,
+            "matmul_gflops_per_s": matmul_gflops(),
+            "threads": torch.get_num_threads(),
+        }
+    )
+    log(
+        f"heal: {record['tokens']} tokens in {record['train_seconds']:.0f}s ({record['tokens_per_s']:.0f} tokens/s), "
+        f"KL {record['kl_first']:.4f} -> {record['kl_last']:.4f}; a step does {record['step_tflops']:.3f} TFLOP in "
+        f"{step_s:.2f}s ({record['achieved_gflops_per_s']:.1f} GFLOP/s; this machine's matmul: "
+        f"{record['matmul_gflops_per_s']:.1f})"
+    )
+    return model, record, cache.nbytes()
 
 
 _NOT_SETTINGS = {"save_every", "eval_windows", "eval_seqlen", "eval_texts", "keep_worse", "device"}

@@ -1,0 +1,121 @@
+"""The ``heal`` stage of a prune run (``intraslice prune ... --heal-tokens N``).
+
+Registered after ``evaluate_pruned`` so the summary holds the dense, pruned and healed
+numbers of the same windows; the healed weights replace the pruned ones in the output
+being written before ``save`` (a heal that worsened the held-out check leaves them, unless
+``--heal-keep-worse``). The teacher is the source the run pruned. Resumable: the teacher
+cache and the training state live next to the run's resume area (``.OUT.heal``); the
+healed weights are staged there and moved into the output only after the stage's record
+is committed, so a kill at any point neither loses training nor heals twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..engine.run import Run, register_stage
+
+
+@register_stage("heal_plan", "prepare", after="plan")
+def plan_heal(run: Run) -> None:
+    """The heal's memory in the plan (from the source's shapes: the pruned model is smaller)."""
+    h = run.config.heal
+    if h.tokens == 0:
+        return
+    from ..plan import StagePeak, model_shape
+    from .plan import describe, heal_memory
+
+    if run.cfg.method != "intraslice":
+        from ..errors import IntraSliceError
+
+        raise IntraSliceError(f"--heal-tokens heals models pruned by --method intraslice, not {run.cfg.method}")
+    cfg = h.heal_config(run.config.evaluation, run.device)
+    cfg.check()
+    mem = heal_memory(model_shape(run.ckpt.config), cfg)
+    run.log(describe(mem))
+    if run.plan is not None:
+        on_device = run.device.startswith("cuda")
+        peak = StagePeak(device=mem["train"] if on_device else 0, host=mem["train"] if not on_device else 0)
+        run.plan.stages["heal"] = peak
+
+
+@register_stage("heal", "work", after="evaluate_pruned")
+def heal_pruned(run: Run) -> None:
+    h = run.config.heal
+    if h.tokens == 0 or not run.main_rank:
+        return
+    from .run import distil, held_out, state_dir_for, training_windows, worse, write_weights
+
+    cfg = h.heal_config(run.config.evaluation, run.device)
+    if run.ck is not None:
+        # next to the run's checkpoint, not in it (a checkpoint commit deletes what it does not name)
+        state = state_dir_for(run.config.output.out)
+        if not run.ck.resumed:
+            shutil.rmtree(state, ignore_errors=True)  # a heal of another run, whatever it was
+    else:
+        state = Path(tempfile.mkdtemp(prefix="intraslice-heal-"))
+    staged = state / "healed"
+    record = run.ck.stage("heal") if run.ck is not None else None
+    t0 = time.perf_counter()
+    if record is None:
+        from ..checkpoint import SourceCheckpoint
+
+        state.mkdir(parents=True, exist_ok=True)
+        pruned = SourceCheckpoint.from_directory(run.directory)
+        windows, data_name = training_windows(run.tokenizer, cfg, run.log)
+        settings = {"teacher": {"config": "source", "name": run.ckpt.name}, "windows": str(windows.shape)}
+        timings: dict[str, float] = {}
+        model, training, cache_nbytes = distil(
+            run.directory, run.ckpt, windows, cfg, state, run.device, settings, timings, run.progress, run.log
+        )
+        # staged: the pruned directory's small files and the healed weights, checked there
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir()
+        for f in run.directory.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, staged / f.name)
+        write_weights(model, pruned, staged)
+        before = {t: v["pruned"] for t, v in run.ppl.items() if "pruned" in v}
+        after = held_out(staged, run.tokenizer, cfg, run.device, run.progress)
+        got_worse = worse(before, after)
+        kept = "pre-heal" if got_worse and not h.keep_worse else "healed"
+        record = {
+            "data": data_name,
+            "config": cfg.to_dict(),
+            "training": training,
+            "teacher_cache_bytes": cache_nbytes,
+            "held_out": {"before": before, "after": after},
+            "worse": got_worse,
+            "kept": kept,
+            "files": sorted(set(pruned.weight_map.values())) if kept == "healed" else [],
+            "timings_s": {**timings, "total": time.perf_counter() - t0},
+        }
+        if run.ck is not None:
+            run.ck.save_stage("heal", record)
+    for f in record["files"]:  # idempotent: a kill here moves the rest on the resumed run
+        if (staged / f).is_file():
+            shutil.move(str(staged / f), run.directory / f)
+    shutil.rmtree(state, ignore_errors=True)
+    for text, res in record["held_out"]["after"].items():
+        run.ppl.setdefault(text, {})["healed"] = res
+        run.log(f"healed perplexity ({text}): {res['ppl']:.3f}")
+    if record["worse"]:
+        what = "kept anyway (--heal-keep-worse)" if record["kept"] == "healed" else "keeping the pre-heal weights"
+        run.log(f"heal: the held-out check got worse ({', '.join(record['worse'])}): {what}")
+    run.timings["heal"] = time.perf_counter() - t0
+    run.heal_record = record  # type: ignore[attr-defined]
+
+
+@register_stage("heal_report", "work", after="save")
+def report_heal(run: Run) -> None:
+    """The heal's record in intraslice.json (``save`` wrote the rest)."""
+    record = getattr(run, "heal_record", None)
+    if record is None or run.report is None:
+        return
+    from ..saving import write_report
+
+    run.report["heal"] = record
+    write_report(run.directory, run.report)
