@@ -135,9 +135,9 @@ def test_help_lists_the_ablations_only_when_asked(capsys: pytest.CaptureFixture[
 def test_the_stages_run_in_their_documented_order() -> None:
     names = [s.name for s in STAGES]
     assert names == [
-        "check", "load", "resolve", "plan", "calibrate", "goal",
-        "speed_search", "evaluate_dense", "allocate", "prune", "evaluate_pruned", "speed_check", "save",
-        "export",
+        "check", "load", "resolve", "plan", "heal_plan", "calibrate", "goal",
+        "speed_search", "evaluate_dense", "allocate", "prune", "evaluate_pruned", "heal", "speed_check", "save",
+        "heal_report", "export",
     ]  # fmt: skip
 
 
