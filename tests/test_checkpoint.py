@@ -420,9 +420,11 @@ def test_child_conversion_reports_the_childs_error(tmp_path: Path) -> None:
 
 
 def test_gguf_conversion_writes_a_plain_checkpoint_other_tools_read(tmp_path: Path, monkeypatch) -> None:
-    """``convert_gguf``'s config names the model class and carries no ``quantization_config``:
-    transformers' GGUF loading records ``{"quant_method": "gguf"}``, but the weights written
-    are plain floats, and llama.cpp's converter and vLLM refuse or misread such a config."""
+    """The whole-model conversion's config (``_convert_gguf_whole``, for GGUF architectures that
+    do not stream) names the model class and carries no ``quantization_config``: transformers'
+    GGUF loading records ``{"quant_method": "gguf"}``, but the weights written are plain
+    floats, and llama.cpp's converter and vLLM refuse or misread such a config. The streamed
+    conversion: tests/test_gguf_stream.py."""
     import transformers
 
     model = make_tiny("llama-gqa", dtype=torch.float32)
@@ -434,7 +436,7 @@ def test_gguf_conversion_writes_a_plain_checkpoint_other_tools_read(tmp_path: Pa
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
     out = tmp_path / "out"
-    ckpt_mod.convert_gguf(tmp_path / "tiny.gguf", out)
+    ckpt_mod._convert_gguf_whole(tmp_path / "tiny.gguf", out)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in config

@@ -110,13 +110,212 @@ def gguf_cache_key(gguf_path: str | os.PathLike[str]) -> str:
     return f"{path.stem}-{digest}"
 
 
-def convert_gguf(gguf_path: Path, out: Path) -> None:
-    """Dequantize a GGUF file into a safetensors checkpoint directory ``out``.
+#: Largest safetensors file a GGUF conversion writes (one tensor larger than this gets its own).
+#: No shard is ever held in memory: each tensor is written to its file as it is dequantized.
+GGUF_SHARD_BYTES = 512 * 2**20
 
-    This loads the whole (dequantized) model in RAM once, through transformers' GGUF
-    support: GGUF tensors are quantized blocks that cannot be read one module at a time.
-    Writes the weights (tied LM head left out), ``config.json`` and the tokenizer.
+
+def convert_gguf(gguf_path: Path, out: Path, max_shard_bytes: int = GGUF_SHARD_BYTES) -> None:
+    """Dequantize a GGUF file into a safetensors checkpoint directory ``out``, one tensor at a time.
+
+    The tokenizer, config and generation config come from the GGUF's metadata (transformers
+    builds them without reading a weight). The weights are read from the file one tensor at
+    a time, dequantized (``gguf.dequantize``), given the names and layout transformers' own
+    GGUF loader gives them (its name map and its per-tensor processor: for ``llama`` files,
+    Mistral's included, the Q/K row permutation of llama.cpp's converter undone) and written
+    straight into the shard file that holds them, in float32, as
+    ``from_pretrained(..., gguf_file=...)`` loads them: tensor for tensor equal. Shards are
+    at most ``max_shard_bytes`` (``model.safetensors``, or numbered shards and an index);
+    the tied LM head is left out.
+
+    Peak memory (:func:`intraslice.plan.gguf_conversion_bytes`): the process (torch,
+    transformers) and the GGUF metadata being parsed (the vocabulary, about 4 KiB a token),
+    or, later, about 3x the float32 size of one unit of work (its raw bytes, the dequantized
+    array, a permuted copy): a slice of :data:`GGUF_CHUNK_BYTES` of a large tensor, or a whole
+    ``llama`` Q/K projection (their rows are permuted across heads). Nothing grows with the
+    number of layers or the embedding's size; no shard is ever held in memory.
+
+    GGUF architectures whose transformers loader merges several tensors into one (MoE
+    experts) or that transformers loads by its newer packed path are converted whole
+    (:func:`_convert_gguf_whole`): intraslice prunes none of them.
     """
+    import gc
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .memory import trim
+
+    directory, name = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    with torch.device("meta"):  # the names, the tied weights and the generation config; no weight
+        model = AutoModelForCausalLM.from_config(config)
+    plan = _gguf_tensor_plan(gguf_path, model)
+    if plan is None:
+        del model
+        _convert_gguf_whole(gguf_path, out)
+        return
+    model.config.dtype = torch.float32  # what the weights are stored in, read back by SourceCheckpoint.dtype
+    model.config.architectures = [type(model).__name__]  # other tools (llama.cpp, vLLM) dispatch on it
+    if hasattr(model.config, "quantization_config"):  # {"quant_method": "gguf"}: the weights here are plain
+        del model.config.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out)
+    del model, config
+    gc.collect()
+    trim()  # the parsed metadata (the vocabulary, many small objects) goes before the weights come
+    _write_gguf_shards(gguf_path, plan, out, max_shard_bytes)
+
+
+class _GGUFTensor:
+    """One tensor of the conversion: where it lies in the GGUF file and what it becomes."""
+
+    __slots__ = ("gguf_name", "name", "nbytes", "nbytes_raw", "offset", "qtype", "raw_dtype", "raw_shape", "shape")
+
+    def __init__(self, source: Any, name: str) -> None:
+        self.gguf_name, self.qtype = str(source.name), source.tensor_type
+        self.offset, self.nbytes_raw = int(source.data_offset), int(source.n_bytes)
+        self.raw_dtype, self.raw_shape = source.data.dtype, tuple(source.data.shape)  # no byte of it read
+        self.name = name
+        self.shape = tuple(int(n) for n in reversed(source.shape.tolist()))  # GGUF lists dims fastest first
+        self.nbytes = 4 * int(torch.Size(self.shape).numel())  # float32
+
+
+def _gguf_tensor_plan(gguf_path: Path, model: nn.Module) -> tuple[Any, list[_GGUFTensor]] | None:
+    """The GGUF tensors to convert, named and shaped as transformers loads them, and the
+    tensor processor transformers applies to them; None if the file cannot be streamed."""
+    try:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            LlamaTensorProcessor,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            read_field,
+        )
+    except ImportError:  # a transformers without its per-tensor GGUF loader
+        return None
+    reader = GGUFReader(gguf_path)
+    arch = read_field(reader, "general.architecture")[0]
+    try:
+        from transformers.integrations.gguf.utils import is_gguf_arch_supported
+    except ImportError:
+        packed = False
+    else:
+        packed = is_gguf_arch_supported(arch)  # loaded by transformers' newer path, with its own transforms
+    processor_class = TENSOR_PROCESSORS.get(arch, TensorProcessor)
+    # Only processors that turn one GGUF tensor into one tensor of the same shape stream.
+    if packed or processor_class not in (TensorProcessor, LlamaTensorProcessor):
+        return None
+    # The head counts as transformers' load_gguf_checkpoint parses them (absent: not permuted).
+    heads: dict[str, Any] = {}
+    for key, hf_key in (("head_count", "num_attention_heads"), ("head_count_kv", "num_key_value_heads")):
+        value = read_field(reader, f"{arch}.attention.{key}")
+        if value:
+            heads[hf_key] = value[0] if len(value) == 1 else value
+    processor = processor_class(config=heads)
+    key_map = get_gguf_hf_weights_map(model, processor)
+    skip = tied_weights_to_skip(model)
+    planned: dict[str, _GGUFTensor] = {}
+    for t in reader.tensors:
+        hf_name = key_map.get(t.name)
+        if hf_name is None or hf_name in skip:  # e.g. llama3's rope_freqs: transformers drops it too
+            continue
+        if hf_name in planned:
+            raise ValueError(f"GGUF tensors {planned[hf_name].gguf_name!r} and {t.name!r} both map to {hf_name!r}")
+        planned[hf_name] = _GGUFTensor(t, hf_name)
+    missing = sorted(set(model.state_dict()) - skip - set(planned))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"the GGUF file has no tensor for {', '.join(missing[:3])}{more}")
+    return processor, list(planned.values())
+
+
+#: Rows of a tensor the processor leaves as they are are dequantized this many float32 bytes at a time.
+GGUF_CHUNK_BYTES = 64 * 2**20
+
+
+def _per_row(processor: Any, t: _GGUFTensor) -> bool:
+    """Whether ``t`` can be converted a slice of rows at a time: a matrix (or more) that
+    transformers' processor returns unchanged (all of them but a ``llama`` file's Q and K,
+    whose rows are permuted across heads) and larger than one slice."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    permuted = isinstance(processor, LlamaTensorProcessor) and (".attn_q." in t.gguf_name or ".attn_k." in t.gguf_name)
+    return len(t.shape) >= 2 and not permuted and t.nbytes > GGUF_CHUNK_BYTES
+
+
+def _write_gguf_shards(gguf_path: Path, plan: tuple[Any, list[_GGUFTensor]], out: Path, max_shard_bytes: int) -> None:
+    """Write the planned tensors as safetensors shards, each tensor dequantized as it is written.
+
+    Every size is known before a weight is read (float32, the GGUF's shapes), so each shard's
+    header is written first and then its tensors, one at a time: no shard is ever in memory.
+    The GGUF is read with plain reads, not through a memory map: a map's pages would stay in
+    this process's RSS.
+    """
+    import struct
+
+    import numpy as np
+    from gguf import dequantize
+
+    from .shards import shard_name
+
+    processor, tensors = plan
+    shards: list[list[_GGUFTensor]] = []
+    size = 0
+    for t in tensors:
+        if not shards or (shards[-1] and size + t.nbytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    count = len(shards)
+    weight_map: dict[str, str] = {}
+    with open(gguf_path, "rb") as src:
+        for i, shard in enumerate(shards, start=1):
+            file_name = SAFETENSORS_SINGLE if count == 1 else shard_name(i, count)
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for t in shard:
+                header[t.name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+                offset += t.nbytes
+                weight_map[t.name] = file_name
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+            with open(out / file_name, "wb") as dst:
+                dst.write(struct.pack("<Q", len(blob)))
+                dst.write(blob)
+                for t in shard:
+                    src.seek(t.offset)
+                    if _per_row(processor, t):  # blocks never span rows: a slice of rows at a time
+                        rows, row_raw = t.raw_shape[0], t.nbytes_raw // t.raw_shape[0]
+                        step = max(1, GGUF_CHUNK_BYTES * rows // t.nbytes)
+                        for start in range(0, rows, step):
+                            n = min(step, rows - start)
+                            raw = np.frombuffer(src.read(n * row_raw), dtype=t.raw_dtype).reshape(n, *t.raw_shape[1:])
+                            dst.write(np.ascontiguousarray(dequantize(raw, t.qtype), dtype="<f4").data)
+                            del raw
+                        continue
+                    raw = np.frombuffer(src.read(t.nbytes_raw), dtype=t.raw_dtype).reshape(t.raw_shape)
+                    values = processor.process(weights=dequantize(raw, t.qtype), name=t.gguf_name).weights
+                    del raw
+                    values = np.ascontiguousarray(values, dtype="<f4")
+                    if values.shape != t.shape:
+                        raise ValueError(f"GGUF tensor {t.gguf_name!r} came out {values.shape}, not {t.shape}")
+                    dst.write(values.data)
+                    del values
+    if count > 1:
+        total = sum(t.nbytes for t in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _convert_gguf_whole(gguf_path: Path, out: Path) -> None:
+    """The whole-model conversion, through ``from_pretrained(..., gguf_file=...)``: holds the
+    whole dequantized model in RAM. Only for GGUF architectures :func:`convert_gguf` cannot
+    stream."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, name = str(gguf_path.parent), gguf_path.name
@@ -134,19 +333,27 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def convert_gguf_in_child(gguf_path: Path, out: Path) -> None:
-    """:func:`convert_gguf` in a child process.
-
-    The conversion holds the whole dequantized model (about 1.2 GB for the 135M default);
-    in a child, that memory goes back to the system when it ends, instead of staying in
-    this process's heap for the rest of a long run.
-    """
-    import subprocess
+def convert_gguf_command(gguf_path: Path, out: Path) -> list[str]:
+    """The command line of :func:`convert_gguf_in_child`'s child (the memory test runs it too)."""
     import sys
 
     code = "import sys; from pathlib import Path; from intraslice.checkpoint import convert_gguf; "
     code += "convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))"
-    proc = subprocess.run([sys.executable, "-c", code, str(gguf_path), str(out)], capture_output=True, text=True)
+    return [sys.executable, "-c", code, str(gguf_path), str(out)]
+
+
+def convert_gguf_in_child(gguf_path: Path, out: Path) -> None:
+    """:func:`convert_gguf` in a child process.
+
+    The conversion's transient memory (the GGUF metadata and tokenizer, one dequantized tensor
+    at a time, allocator fragmentation) goes back to the system when the child ends instead
+    of staying in this process's heap for the rest of a long run. A run's reported peak RSS
+    counts the child (``engine.run.peak_memory_mb``), its plan the conversion
+    (``plan.gguf_conversion_bytes``).
+    """
+    import subprocess
+
+    proc = subprocess.run(convert_gguf_command(gguf_path, out), capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         raise RuntimeError(lines[-1] if lines else f"exit status {proc.returncode}")
@@ -293,6 +500,8 @@ class SourceCheckpoint:
         self.weight_map = weight_map
         self.dtype = dtype
         self.name = name
+        #: Whether opening it converted a GGUF source in this process (the memory plan counts it).
+        self.gguf_converted = False
         #: Meta copies of decoder layers as the checkpoint lays them out, taken before a
         #: layer is converted, so that a released (and converted) layer can be read again.
         self._pristine: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
@@ -312,8 +521,8 @@ class SourceCheckpoint:
         ``gguf_file`` names a GGUF inside the directory or hub repo ``model`` (``model`` may
         also be a ``.gguf`` path). A GGUF is dequantized once into a safetensors cache under
         ``cache_dir`` (default ``$INTRASLICE_CACHE/gguf`` or ``~/.cache/intraslice/gguf``),
-        keyed by the file's path, size and mtime; that one conversion loads the whole GGUF
-        model in RAM (see :func:`convert_gguf`), every later open reuses it. Hub downloads
+        keyed by the file's path, size and mtime; that one conversion streams the GGUF one
+        tensor at a time (see :func:`convert_gguf`), every later open reuses it. Hub downloads
         use the usual Hugging Face cache; ``local_only`` (or ``HF_HUB_OFFLINE=1``) reads that
         cache only.
         """
@@ -336,7 +545,12 @@ class SourceCheckpoint:
                 gguf_path = _download_file(model, gguf_file, local_only)
             else:
                 raise IntraSliceError(f"model {model!r} is neither a directory nor a hub id (owner/name)")
+            entry = gguf_cache_root(cache_dir) / gguf_cache_key(gguf_path) if gguf_path.is_file() else None
+            cached = entry is not None and (entry / "config.json").is_file()
             directory = converted_gguf(gguf_path, cache_dir)
+            ckpt = cls.from_directory(directory, dtype=dtype, name=name)
+            ckpt.gguf_converted = not cached
+            return ckpt
         elif Path(model).is_dir():
             directory = Path(model)
         elif Path(model).exists():

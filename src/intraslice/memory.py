@@ -79,3 +79,16 @@ def peak_rss_bytes() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss) if sys.platform == "darwin" else int(rss) * 1024
+
+
+def peak_rss_children_bytes() -> int:
+    """The largest peak RSS among this process's finished child processes (``getrusage``'s
+    ``RUSAGE_CHILDREN`` ``ru_maxrss``): the GGUF conversion runs in one.
+
+    A child's ``ru_maxrss`` starts at this process's RSS when it was started, so it never
+    exceeds :func:`peak_rss_bytes` by that alone: ``max`` of the two is the run's host peak.
+    """
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024

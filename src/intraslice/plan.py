@@ -24,6 +24,11 @@ What is counted (bytes; w = model-dtype bytes, T = seqlen, B = batch size, N = w
   and the logits with their softmax and gradient in float32 for one chunk of 256 tokens.
 * evaluation (streamed): one window per batch, one layer, the LM head's logits for 512
   tokens at a time.
+* convert (only when this run converted a GGUF source into the safetensors cache; a child
+  process, counted as its own stage): the process, plus the larger of the GGUF metadata
+  being parsed (about 4 KiB per vocabulary token) and 3x one unit of dequantization work in
+  float32 (a 64 MiB slice of rows, or a whole Q projection, whose rows llama files permute).
+  No shard buffer: each tensor goes straight to its file (``checkpoint.convert_gguf``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ HEAD_CHUNK = 256
 EVAL_CHUNK = 512
 #: CUDA context and allocator slack on the device.
 CUDA_CONTEXT = 600 * 2**20
+#: Host bytes per vocabulary token while a GGUF's metadata is parsed (transformers builds the
+#: config and the tokenizer from the vocabulary in the file): measured 3.5-3.7 KiB on SmolLM2
+#: (49k tokens) and Qwen2.5 (152k).
+GGUF_METADATA_PER_TOKEN = 4 * 2**10
 
 
 @dataclass
@@ -227,6 +236,25 @@ def _stages(
     return out
 
 
+def _gguf_conversion(s: dict[str, Any]) -> int:
+    from .checkpoint import GGUF_CHUNK_BYTES
+
+    q_proj = s["n_heads"] * s["head_dim"] * s["d"] * 4  # dequantized whole: its rows are permuted
+    work = 3 * max(GGUF_CHUNK_BYTES, q_proj)  # raw bytes, dequantized values, a permuted copy
+    return PROCESS_BASE + max(GGUF_METADATA_PER_TOKEN * s["vocab"], work)
+
+
+def gguf_conversion_bytes(config: Any) -> int:
+    """Peak host memory of converting a GGUF of this model (``checkpoint.convert_gguf``, run
+    in a child process): the process (torch, transformers), plus the larger of the metadata
+    parse (:data:`GGUF_METADATA_PER_TOKEN` per vocabulary token) and 3x the float32 size of
+    one unit of work (a ``checkpoint.GGUF_CHUNK_BYTES`` slice of rows, or a whole Q
+    projection). Independent of the number of layers and of the embedding's size: measured
+    0.89 GiB (Qwen2.5-Coder-0.5B, 152k tokens; planned 0.99 GiB) where loading the model whole
+    took 3.75 GiB."""
+    return _gguf_conversion(model_shape(config, torch.float32))
+
+
 def host_memory_bytes() -> int | None:
     """Physical memory of this machine (cgroup limits are not read: a plan, not a guarantee)."""
     try:
@@ -260,11 +288,14 @@ def make_plan(
     host_capacity: int | None = None,
     shard_bytes: int = 2 * GiB,
     estimator_seqlen: int | None = None,
+    gguf_conversion: bool = False,
 ) -> MemoryPlan:
     """Predict the peaks and choose the activation store and math device that fit.
 
     ``seqlen`` is the layer steps' window; ``estimator_seqlen`` the estimator's when it differs
     (the CLI's default appends a repeated span for the layer steps only; None: ``seqlen``).
+    ``gguf_conversion``: the run converted a GGUF source (stage ``convert``, see
+    :func:`gguf_conversion_bytes`; a cached conversion costs nothing).
 
     ``store``/``math`` ``auto`` try the fastest choice first (activations on the device,
     float64 math on the device) and fall back (host memory, then disk; math on the host)
@@ -286,6 +317,8 @@ def make_plan(
                 s, nsamples, seqlen, batch_size, st, mt == "device" and on_gpu, on_gpu, weights,
                 estimator, evaluate, shard_bytes, estimator_seqlen,
             )  # fmt: skip
+            if gguf_conversion:
+                stages["convert"] = StagePeak(0, _gguf_conversion(s))
             plan = MemoryPlan(
                 model={k: s[k] for k in ("model_type", "dtype", "params", "layer_bytes", "n_layers", "d", "m")},
                 calibration=calib,

@@ -81,6 +81,7 @@ def plan(
         device_capacity=device_capacity,
         host_capacity=host_capacity,
         estimator_seqlen=estimator_seqlen,
+        gguf_conversion=getattr(ckpt, "gguf_converted", False),
     )
 
 

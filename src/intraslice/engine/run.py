@@ -795,9 +795,13 @@ def whole_model(directory: Any, dtype: torch.dtype, device: str) -> Any:
 
 
 def peak_memory_mb(device: str) -> dict[str, float]:
-    from ..memory import peak_rss_bytes
+    """The run's peaks. ``host_peak_rss_mb`` is the larger of this process's own peak RSS
+    (``host_peak_rss_self_mb``, its ``VmHWM``) and its children's (``host_peak_rss_children_mb``,
+    ``RUSAGE_CHILDREN``'s ``ru_maxrss``: the GGUF conversion runs in a child)."""
+    from ..memory import peak_rss_bytes, peak_rss_children_bytes
 
-    out = {"host_peak_rss_mb": peak_rss_bytes() / 2**20}
+    own, children = peak_rss_bytes() / 2**20, peak_rss_children_bytes() / 2**20
+    out = {"host_peak_rss_mb": max(own, children), "host_peak_rss_self_mb": own, "host_peak_rss_children_mb": children}
     if device.startswith("cuda"):
         out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
