@@ -305,3 +305,31 @@ def test_prune_heal_tokens_is_a_stage_of_the_one_engine(
     assert wh.keys() == wp.keys() and all(wh[k].shape == wp[k].shape for k in wh)
     assert any(not torch.equal(wh[k], wp[k]) for k in wh)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no resume area left
+
+
+def test_a_healed_stock_model_still_exports_to_stock_transformers(sharp_dir: Path, calib: Path, tmp_path: Path) -> None:
+    """--deploy stock, healed (LoRA merged): the stock export loads in plain transformers and
+    gives the healed model's logits."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from intraslice.export.stock_hf import export_stock_hf
+
+    config = RunConfig()
+    config.model.model, config.model.device = str(sharp_dir), "cpu"
+    config.goal.ratio = 0.3
+    config.method.deploy = "stock"
+    config.calibration.source, config.calibration.nsamples, config.calibration.seqlen = str(calib), 6, 24
+    config.evaluation.enabled, config.output.progress = False, False
+    config.output.out = str(tmp_path / "pruned")
+    intraslice.run(config)
+    heal(tmp_path / "pruned", tmp_path / "healed", small(calib, keep_worse=True, eval_windows=0), progress=False,
+         log=lambda _: None)  # fmt: skip
+    export_stock_hf(tmp_path / "healed", tmp_path / "stock")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", dtype=torch.float32)
+    stock = LlamaForCausalLM.from_pretrained(tmp_path / "stock", dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, stock(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    wp, wh = weights(tmp_path / "pruned"), weights(tmp_path / "healed")
+    assert any(not torch.equal(wp[k], wh[k]) for k in wp)  # the export carries the healed weights

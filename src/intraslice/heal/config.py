@@ -104,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``intraslice heal``'s flags, generated from :class:`HealConfig`."""
     for f in fields(HealConfig):
         meta = f.metadata
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        shown = f.default is not None and not meta["action"] and f.name != "lr"
+        help_text = meta["help"] + (" (default: %(default)s)" if shown else "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": help_text}
         if meta["action"]:
             kwargs["action"] = meta["action"]
         else:

@@ -304,6 +304,12 @@ def heal(
     teacher = open_teacher(cfg, student_ckpt)
     tokenizer = student_ckpt.tokenizer()
     check_teacher(student_ckpt, teacher, tokenizer, teacher.tokenizer())
+    from ..plan import model_shape
+    from .plan import describe, heal_memory
+
+    layers = student_ckpt.config.layers
+    decoder = sum(_layer_params(spec, student_ckpt.config) for spec in layers)
+    log(describe(heal_memory(model_shape(teacher.config), cfg, decoder_params=decoder)))
     windows, data_name = training_windows(tokenizer, cfg, log)
     from .. import stages
 
@@ -476,6 +482,13 @@ def distil(
         f"{record['matmul_gflops_per_s']:.1f})"
     )
     return model, record, cache.nbytes()
+
+
+def _layer_params(spec: dict[str, Any], config: Any) -> int:
+    """Linear parameters of one pruned layer (the plan's student size)."""
+    d, h, m = config.hidden_size, spec["head_dim"], spec["intermediate_size"]
+    q, kv = spec["num_heads"] * h, spec["num_kv_heads"] * h
+    return d * q * 2 + d * kv * 2 + (3 if getattr(config, "mlp_gated", True) else 2) * d * m
 
 
 _NOT_SETTINGS = {"save_every", "eval_windows", "eval_seqlen", "eval_texts", "keep_worse", "device"}
