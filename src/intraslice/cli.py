@@ -116,8 +116,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--gguf-file", default=None, help="GGUF file name for a --model given as a directory or repo")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     sp.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    sp.add_argument("--prefill", type=int, nargs="*", default=[128, 512, 2048], help="prefill lengths (tokens)")
-    sp.add_argument("--decode", type=int, nargs="*", default=[128, 512, 2048], help="KV-cache lengths for decode")
+    sp.add_argument(
+        "--engine",
+        choices=("transformers", "llamacpp"),
+        default="transformers",
+        help="llamacpp: time the GGUF exports in llama.cpp's own server (xllamacpp); 'dense' is then the source "
+        "recorded by the first pruned directory, converted by llama.cpp's converter",
+    )
+    sp.add_argument(
+        "--prefill", type=int, nargs="*", default=None, help="prefill lengths (default 128 512 2048; llamacpp 512 2048)"
+    )
+    sp.add_argument(
+        "--decode", type=int, nargs="*", default=None, help="decode contexts (default 128 512 2048; llamacpp 512 4096)"
+    )
+    sp.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16", help="llamacpp: GGUF type (default f16)")
     sp.add_argument("--batch-size", type=int, default=1)
     sp.add_argument("--repeats", type=int, default=5, help="timed repeats per setting (median reported)")
     sp.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
@@ -388,9 +400,60 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_speed_llamacpp(args: argparse.Namespace) -> int:
+    """``bench speed --engine llamacpp``: dense vs pruned in llama.cpp's server (see ``serve/speed.py``)."""
+    from .serve import dense_gguf_for, gguf_for, require_xllamacpp
+    from .serve.speed import speed_llamacpp
+
+    require_xllamacpp()
+    names = args.model or []
+    pruned = [n for n in names if n != "dense"]
+    if not pruned:
+        raise IntraSliceError("--engine llamacpp: give the pruned directories (or GGUF files) with --model")
+    models = []
+    for name in names:
+        if name == "dense":
+            if not Path(pruned[0]).is_dir():
+                raise IntraSliceError("'dense' needs a pruned directory first among --model (its recorded source)")
+            models.append(("dense", dense_gguf_for(pruned[0], args.type)))
+        else:
+            models.append((name, gguf_for(name, args.type)))
+        print(f"{models[-1][0]}: {models[-1][1]}", flush=True)
+    res = speed_llamacpp(
+        models,
+        tuple(args.prefill or (512, 2048)),
+        tuple(args.decode or (512, 4096)),
+        decode_tokens=args.decode_steps,
+        threads=args.threads,
+        repeats=args.repeats,
+        log=lambda m: print(m, flush=True),
+    )
+    res["type"] = args.type
+    res["versions"] = {**_versions(), "xllamacpp": _xllamacpp_version()}
+    keys = list(next(iter(res["models"].values()))["tokens_per_s"])
+    print(f"\n{'model':40}{'FLOPs limit':>12}" + "".join(f"{k:>16}" for k in keys))
+    for name, m in res["models"].items():
+        cells = "".join(f"{m['tokens_per_s'][k]:>8.1f} {m['speedup'][k]:>5.2f}x" for k in keys)
+        print(f"{name[-40:]:40}{m['linear_flops_limit']:>11.2f}x{cells}")
+    print("(tokens/s and speedup over the first model; llama.cpp's own timings, best of repeats)")
+    _write_json(args.json, res)
+    return 0
+
+
+def _xllamacpp_version() -> str:
+    import xllamacpp
+
+    return str(xllamacpp.__version__)
+
+
 def cmd_bench_speed(args: argparse.Namespace) -> int:
+    if args.engine == "llamacpp":
+        return cmd_bench_speed_llamacpp(args)
     from .models import load_model
     from .speed import benchmark_speed
+
+    args.prefill = args.prefill or [128, 512, 2048]
+    args.decode = args.decode or [128, 512, 2048]
 
     device = _device(args.device)
     if args.threads:

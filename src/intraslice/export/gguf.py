@@ -189,7 +189,41 @@ def export_gguf(
     config = load_pruned_config(src)
     check_deployable(config, FORMAT, uniform=False)
     rope_freq_factors(config, kept_pairs(config), int(config.layers[0]["head_dim"]))  # refuse early
-    out = Path(out)
+    # **Decision**: the converter runs in a child process whose ``gguf`` is the one shipped with
+    # the same llama.cpp sources (the converter uses gguf-py features newer than the PyPI
+    # release of the same version number), and whose memory goes back to the system after.
+    return _run_child(src, Path(out), out_type, tokenizer_pre, overwrite, llama_cpp)
+
+
+def export_source_gguf(
+    directory: str | Path,
+    out: str | Path,
+    out_type: str = "f16",
+    llama_cpp: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the GGUF of an unpruned Hugging Face directory with llama.cpp's own converter class.
+
+    The dense baseline of the llama.cpp speed bench: the source model as users would convert it
+    (``convert_hf_to_gguf.py``: architecture ``llama``/``qwen2``), in the pruned export's type.
+    """
+    if out_type not in TYPES:
+        raise IntraSliceError(f"unknown GGUF type {out_type!r}: choose one of {', '.join(TYPES)}")
+    src = Path(directory)
+    if not (src / "config.json").is_file():
+        raise IntraSliceError(f"{src}: no config.json (a Hugging Face model directory is needed)")
+    return _run_child(src, Path(out), out_type, None, overwrite, llama_cpp, dense=True)
+
+
+def _run_child(
+    src: Path,
+    out: Path,
+    out_type: str,
+    tokenizer_pre: str | None,
+    overwrite: bool,
+    llama_cpp: str | os.PathLike[str] | None,
+    dense: bool = False,
+) -> Path:
     if out.exists() and not overwrite:
         raise IntraSliceError(f"{out} exists (pass --overwrite to replace it)")
     root = find_llama_cpp(llama_cpp)
@@ -197,12 +231,11 @@ def export_gguf(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    # **Decision**: the converter runs in a child process whose ``gguf`` is the one shipped with
-    # the same llama.cpp sources (the converter uses gguf-py features newer than the PyPI
-    # release of the same version number), and whose memory goes back to the system after.
     path = os.pathsep.join([str(root / "gguf-py"), str(root), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
-    args = json.dumps({"src": str(src), "out": str(tmp), "type": out_type, "tokenizer_pre": tokenizer_pre})
+    args = json.dumps(
+        {"src": str(src), "out": str(tmp), "type": out_type, "tokenizer_pre": tokenizer_pre, "dense": dense}
+    )
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "intraslice.export.gguf", args], env=env, capture_output=True, text=True
@@ -218,6 +251,37 @@ def export_gguf(
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _convert_dense(src: Path, out: Path, out_type: str) -> None:
+    """In the child: llama.cpp's own class for the source architecture writes ``out``."""
+    import gguf
+
+    root = Path(gguf.__file__).resolve().parents[2]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from conversion import get_model_class  # type: ignore[import-not-found]
+
+    arch = json.loads((src / "config.json").read_text(encoding="utf-8"))["architectures"][0]
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[out_type]
+    base = get_model_class(arch)
+
+    class Dense(base):  # type: ignore[misc, valid-type]
+        model_arch = base.model_arch
+
+        def set_vocab(self) -> None:
+            # llama.cpp's LlamaModel tries sentencepiece first (an import this wheel set may
+            # lack); a directory without tokenizer.model is a BPE tokenizer.json.
+            if (self.dir_model / "tokenizer.model").is_file():
+                super().set_vocab()
+            else:
+                self._set_vocab_gpt2()
+
+    Dense(src, ftype, out).write()
 
 
 def _convert(src: Path, out: Path, out_type: str, tokenizer_pre: str | None) -> None:
@@ -244,4 +308,7 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.WARNING)
     a = json.loads(sys.argv[1])
-    _convert(Path(a["src"]), Path(a["out"]), a["type"], a["tokenizer_pre"])
+    if a.get("dense"):
+        _convert_dense(Path(a["src"]), Path(a["out"]), a["type"])
+    else:
+        _convert(Path(a["src"]), Path(a["out"]), a["type"], a["tokenizer_pre"])

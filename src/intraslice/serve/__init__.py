@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .llamacpp import PIN, LlamaCppServer, gguf_for, require_xllamacpp
+from .llamacpp import PIN, LlamaCppServer, dense_gguf_for, gguf_for, require_xllamacpp
 
-__all__ = ["PIN", "LlamaCppServer", "gguf_for", "require_xllamacpp"]
+__all__ = ["PIN", "LlamaCppServer", "dense_gguf_for", "gguf_for", "require_xllamacpp"]

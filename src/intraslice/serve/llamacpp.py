@@ -83,6 +83,29 @@ def gguf_for(
     return out
 
 
+def dense_gguf_for(
+    pruned: str | os.PathLike[str], out_type: str = "f16", llama_cpp: str | os.PathLike[str] | None = None
+) -> Path:
+    """The GGUF of the dense model a pruned directory was made from (its ``run_config.toml``).
+
+    Converted by llama.cpp's own converter class for the source architecture (what a user
+    serves before pruning), in ``out_type``, and cached like :func:`gguf_for`.
+    """
+    from ..checkpoint import SourceCheckpoint
+    from ..engine.config import RUN_CONFIG_FILE, RunConfig
+    from ..export.gguf import export_source_gguf
+
+    path = Path(pruned)
+    if not (path / RUN_CONFIG_FILE).is_file():
+        raise IntraSliceError(f"{path} records no source model (no {RUN_CONFIG_FILE}): give the dense GGUF instead")
+    cfg = RunConfig.from_toml(path / RUN_CONFIG_FILE)
+    ckpt = SourceCheckpoint.open(cfg.model.model, cfg.model.gguf_file)
+    out = CACHE / f"dense-{ckpt.directory.resolve().name}-{_fingerprint(ckpt.directory)}-{out_type}.gguf"
+    if not out.is_file():
+        export_source_gguf(ckpt.directory, out, out_type, llama_cpp=llama_cpp)
+    return out
+
+
 class LlamaCppServer:
     """One model in llama.cpp's server (in process; also on HTTP when ``port`` is given).
 
