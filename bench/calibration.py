@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -70,6 +72,7 @@ def evaluate(args: argparse.Namespace, model: list[str], work: Path, tag: str) -
 
 
 def run_rows(args: argparse.Namespace) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the prune children take torch's threads from here
     path = results_path(args.model)
     data = load(path)
     work = Path(args.work).expanduser()
@@ -83,14 +86,18 @@ def run_rows(args: argparse.Namespace) -> None:
             for source in args.sources:
                 grads = [] if args.grad_samples is None else ["--grad-samples", str(args.grad_samples)]
                 key = f"{source}|{n}x{args.seqlen}|{ratio}" + ("" if not grads else f"|g{args.grad_samples}")
+                key += "" if args.threads == 2 else f"|t{args.threads}"  # wall times differ by thread count
                 if key in data["rows"] and not args.force:
                     continue
                 out = work / f"{args.model}-{source.replace(':', '_').replace(',', '_')}-{n}x{args.seqlen}-r{ratio}"
                 t = time.perf_counter()
+                cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 run_child([PY, "-m", "intraslice", "prune", *model_arg, "--ratio", str(ratio), "--calib", source,
                            "--nsamples", str(n), "--seqlen", str(args.seqlen), "--no-eval", "--no-progress",
                            "--overwrite", "--out", str(out), *grads])  # fmt: skip
                 wall = time.perf_counter() - t
+                cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
                 report = json.loads((out / "intraslice.json").read_text())
                 timings = report["timings_s"]
                 row = {
@@ -101,6 +108,8 @@ def run_rows(args: argparse.Namespace) -> None:
                     "tokens": n * args.seqlen,
                     "ratio": ratio,
                     "wall_s": wall,
+                    "cpu_s": cpu,  # the prune's CPU seconds (user + system), robust to a busy machine
+                    "threads": args.threads,
                     "estimator_s": timings.get("allocation"),
                     "layers_s": timings.get("prune_total"),
                     "peak_rss_mb": report["peak_memory"]["host_peak_rss_mb"],
