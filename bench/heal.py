@@ -190,23 +190,25 @@ def write_table(results: dict[str, Any], key: str, args: argparse.Namespace) -> 
     d, pr = base["dense"], base["pruned"]
     lines = [
         f"{results['model']} at {results['ratio']} (the quick-start model; {key} held-out windows; "
-        f"{args.threads} thread; offline: trained on the bundled C4 sample's calibration split).",
+        f"{args.threads} thread; offline: trained on the bundled C4 sample's calibration split, windows of 512 "
+        "tokens, top-64 teacher cache).",
         "",
-        "| model | tokens | WikiText-2 ppl | gap closed | C4 held-out ppl | gap closed | copy loss | train time "
-        "| tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | tokens | WikiText-2 ppl | gap closed | C4 held-out ppl | gap closed | copy loss (span 200) "
+        "| teacher pass | training | tokens/s | one step: TFLOP, GFLOP/s (matmul GFLOP/s) | whole heal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| dense | | {d['ppl']['wikitext2']['ppl']:.2f} | | {d['ppl']['c4-heldout']['ppl']:.2f} | | "
-        f"{d['copy']['copy_loss']:.3f} | | |",
+        f"{d['copy']['copy_loss']:.3f} | | | | | |",
         f"| pruned | | {pr['ppl']['wikitext2']['ppl']:.2f} | | {pr['ppl']['c4-heldout']['ppl']:.2f} | | "
-        f"{pr['copy']['copy_loss']:.3f} | | |",
+        f"{pr['copy']['copy_loss']:.3f} | | | | | |",
     ]
     for _, r in sorted(results["runs"].items(), key=lambda kv: (kv[1]["tokens"], kv[0])):
         g = r["gap_closed"] or {}
         lines.append(
             f"| heal {r['recipe']}{'' if r['kept'] == 'healed' else ' (worse: pre-heal kept)'} | {r['tokens']:,} | "
             f"{r['ppl']['wikitext2']:.2f} | {g.get('wikitext2', 0):.0%} | {r['ppl']['c4-heldout']:.2f} | "
-            f"{g.get('c4-heldout', 0):.0%} | {r['copy_loss']:.3f} | {r['train_seconds'] / 60:.1f} min | "
-            f"{r['tokens_per_s']:.0f} |"
+            f"{g.get('c4-heldout', 0):.0%} | {r['copy_loss']:.3f} | {r['teacher_seconds'] / 60:.1f} min | "
+            f"{r['train_seconds'] / 60:.1f} min | {r['tokens_per_s']:.0f} | {r['step_tflops']:.2f}, "
+            f"{r['achieved_gflops_per_s']:.0f} ({r['matmul_gflops_per_s']:.0f}) | {r['total_seconds'] / 60:.1f} min |"
         )
     update_benchmarks_md("heal", "\n".join(lines) + "\n")
     try:

@@ -333,3 +333,13 @@ def test_a_healed_stock_model_still_exports_to_stock_transformers(sharp_dir: Pat
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
     wp, wh = weights(tmp_path / "pruned"), weights(tmp_path / "healed")
     assert any(not torch.equal(wp[k], wh[k]) for k in wp)  # the export carries the healed weights
+
+
+def test_the_cli_heals(pruned_dir: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["heal", str(pruned_dir), "--out", str(tmp_path / "o"), "--data", str(calib), "--seqlen", "32",
+            "--batch", "2", "--tokens", "128", "--eval-windows", "1", "--eval-seqlen", "64", "--keep-worse",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "heal plan: training" in out and "tokens/s" in out and f"wrote {tmp_path / 'o'}" in out
+    assert json.loads((tmp_path / "o" / "intraslice.json").read_text())["heal"]["training"]["steps"] == 2

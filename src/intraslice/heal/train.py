@@ -204,13 +204,14 @@ def train(
         inner.eval()
         bar.close()
     done_tokens = steps * tokens_per_step
+    tenth = max(1, steps // 10)  # per-step KL is noisy (a few windows): the first and last tenth
     return {
         "steps": steps,
         "tokens": done_tokens,
         "train_seconds": seconds,
         "tokens_per_s": done_tokens / seconds if seconds > 0 else None,
-        "kl_first": history[0]["kl"] if history else None,
-        "kl_last": sum(r["kl"] for r in history[-max(1, steps // 10) :]) / max(1, len(history[-max(1, steps // 10) :])),
+        "kl_first": sum(r["kl"] for r in history[:tenth]) / len(history[:tenth]) if history else None,
+        "kl_last": sum(r["kl"] for r in history[-tenth:]) / len(history[-tenth:]) if history else None,
         "history": history,
         "resumed_at_step": start or None,
     }
