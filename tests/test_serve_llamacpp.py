@@ -105,3 +105,43 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path: Path, capsys: pytest.Capt
         assert main(["serve", arg, "--prompt", "hi"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("intraslice: error:"), err
+
+
+@pytest.mark.slow  # one converter child per probe: about a minute
+def test_target_speedup_search_in_llamacpp_exports_each_candidate(tmp_path: Path, monkeypatch) -> None:
+    """The bisection of ``--speed-engine llamacpp``: every probe is a real GGUF of the candidate shapes.
+
+    The timings are replaced by a known speedup curve (1 + ratio), so the test checks the search
+    and the files the server would time, not this machine's noise.
+    """
+    import gguf
+
+    import intraslice.export.gguf as eg
+    import intraslice.serve.speed as sp
+
+    _llama_cpp()
+    dense = make_tiny("llama-gqa", n_layers=2)
+    src = tmp_path / "dense"
+    dense.save_pretrained(src)
+    tok = build_tokenizer(src)
+    real_export, real_source = eg.export_gguf, eg.export_source_gguf
+    monkeypatch.setattr(eg, "export_gguf", lambda *a, **k: real_export(*a, **{**k, "tokenizer_pre": "gpt-2"}))
+    monkeypatch.setattr(eg, "export_source_gguf", lambda *a, **k: real_source(*a, **{**k, "tokenizer_pre": "gpt-2"}))
+    seen = []
+
+    def fake_speed(models, prompts, contexts, decode_tokens, threads, repeats, log=None):
+        (_, dense_path), (_, cand) = models
+        # the baseline is the source as llama.cpp's own converter writes it
+        assert gguf.GGUFReader(dense_path).fields["general.architecture"].contents() == "llama"
+        reader = gguf.GGUFReader(cand)
+        ffn = reader.fields["deci.feed_forward_length"].contents()
+        seen.append(ffn[0])
+        ratio = 1 - ffn[0] / dense.config.intermediate_size  # the MLP share of the candidate
+        return {"models": {"candidate": {"speedup": {f"prompt_{prompts[0]}": 1 + ratio}}}}
+
+    monkeypatch.setattr(sp, "speed_llamacpp", fake_speed)
+    ratio, probes = sp.ratio_for_speedup_llamacpp(dense, tok, src, 1.3, seqlen=64)
+    assert len(probes) >= 3 and len(seen) == len(probes)
+    assert seen == sorted(seen, reverse=True) or len(set(seen)) > 1  # widths shrink as the ratio grows
+    ok = [p["ratio"] for p in probes if p["prompt_speedup_llamacpp"] >= 1.3]
+    assert ratio == min(ok)

@@ -68,6 +68,13 @@ class GoalSection:
         type=float,
     )
     speed_seqlen: int = opt(512, "--speed-seqlen", "prefill length timed for --target-speedup", type=int)
+    speed_engine: str = opt(
+        "transformers",
+        "--speed-engine",
+        "where --target-speedup is timed: transformers (here), or llamacpp (llama.cpp's own server, f16 GGUF, "
+        "1 thread; the model must export to GGUF)",
+        choices=("transformers", "llamacpp"),
+    )
 
 
 @dataclass

@@ -441,20 +441,42 @@ def speed_search(run: Run) -> None:
         return
     from ..speed import ratio_for_speedup
 
-    run.log(f"searching the ratio for a {g.target_speedup}x prefill speedup ({g.speed_seqlen} tokens)")
+    where = "in llama.cpp's server" if g.speed_engine == "llamacpp" else "here"
+    run.log(f"searching the ratio for a {g.target_speedup}x prefill speedup ({g.speed_seqlen} tokens, {where})")
     t = time.perf_counter()
     dense = whole_model(run.ckpt.directory, run.ckpt.dtype, run.device)  # timing needs the whole model
-    cfg.ratio, probes = ratio_for_speedup(
-        dense,
-        g.target_speedup,
-        g.speed_seqlen,
-        min_head_width=cfg.min_head_width,
-        mlp_multiple=cfg.mlp_multiple,
-        log=run.log,
-    )
+    if g.speed_engine == "llamacpp":
+        from ..serve import require_xllamacpp
+        from ..serve.speed import ratio_for_speedup_llamacpp
+
+        require_xllamacpp()
+        cfg.ratio, probes = ratio_for_speedup_llamacpp(
+            dense,
+            run.tokenizer,
+            run.ckpt.directory,
+            g.target_speedup,
+            g.speed_seqlen,
+            min_head_width=cfg.min_head_width,
+            mlp_multiple=cfg.mlp_multiple,
+            log=run.log,
+        )
+    else:
+        cfg.ratio, probes = ratio_for_speedup(
+            dense,
+            g.target_speedup,
+            g.speed_seqlen,
+            min_head_width=cfg.min_head_width,
+            mlp_multiple=cfg.mlp_multiple,
+            log=run.log,
+        )
     del dense
     run.timings["speed_search"] = time.perf_counter() - t
-    run.goal = {"target_speedup": g.target_speedup, "speed_seqlen": g.speed_seqlen, "ratio": cfg.ratio}
+    run.goal = {
+        "target_speedup": g.target_speedup,
+        "speed_seqlen": g.speed_seqlen,
+        "speed_engine": g.speed_engine,
+        "ratio": cfg.ratio,
+    }
     run.goal["probes"] = probes
     run.log(f"ratio {cfg.ratio} reaches {g.target_speedup}x on candidate shapes")
     if run.ck is not None:
@@ -621,6 +643,21 @@ def speed_check(run: Run) -> None:
     if g.target_speedup is None:
         return
     t = time.perf_counter()
+    if g.speed_engine == "llamacpp":
+        from ..serve.speed import measured_speedup_llamacpp
+
+        run.tokenizer.save_pretrained(run.directory)  # the GGUF carries the vocabulary (save writes it too)
+        measured = measured_speedup_llamacpp(run.ckpt.directory, run.directory, g.speed_seqlen)
+        run.goal["measured_prompt_speedup_llamacpp"] = measured
+        run.timings["speed_check"] = time.perf_counter() - t
+        run.log(f"measured llama.cpp prompt speedup of the pruned model: {measured:.3f}x (asked {g.target_speedup}x)")
+        if measured < g.target_speedup:
+            warnings.warn(
+                f"the pruned model reaches {measured:.2f}x in llama.cpp, below the {g.target_speedup}x target "
+                "(the allocation changed the shapes the search timed)",
+                stacklevel=1,
+            )
+        return
     pair = [
         ("dense", whole_model(run.ckpt.directory, run.ckpt.dtype, run.device)),
         ("pruned", whole_model(run.directory, run.ckpt.dtype, run.device)),

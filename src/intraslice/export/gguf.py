@@ -201,6 +201,7 @@ def export_source_gguf(
     out_type: str = "f16",
     llama_cpp: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    tokenizer_pre: str | None = None,
 ) -> Path:
     """Write the GGUF of an unpruned Hugging Face directory with llama.cpp's own converter class.
 
@@ -212,7 +213,7 @@ def export_source_gguf(
     src = Path(directory)
     if not (src / "config.json").is_file():
         raise IntraSliceError(f"{src}: no config.json (a Hugging Face model directory is needed)")
-    return _run_child(src, Path(out), out_type, None, overwrite, llama_cpp, dense=True)
+    return _run_child(src, Path(out), out_type, tokenizer_pre, overwrite, llama_cpp, dense=True)
 
 
 def _run_child(
@@ -253,7 +254,7 @@ def _run_child(
     return out
 
 
-def _convert_dense(src: Path, out: Path, out_type: str) -> None:
+def _convert_dense(src: Path, out: Path, out_type: str, tokenizer_pre: str | None = None) -> None:
     """In the child: llama.cpp's own class for the source architecture writes ``out``."""
     import gguf
 
@@ -274,6 +275,8 @@ def _convert_dense(src: Path, out: Path, out_type: str) -> None:
         model_arch = base.model_arch
 
         def set_vocab(self) -> None:
+            if tokenizer_pre is not None:  # a tokenizer llama.cpp's hash table does not know
+                self.get_vocab_base_pre = lambda _tokenizer: tokenizer_pre
             # llama.cpp's LlamaModel tries sentencepiece first (an import this wheel set may
             # lack); a directory without tokenizer.model is a BPE tokenizer.json.
             if (self.dir_model / "tokenizer.model").is_file():
@@ -309,6 +312,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     a = json.loads(sys.argv[1])
     if a.get("dense"):
-        _convert_dense(Path(a["src"]), Path(a["out"]), a["type"])
+        _convert_dense(Path(a["src"]), Path(a["out"]), a["type"], a["tokenizer_pre"])
     else:
         _convert(Path(a["src"]), Path(a["out"]), a["type"], a["tokenizer_pre"])

@@ -133,3 +133,129 @@ def speed_llamacpp(
         "timed_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "models": out,
     }
+
+
+def llamacpp_candidate(source: Any, ratio: float, min_head_width: float, mlp_multiple: int) -> Any:
+    """:func:`intraslice.speed.candidate_model` within llama.cpp's ``deci`` constraints.
+
+    llama.cpp groups query head i onto KV head i / (n_head / n_head_kv): every kept KV head
+    serves the same number of query heads. The data-free guess may keep e.g. 5 query heads on
+    2 KV heads; here the query heads round down to a multiple of the KV heads and the MLP takes
+    the parameters they leave (to ``mlp_multiple``), so the candidate keeps its ratio.
+    """
+    from ..modeling import IntraSliceForCausalLM
+    from ..speed import candidate_model
+
+    cand = candidate_model(source, ratio, min_head_width, mlp_multiple)
+    spec = dict(cand.config.layers[0])
+    n, kv, r = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
+    n2 = max(kv, n - n % kv)
+    if n2 == n and spec["kv_index"] == [i // (n // kv) for i in range(n)]:
+        return cand
+    d = cand.config.hidden_size
+    gated = 3 if hasattr(cand.model.layers[0].mlp, "gate_proj") else 2
+    freed = (n - n2) * r * d * 2  # q_proj rows and o_proj columns of the dropped heads
+    extra = int(freed / (gated * d)) // mlp_multiple * mlp_multiple
+    spec.update(
+        num_heads=n2,
+        kv_index=[i // (n2 // kv) for i in range(n2)],
+        rope_pairs=spec["rope_pairs"][:kv] if len(spec["rope_pairs"]) == kv else spec["rope_pairs"],
+        intermediate_size=spec["intermediate_size"] + extra,
+    )
+    config = cand.config
+    config.layers = [dict(spec) for _ in config.layers]
+    dtype = next(cand.parameters()).dtype
+    del cand
+    model = IntraSliceForCausalLM(config).to(dtype=dtype).eval()
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def ratio_for_speedup_llamacpp(
+    source: Any,
+    tokenizer: Any,
+    source_dir: str | os.PathLike[str],
+    target: float,
+    seqlen: int = 512,
+    repeats: int = 3,
+    threads: int | None = 1,
+    min_head_width: float = 0.75,
+    mlp_multiple: int = 8,
+    out_type: str = "f16",
+    log: Callable[[str], None] | None = None,
+) -> tuple[float, list[dict[str, float]]]:
+    """``--target-speedup`` met in llama.cpp's server: the smallest ratio (0.05 grid) whose shapes reach it.
+
+    As :func:`intraslice.speed.ratio_for_speedup`, but each probe's candidate (random weights,
+    the shapes the ratio would give) is exported to a GGUF and timed in llama.cpp's server
+    against the dense source converted by llama.cpp's own converter, prompt tokens/s at
+    ``seqlen`` (the server's timings). Bisection: speed grows with the ratio.
+    """
+    import shutil
+    import tempfile
+
+    from ..export.gguf import export_gguf, export_source_gguf
+    from ..saving import save_pruned
+
+    if target <= 1.0:
+        raise IntraSliceError(f"--target-speedup must be > 1, got {target}")
+    grid = [round(0.05 * i, 2) for i in range(1, 19)]
+    probes: list[dict[str, float]] = []
+    work = Path(tempfile.mkdtemp(prefix="intraslice-speed-"))
+    try:
+        dense = export_source_gguf(source_dir, work / "dense.gguf", out_type)
+
+        def speedup(r: float) -> float:
+            cand = llamacpp_candidate(source, r, min_head_width, mlp_multiple)
+            d = save_pruned(cand, tokenizer, work / f"cand-{r}")
+            del cand
+            path = export_gguf(d, work / f"cand-{r}.gguf", out_type)
+            shutil.rmtree(d, ignore_errors=True)
+            res = speed_llamacpp([("dense", dense), ("candidate", path)], (seqlen,), (), 1, threads, repeats)
+            sp = res["models"]["candidate"]["speedup"][f"prompt_{seqlen}"]
+            path.unlink(missing_ok=True)
+            probes.append({"ratio": r, "prompt_speedup_llamacpp": sp})
+            if log:
+                log(f"  ratio {r:.2f}: llama.cpp prompt speedup {sp:.3f} (target {target})")
+            return sp
+
+        lo, hi = 0, len(grid) - 1
+        if speedup(grid[hi]) < target:
+            raise IntraSliceError(
+                f"even ratio {grid[hi]} reaches only {probes[-1]['prompt_speedup_llamacpp']:.2f}x prompt speedup "
+                f"in llama.cpp at {seqlen} tokens on this machine; ask for less than {target}x"
+            )
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if speedup(grid[mid]) >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return grid[lo], probes
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measured_speedup_llamacpp(
+    source_dir: str | os.PathLike[str],
+    pruned_dir: str | os.PathLike[str],
+    seqlen: int,
+    repeats: int = 5,
+    threads: int | None = 1,
+    out_type: str = "f16",
+) -> float:
+    """The pruned directory's prompt speedup over its dense source in llama.cpp's server."""
+    import shutil
+    import tempfile
+
+    from ..export.gguf import export_gguf, export_source_gguf
+
+    work = Path(tempfile.mkdtemp(prefix="intraslice-speed-"))
+    try:
+        dense = export_source_gguf(source_dir, work / "dense.gguf", out_type)
+        pruned = export_gguf(pruned_dir, work / "pruned.gguf", out_type)
+        res = speed_llamacpp([("dense", dense), ("pruned", pruned)], (seqlen,), (), 1, threads, repeats)
+        return float(res["models"]["pruned"]["speedup"][f"prompt_{seqlen}"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
