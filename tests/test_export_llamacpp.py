@@ -49,7 +49,7 @@ def test_llamacpp_server_agrees_with_intraslice(model: str, package: str, ratio:
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"needs the {package} package (--no-deps)")
     try:
-        find_llama_cpp()
+        find_llama_cpp(download=False)
     except IntraSliceError as exc:
         pytest.skip(str(exc))
     out = tmp_path / "pruned"

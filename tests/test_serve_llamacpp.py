@@ -33,7 +33,7 @@ def _llama_cpp() -> Path:
     from intraslice.export.gguf import find_llama_cpp
 
     try:
-        return find_llama_cpp()
+        return find_llama_cpp(download=False)
     except IntraSliceError as exc:
         pytest.skip(str(exc))
 

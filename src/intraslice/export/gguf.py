@@ -67,8 +67,12 @@ def _unpack_sdist(sdist: Path) -> Path:
     return dest
 
 
-def find_llama_cpp(path: str | os.PathLike[str] | None = None) -> Path:
-    """The llama.cpp source tree whose ``conversion`` package converts (argument, env, cache)."""
+def find_llama_cpp(path: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
+    """The llama.cpp source tree whose ``conversion`` package converts (argument, env, cache).
+
+    ``download``: failing those, fetch the sdist once (pip download, never built); the tests
+    pass False, so they skip rather than reach the network.
+    """
     candidates = [Path(p) for p in (path, os.environ.get(ENV)) if p]
     for cand in candidates:
         if cand.is_file() and cand.name.endswith(".tar.gz"):
@@ -80,7 +84,28 @@ def find_llama_cpp(path: str | os.PathLike[str] | None = None) -> Path:
     cached = sorted(p for p in CACHE.glob("*") if _is_tree(p)) if CACHE.is_dir() else []
     if cached:
         return cached[-1]
-    raise IntraSliceError(HOW)
+    if not download:
+        raise IntraSliceError(HOW)
+    return _unpack_sdist(_download_sdist())
+
+
+#: The llama-cpp-python release whose vendored llama.cpp converter the export is tested with.
+SDIST = "llama-cpp-python==0.3.36"
+
+
+def _download_sdist() -> Path:
+    """Download (never build) the converter's sdist once into the cache, as CI does; one line if offline."""
+    dest = CACHE.parent / "sdist"
+    found = sorted(dest.glob("llama_cpp_python-*.tar.gz")) if dest.is_dir() else []
+    if found:
+        return found[-1]
+    print(f"intraslice: downloading llama.cpp's GGUF converter once ({SDIST} sdist, 77 MB, not built)", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob("llama_cpp_python-*.tar.gz")) if dest.is_dir() else []
+    if proc.returncode != 0 or not found:
+        raise IntraSliceError(HOW)
+    return found[-1]
 
 
 def rope_freq_factors(config: Any, pairs: list[int], width: int) -> torch.Tensor | None:
