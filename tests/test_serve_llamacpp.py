@@ -145,3 +145,20 @@ def test_target_speedup_search_in_llamacpp_exports_each_candidate(tmp_path: Path
     assert seen == sorted(seen, reverse=True) or len(set(seen)) > 1  # widths shrink as the ratio grows
     ok = [p["ratio"] for p in probes if p["prompt_speedup_llamacpp"] >= 1.3]
     assert ratio == min(ok)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--speed-engine", "llamacpp"], "--deploy llamacpp"),  # the speed check exports to GGUF
+        (["--deploy", "vllm"], "--deploy vllm keeps whole"),  # candidates would prune attention
+    ],
+)
+def test_target_speedup_refusals_come_before_any_work(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], needle: str
+) -> None:
+    out = tmp_path / "out"
+    code = main(["prune", "--model", str(model_dir), "--target-speedup", "1.2", "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not out.exists()

@@ -234,6 +234,8 @@ def check_options(run: Run) -> None:
         raise IntraSliceError("give one of --ratio, --target-params, --target-speedup")
     if c.goal.ratio is not None:
         check_ratio(c.goal.ratio)
+    if c.goal.context < 1 or c.goal.batch < 1:
+        raise IntraSliceError(f"--context and --batch must be >= 1, got {c.goal.context} and {c.goal.batch}")
     if c.goal.ratio is not None:  # else PruneConfig's default (or what an API caller set there)
         cfg.ratio = c.goal.ratio
     spec = get_method(cfg.method)
@@ -271,6 +273,16 @@ def check_options(run: Run) -> None:
         raise IntraSliceError("--export gguf needs a model pruned with --deploy llamacpp (or stock)")
     if c.export.format == "vllm" and cfg.deploy not in ("vllm", "stock"):
         raise IntraSliceError("--export vllm needs a model pruned with --deploy vllm (or stock)")
+    if c.goal.target_speedup is not None and c.goal.speed_engine == "llamacpp":
+        if cfg.deploy not in ("llamacpp", "stock"):  # the speed check exports the result to GGUF
+            raise IntraSliceError("--speed-engine llamacpp needs a model pruned with --deploy llamacpp (or stock)")
+        from ..serve import require_xllamacpp
+
+        require_xllamacpp()
+    if c.goal.target_speedup is not None and cfg.deploy == "vllm":
+        raise IntraSliceError(
+            "--target-speedup times candidates that prune attention, which --deploy vllm keeps whole: give --ratio"
+        )
     if cfg.attention_share is not None and cfg.mlp_bias is not None:
         raise IntraSliceError("give --attention-share or --mlp-bias, not both (each sets the other)")
     e = c.evaluation
@@ -459,6 +471,7 @@ def speed_search(run: Run) -> None:
             min_head_width=cfg.min_head_width,
             mlp_multiple=cfg.mlp_multiple,
             log=run.log,
+            llama_cpp=run.config.export.llama_cpp,
         )
     else:
         cfg.ratio, probes = ratio_for_speedup(
@@ -647,7 +660,13 @@ def speed_check(run: Run) -> None:
         from ..serve.speed import measured_speedup_llamacpp
 
         run.tokenizer.save_pretrained(run.directory)  # the GGUF carries the vocabulary (save writes it too)
-        measured = measured_speedup_llamacpp(run.ckpt.directory, run.directory, g.speed_seqlen)
+        try:
+            measured = measured_speedup_llamacpp(
+                run.ckpt.directory, run.directory, g.speed_seqlen, llama_cpp=run.config.export.llama_cpp
+            )
+        except IntraSliceError as exc:  # a check after the work: never worth discarding the pruned model
+            warnings.warn(f"the llama.cpp speed check failed ({exc}); the pruned model is kept", stacklevel=1)
+            return
         run.goal["measured_prompt_speedup_llamacpp"] = measured
         run.timings["speed_check"] = time.perf_counter() - t
         run.log(f"measured llama.cpp prompt speedup of the pruned model: {measured:.3f}x (asked {g.target_speedup}x)")
@@ -700,6 +719,7 @@ def save(run: Run) -> None:
         "zeroshot": run.zeroshot,
         "peak_memory": peak_memory_mb(run.device),
     }
+    report["serving_memory"] = serving_memory(run, report)
     if run.ck is not None:
         report["resumed"] = run.ck.resumed
     report["timings_s"].update(run.timings)
@@ -713,6 +733,16 @@ def save(run: Run) -> None:
     except IntraSliceError as exc:  # matplotlib missing: the model is saved, only the plot is skipped
         print(f"intraslice: note: no plot ({exc})", file=sys.stderr)
     run.report = report
+
+
+def serving_memory(run: Run, report: dict[str, Any]) -> dict[str, Any]:
+    """Weights plus KV cache, dense and pruned, at ``--context`` x ``--batch`` in ``--serving-dtype``."""
+    from ..kvcache import compare_serving_memory
+
+    g = run.config.goal
+    pruned = json.loads((run.directory / "config.json").read_text(encoding="utf-8"))
+    before, after = report["params_before"]["whole_model"], report["params_after"]["whole_model"]
+    return compare_serving_memory(run.ckpt.config, pruned, g.context, g.batch, g.serving_dtype, before, after)
 
 
 def effective_config(run: Run) -> RunConfig:

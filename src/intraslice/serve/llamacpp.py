@@ -48,9 +48,11 @@ def require_xllamacpp() -> ModuleType:
     return xllamacpp
 
 
-def _fingerprint(directory: Path) -> str:
-    """Changes whenever the saved model does (path, and size and mtime of every file in it)."""
-    h = hashlib.sha256(str(directory.resolve()).encode())
+def _fingerprint(directory: Path, converter: str = "") -> str:
+    """Changes whenever the saved model, intraslice or the converter does (path, files' size and mtime)."""
+    from .. import __version__
+
+    h = hashlib.sha256(f"{directory.resolve()}|{__version__}|{converter}".encode())
     for f in sorted(directory.iterdir()):
         if f.is_file():
             st = f.stat()
@@ -75,12 +77,23 @@ def gguf_for(
         return path
     if not (path / "config.json").is_file():
         raise IntraSliceError(f"{path}: not a .gguf file nor a model directory (no config.json)")
-    from ..export.gguf import export_gguf
+    from ..export.gguf import export_gguf, find_llama_cpp
 
-    out = CACHE / f"{path.resolve().name}-{_fingerprint(path)}-{out_type}.gguf"
+    converter = find_llama_cpp(llama_cpp)
+    out = CACHE / f"{path.resolve().name}-{_fingerprint(path, str(converter))}-{out_type}.gguf"
     if not out.is_file():
-        export_gguf(path, out, out_type, llama_cpp=llama_cpp)
+        export_gguf(path, out, out_type, llama_cpp=converter)
+        _evict(out)
     return out
+
+
+def _evict(keep: Path) -> None:
+    """Drop older exports of the same directory and type: the cache holds one per model."""
+    stem, _, out_type = keep.name.rpartition("-")
+    prefix = stem.rsplit("-", 1)[0]
+    for old in keep.parent.glob(f"{prefix}-*-{out_type}"):
+        if old != keep and old.name.rsplit("-", 2)[0] == prefix:
+            old.unlink(missing_ok=True)
 
 
 def dense_gguf_for(
@@ -99,10 +112,15 @@ def dense_gguf_for(
     if not (path / RUN_CONFIG_FILE).is_file():
         raise IntraSliceError(f"{path} records no source model (no {RUN_CONFIG_FILE}): give the dense GGUF instead")
     cfg = RunConfig.from_toml(path / RUN_CONFIG_FILE)
+    from ..export.gguf import find_llama_cpp
+
     ckpt = SourceCheckpoint.open(cfg.model.model, cfg.model.gguf_file)
-    out = CACHE / f"dense-{ckpt.directory.resolve().name}-{_fingerprint(ckpt.directory)}-{out_type}.gguf"
+    converter = find_llama_cpp(llama_cpp)
+    fp = _fingerprint(ckpt.directory, str(converter))
+    out = CACHE / f"dense-{ckpt.directory.resolve().name}-{fp}-{out_type}.gguf"
     if not out.is_file():
-        export_source_gguf(ckpt.directory, out, out_type, llama_cpp=llama_cpp)
+        export_source_gguf(ckpt.directory, out, out_type, llama_cpp=converter)
+        _evict(out)
     return out
 
 

@@ -184,6 +184,7 @@ def ratio_for_speedup_llamacpp(
     mlp_multiple: int = 8,
     out_type: str = "f16",
     log: Callable[[str], None] | None = None,
+    llama_cpp: str | os.PathLike[str] | None = None,
 ) -> tuple[float, list[dict[str, float]]]:
     """``--target-speedup`` met in llama.cpp's server: the smallest ratio (0.05 grid) whose shapes reach it.
 
@@ -204,13 +205,13 @@ def ratio_for_speedup_llamacpp(
     probes: list[dict[str, float]] = []
     work = Path(tempfile.mkdtemp(prefix="intraslice-speed-"))
     try:
-        dense = export_source_gguf(source_dir, work / "dense.gguf", out_type)
+        dense = export_source_gguf(source_dir, work / "dense.gguf", out_type, llama_cpp=llama_cpp)
 
         def speedup(r: float) -> float:
             cand = llamacpp_candidate(source, r, min_head_width, mlp_multiple)
             d = save_pruned(cand, tokenizer, work / f"cand-{r}")
             del cand
-            path = export_gguf(d, work / f"cand-{r}.gguf", out_type)
+            path = export_gguf(d, work / f"cand-{r}.gguf", out_type, llama_cpp=llama_cpp)
             shutil.rmtree(d, ignore_errors=True)
             res = speed_llamacpp([("dense", dense), ("candidate", path)], (seqlen,), (), 1, threads, repeats)
             sp = res["models"]["candidate"]["speedup"][f"prompt_{seqlen}"]
@@ -244,6 +245,7 @@ def measured_speedup_llamacpp(
     repeats: int = 5,
     threads: int | None = 1,
     out_type: str = "f16",
+    llama_cpp: str | os.PathLike[str] | None = None,
 ) -> float:
     """The pruned directory's prompt speedup over its dense source in llama.cpp's server."""
     import shutil
@@ -253,8 +255,8 @@ def measured_speedup_llamacpp(
 
     work = Path(tempfile.mkdtemp(prefix="intraslice-speed-"))
     try:
-        dense = export_source_gguf(source_dir, work / "dense.gguf", out_type)
-        pruned = export_gguf(pruned_dir, work / "pruned.gguf", out_type)
+        dense = export_source_gguf(source_dir, work / "dense.gguf", out_type, llama_cpp=llama_cpp)
+        pruned = export_gguf(pruned_dir, work / "pruned.gguf", out_type, llama_cpp=llama_cpp)
         res = speed_llamacpp([("dense", dense), ("pruned", pruned)], (seqlen,), (), 1, threads, repeats)
         return float(res["models"]["pruned"]["speedup"][f"prompt_{seqlen}"])
     finally:
