@@ -59,3 +59,11 @@ def test_llamacpp_server_agrees_with_intraslice(model: str, package: str, ratio:
     res = _bench().compare(out, seqlen=128, windows=2, new_tokens=8, threads=2)
     assert res["logprob_max_abs_diff"] < LOGPROB_ATOL, res
     assert res["ppl_rel_diff"] < PPL_RTOL, res
+    if model == "smollm2-135m" and ratio:  # the user's command: eval ppl --engine llamacpp
+        import json
+
+        for engine in ("transformers", "llamacpp"):
+            args = ["eval", "ppl", "--model", str(out), "--seqlen", "64", "--windows", "2", "--no-progress"]
+            assert main([*args, "--engine", engine, "--json", str(tmp_path / f"{engine}.json")]) == 0
+        ours, theirs = (json.loads((tmp_path / f"{e}.json").read_text())["ppl"] for e in ("transformers", "llamacpp"))
+        assert abs(theirs - ours) / ours < PPL_RTOL, (ours, theirs)
