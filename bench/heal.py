@@ -225,6 +225,7 @@ def write_table(results: dict[str, Any], key: str, args: argparse.Namespace) -> 
                 ax.plot([r["tokens"] for r in rows], [100 * (r["gap_closed"] or {}).get(text, 0) for r in rows],
                         style, label=f"{recipe} ({text})")  # fmt: skip
         ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("training tokens")
         ax.set_ylabel("perplexity gap closed (%)")
         ax.set_title(f"{results['model']} at {results['ratio']}: heal by distillation")

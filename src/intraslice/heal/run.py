@@ -347,6 +347,10 @@ def heal(
     t = time.perf_counter()
     before = recorded_held_out(report, cfg, "pruned")
     dense = recorded_held_out(report, cfg, "dense")
+    if report.get(HEAL_RECORD, {}).get("kept") == "healed":  # healed before: its weights are no longer the pruned
+        before = None
+        if dense is None:
+            dense = report[HEAL_RECORD].get("held_out", {}).get("dense")
     if before is None:
         cached = state / "before.json"
         if cached.is_file():
