@@ -236,6 +236,10 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
     print(f"{'':16}{'before':>14}{'after':>14}{'removed':>10}")
     for key, label in (("decoder_linear", "decoder linear"), ("whole_model", "whole model")):
         print(f"{label:16}{b[key]:>14,}{a[key]:>14,}{r[key]:>9.1%}")
+    if report.get("serving_memory"):
+        from .kvcache import describe
+
+        print(describe(report["serving_memory"]))
     calib = report.get("calibration") or {}
     if calib:
         print(f"calibrated on {calib['source']} ({calib['nsamples']} x {calib['seqlen']} tokens)")

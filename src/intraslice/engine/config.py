@@ -30,6 +30,7 @@ from ..config import (
 from ..data import DEFAULT_CALIB
 from ..errors import IntraSliceError
 from ..heal.config import HealSection
+from ..kvcache import SERVING_DTYPES
 
 #: The file every output directory holds: the effective config of the run that wrote it.
 RUN_CONFIG_FILE = "run_config.toml"
@@ -50,7 +51,8 @@ class ModelSection:
 
 @dataclass
 class GoalSection:
-    """How much to remove: one of a ratio, a parameter target or a speedup target."""
+    """How much to remove (one of a ratio, a parameter target or a speedup target), and the
+    serving setting (context, batch, type) the report counts the memory at."""
 
     ratio: float | None = opt(
         None, "--ratio", "fraction of decoder linear parameters to remove [0, 0.95] (default 0.3)", type=float
@@ -74,6 +76,15 @@ class GoalSection:
         "where --target-speedup is timed: transformers (here), or llamacpp (llama.cpp's own server, f16 GGUF, "
         "1 thread; the model must export to GGUF)",
         choices=("transformers", "llamacpp"),
+    )
+    # The serving setting the report counts weights plus KV cache at (intraslice.kvcache).
+    context: int = opt(4096, "--context", "tokens per sequence of the reported KV cache (default 4096)", type=int)
+    batch: int = opt(1, "--batch", "sequences served at once, for the reported KV cache (default 1)", type=int)
+    serving_dtype: str = opt(
+        "f16",
+        "--serving-dtype",
+        "type the reported weights and KV cache are counted in (default f16; q8_0: 34 bytes per 32 values)",
+        choices=SERVING_DTYPES,
     )
 
 
