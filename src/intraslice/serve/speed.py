@@ -74,10 +74,16 @@ def speed_llamacpp(
         raise IntraSliceError("give at least one model")
     if repeats < 1 or decode_tokens < 1:
         raise IntraSliceError("--repeats and the decode tokens must be >= 1")
-    n_ctx = max([*prompts, *contexts]) + decode_tokens + 8
+    slot_ctx = max([*prompts, *contexts]) + decode_tokens + 8
+    # One server slot per decode context and one for the prompts: llama.cpp sends a request to
+    # the slot whose cache shares its prefix, so a decode context's prompt is processed once,
+    # not again at every repeat (slots decode one at a time here: requests are sequential).
+    slots = len(contexts) + 1
     facts = {name: gguf_facts(path) for name, path in models}
     vocab = min(f["vocab"] for f in facts.values())
-    servers = {name: LlamaCppServer(path, n_ctx=n_ctx, threads=threads) for name, path in models}
+    servers = {
+        name: LlamaCppServer(path, n_ctx=slot_ctx * slots, threads=threads, parallel=slots) for name, path in models
+    }
     best: dict[str, dict[str, float]] = {name: {} for name, _ in models}
     try:
         for r in range(repeats):
