@@ -169,6 +169,11 @@ def train(
     )
     undo = checkpoint_layers(layers)
     inner.train()
+    device = next(inner.parameters()).device  # the windows and the cache live on the host
+
+    def to_device(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
@@ -178,8 +183,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             kls, ces = [], []
             for w in order[step * cfg.batch : (step + 1) * cfg.batch]:
-                ids = windows[w : w + 1]
-                t_logp, t_idx, t_tail = cache.get(w)
+                ids = windows[w : w + 1].to(device)
+                t_logp, t_idx, t_tail = (to_device(t) for t in cache.get(w))
                 hidden = inner(input_ids=ids, use_cache=False).last_hidden_state[0]
                 loss, kl, ce = distill_loss(hidden, head, t_logp, t_idx, t_tail, ids[0], cfg.ce_weight)
                 (loss / cfg.batch).backward()
