@@ -343,3 +343,13 @@ def test_the_cli_heals(pruned_dir: Path, calib: Path, tmp_path: Path, capsys: py
     out = capsys.readouterr().out
     assert "heal plan: training" in out and "tokens/s" in out and f"wrote {tmp_path / 'o'}" in out
     assert json.loads((tmp_path / "o" / "intraslice.json").read_text())["heal"]["training"]["steps"] == 2
+
+
+# -- review fixes -----------------------------------------------------------------------------
+def test_the_teacher_cache_key_identifies_the_windows() -> None:
+    from intraslice.heal.run import windows_digest
+
+    a = torch.zeros(4, 8, dtype=torch.long)
+    b = a.clone()
+    b[3, 7] = 1
+    assert windows_digest(a) == windows_digest(a.clone()) != windows_digest(b)

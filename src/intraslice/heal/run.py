@@ -326,7 +326,7 @@ def heal(
     settings = {
         "pruned": _fingerprint(student_ckpt),
         "teacher": _fingerprint(teacher),
-        "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
+        "windows": windows_digest(windows),
         "config": {k: v for k, v in cfg.to_dict().items() if k not in _NOT_SETTINGS},
     }
     state = state_dir_for(out)
@@ -507,6 +507,13 @@ def gap_closed(dense: dict | None, before: dict, after: dict) -> dict[str, float
         if text in after and text in dense and before[text]["ppl"] != dense[text]["ppl"]:
             out[text] = (before[text]["ppl"] - after[text]["ppl"]) / (before[text]["ppl"] - dense[text]["ppl"])
     return out
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """What identifies the training windows (the teacher cache's and the resume area's key)."""
+    h = hashlib.sha256(f"{tuple(windows.shape)} {windows.dtype}".encode())
+    h.update(windows.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _fingerprint(ckpt: Any) -> dict[str, Any]:

@@ -47,7 +47,16 @@ def heal_pruned(run: Run) -> None:
     h = run.config.heal
     if h.tokens == 0 or not run.main_rank:
         return
-    from .run import distil, held_out, state_dir_for, training_windows, worse, write_weights
+    from .run import (
+        _fingerprint,
+        distil,
+        held_out,
+        state_dir_for,
+        training_windows,
+        windows_digest,
+        worse,
+        write_weights,
+    )
 
     cfg = h.heal_config(run.config.evaluation, run.device)
     if run.ck is not None:
@@ -66,7 +75,11 @@ def heal_pruned(run: Run) -> None:
         state.mkdir(parents=True, exist_ok=True)
         pruned = SourceCheckpoint.from_directory(run.directory)
         windows, data_name = training_windows(run.tokenizer, cfg, run.log)
-        settings = {"teacher": {"config": "source", "name": run.ckpt.name}, "windows": str(windows.shape)}
+        # the teacher cache's key: the source (content of its config, its weight files, the dtype it was
+        # loaded in) and the windows themselves, as `intraslice heal` keys it
+        teacher = _fingerprint(run.ckpt)
+        teacher["config"] += f" {run.ckpt.dtype}"
+        settings = {"teacher": teacher, "windows": windows_digest(windows)}
         timings: dict[str, float] = {}
         model, training, cache_nbytes = distil(
             run.directory, run.ckpt, windows, cfg, state, run.device, settings, timings, run.progress, run.log
