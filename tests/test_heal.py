@@ -353,3 +353,18 @@ def test_the_teacher_cache_key_identifies_the_windows() -> None:
     b = a.clone()
     b[3, 7] = 1
     assert windows_digest(a) == windows_digest(a.clone()) != windows_digest(b)
+
+
+def test_the_cached_before_check_is_of_the_same_eval_settings(calib: Path, tmp_path: Path) -> None:
+    from intraslice.heal.run import cached_held_out, write_cached_held_out
+
+    path = tmp_path / "before.json"
+    res = {"wikitext2": {"ppl": 3.0, "windows": 1, "seqlen": 64}}
+    assert cached_held_out(path, small(calib)) is None  # absent
+    write_cached_held_out(path, small(calib), res)
+    assert cached_held_out(path, small(calib)) == res and not list(tmp_path.glob("*.tmp"))
+    assert cached_held_out(path, small(calib, eval_windows=2)) is None
+    assert cached_held_out(path, small(calib, eval_seqlen=128)) is None
+    assert cached_held_out(path, small(calib, eval_texts="wikitext2")) is None
+    path.write_text('{"wikitext2": {"pp', encoding="utf-8")  # torn by a kill
+    assert cached_held_out(path, small(calib)) is None

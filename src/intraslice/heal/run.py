@@ -176,6 +176,28 @@ def recorded_held_out(report: dict[str, Any], cfg: HealConfig, which: str) -> di
     return out
 
 
+def eval_settings(cfg: HealConfig) -> dict[str, Any]:
+    """What a held-out check measures (its numbers are only reused for the same)."""
+    return {"texts": cfg.texts(), "windows": cfg.eval_windows, "seqlen": cfg.eval_seqlen}
+
+
+def cached_held_out(path: Path, cfg: HealConfig) -> dict[str, Any] | None:
+    """A held-out check an interrupted heal stored, if it was of these settings (unreadable: none)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("eval") != eval_settings(cfg) or not isinstance(data.get("ppl"), dict):
+        return None
+    return data["ppl"]
+
+
+def write_cached_held_out(path: Path, cfg: HealConfig, result: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"eval": eval_settings(cfg), "ppl": result}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def worse(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """The held-out texts whose perplexity the heal raised."""
     return [t for t in before if t in after and after[t]["ppl"] > before[t]["ppl"]]
@@ -352,12 +374,10 @@ def heal(
         if dense is None:
             dense = report[HEAL_RECORD].get("held_out", {}).get("dense")
     if before is None:
-        cached = state / "before.json"
-        if cached.is_file():
-            before = json.loads(cached.read_text(encoding="utf-8"))
-        else:
+        before = cached_held_out(state / "before.json", cfg)
+        if before is None:
             before = held_out(student_ckpt.directory, tokenizer, cfg, device, progress)
-            cached.write_text(json.dumps(before), encoding="utf-8")
+            write_cached_held_out(state / "before.json", cfg, before)
     timings["check_before"] = time.perf_counter() - t
     for text, res in before.items():
         log(f"heal: before, perplexity ({text}): {res['ppl']:.3f}")
