@@ -368,3 +368,13 @@ def test_the_cached_before_check_is_of_the_same_eval_settings(calib: Path, tmp_p
     assert cached_held_out(path, small(calib, eval_texts="wikitext2")) is None
     path.write_text('{"wikitext2": {"pp', encoding="utf-8")  # torn by a kill
     assert cached_held_out(path, small(calib)) is None
+
+
+def test_lora_without_peft_is_refused_before_any_work(
+    pruned_dir: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    out = tmp_path / "out"
+    line = refused(capsys, str(pruned_dir), "--out", str(out), "--data", str(calib), "--method", "lora")
+    assert "needs peft" in line
+    assert not out.exists() and not (tmp_path / ".out.heal").exists()

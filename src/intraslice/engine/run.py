@@ -203,6 +203,12 @@ def _work(state: Run) -> None:
     except IntraSliceError:
         if ck is not None:
             ck.discard()  # a user error: this run's checkpoint is worth nothing
+            if state.config.heal.tokens:  # and the heal's state next to it
+                import shutil
+
+                from ..heal.run import state_dir_for
+
+                shutil.rmtree(state_dir_for(out.out), ignore_errors=True)
         raise
     except OSError as exc:  # disk full, read-only, permissions: the finished layers are kept
         if ck is None:

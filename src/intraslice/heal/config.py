@@ -96,6 +96,11 @@ class HealConfig:
                 raise IntraSliceError(f"unknown held-out text {text!r}: choose from {', '.join(EVAL_TEXTS)}")
         if self.data in EVAL_TEXTS:
             raise IntraSliceError(f"refusing to train on {self.data!r}: it is an evaluation text")
+        if self.method == "lora":  # before the teacher pass, not after it
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise IntraSliceError("--method lora needs peft: pip install 'intraslice[heal]' (or --method full)")
 
     def texts(self) -> list[str]:
         return [t.strip() for t in self.eval_texts.split(",") if t.strip()]
