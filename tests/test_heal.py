@@ -378,3 +378,17 @@ def test_lora_without_peft_is_refused_before_any_work(
     line = refused(capsys, str(pruned_dir), "--out", str(out), "--data", str(calib), "--method", "lora")
     assert "needs peft" in line
     assert not out.exists() and not (tmp_path / ".out.heal").exists()
+
+
+def test_a_heal_never_copies_an_export_of_the_pre_heal_weights(pruned_dir: Path, calib: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "pruned"
+    shutil.copytree(pruned_dir, src)
+    (src / "model-f32.gguf").write_bytes(b"GGUF pre-heal")
+    (src / "stock-hf").mkdir()
+    heal(src, tmp_path / "o", small(calib, keep_worse=True, eval_windows=0, tokens=64), progress=False,
+         log=lambda _: None)  # fmt: skip
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert "model-f32.gguf" not in names and "stock-hf" not in names
+    assert names == sorted(p.name for p in pruned_dir.iterdir())

@@ -203,6 +203,17 @@ def worse(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return [t for t in before if t in after and after[t]["ppl"] > before[t]["ppl"]]
 
 
+#: What the healed directory takes over from the pruned one besides the weights (written anew):
+#: config, tokenizer, modeling code, the weights' index, the run config and report plot. Never
+#: an export (``--export gguf``'s ``model-TYPE.gguf``, ``stock-hf/``, ``vllm/``): it holds the
+#: pre-heal weights.
+CARRIED_SUFFIXES = (".json", ".py", ".txt", ".model", ".toml", ".png", ".md", ".jinja", ".tiktoken")
+
+
+def carried(name: str) -> bool:
+    return name.endswith(CARRIED_SUFFIXES)
+
+
 # -- the student ------------------------------------------------------------------------------
 def load_student(directory: Path, device: str) -> Any:
     from transformers import AutoModelForCausalLM
@@ -392,7 +403,7 @@ def heal(
 
     def write(tmp: Path) -> None:
         for f in student_ckpt.directory.iterdir():
-            if f.is_file() and f.name != REPORT_FILE:
+            if f.is_file() and f.name != REPORT_FILE and carried(f.name):
                 shutil.copy2(f, tmp / f.name)
         write_weights(model, student_ckpt, tmp)
         t = time.perf_counter()
