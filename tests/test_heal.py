@@ -392,3 +392,18 @@ def test_a_heal_never_copies_an_export_of_the_pre_heal_weights(pruned_dir: Path,
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert "model-f32.gguf" not in names and "stock-hf" not in names
     assert names == sorted(p.name for p in pruned_dir.iterdir())
+
+
+def test_the_before_check_of_a_healed_directory_is_the_healed_one(calib: Path) -> None:
+    from intraslice.heal.run import recorded_before
+
+    cfg = small(calib, eval_texts="wikitext2")
+    ppl = lambda v: {"ppl": v, "windows": 1, "seqlen": 64}  # noqa: E731
+    report = {"perplexities": {"wikitext2": {"dense": ppl(2.0), "pruned": ppl(5.0)}}}
+    assert recorded_before(report, cfg)["wikitext2"]["ppl"] == 5.0
+    healed = {**report, "heal": {"kept": "healed", "held_out": {"after": {"wikitext2": ppl(4.0)}}}}
+    assert recorded_before(healed, cfg)["wikitext2"]["ppl"] == 4.0
+    healed["heal"]["held_out"]["after"] = {"wikitext2": {**ppl(4.0), "windows": 3}}  # other windows: measure
+    assert recorded_before(healed, cfg) is None
+    kept = {**report, "heal": {"kept": "pre-heal", "held_out": {"after": {"wikitext2": ppl(6.0)}}}}
+    assert recorded_before(kept, cfg)["wikitext2"]["ppl"] == 5.0

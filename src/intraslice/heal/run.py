@@ -167,13 +167,32 @@ def held_out(directory: Path, tokenizer: Any, cfg: HealConfig, device: str, prog
 
 def recorded_held_out(report: dict[str, Any], cfg: HealConfig, which: str) -> dict[str, Any] | None:
     """The prune report's perplexities of ``which`` model if they are exactly the check's windows."""
+    by_text = {t: ((report.get("perplexities") or {}).get(t) or {}).get(which) for t in cfg.texts()}
+    return _same_windows(by_text, cfg)
+
+
+def _same_windows(by_text: dict[str, Any], cfg: HealConfig) -> dict[str, Any] | None:
     out = {}
     for text in cfg.texts():
-        res = ((report.get("perplexities") or {}).get(text) or {}).get(which)
+        res = by_text.get(text)
         if not res or res.get("seqlen") != cfg.eval_seqlen or res.get("windows") != cfg.eval_windows:
             return None
         out[text] = res
     return out
+
+
+def recorded_before(report: dict[str, Any], cfg: HealConfig) -> dict[str, Any] | None:
+    """The recorded held-out check of the weights in the directory, if there is one of these windows.
+
+    A directory healed before (its heal record kept the healed weights) holds the healed
+    model: its numbers are the heal's after-check (or the prune report's ``healed``
+    column), never the ``pruned`` one; None means measure it.
+    """
+    record = report.get(HEAL_RECORD) or {}
+    if record.get("kept") != "healed":
+        return recorded_held_out(report, cfg, "pruned")
+    after = (record.get("held_out") or {}).get("after") or {}
+    return _same_windows(after, cfg) or recorded_held_out(report, cfg, "healed")
 
 
 def eval_settings(cfg: HealConfig) -> dict[str, Any]:
@@ -378,12 +397,10 @@ def heal(
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    before = recorded_held_out(report, cfg, "pruned")
+    before = recorded_before(report, cfg)  # healed before: the healed numbers, not the pruned
     dense = recorded_held_out(report, cfg, "dense")
-    if report.get(HEAL_RECORD, {}).get("kept") == "healed":  # healed before: its weights are no longer the pruned
-        before = None
-        if dense is None:
-            dense = report[HEAL_RECORD].get("held_out", {}).get("dense")
+    if dense is None and (report.get(HEAL_RECORD) or {}).get("kept") == "healed":
+        dense = _same_windows((report[HEAL_RECORD].get("held_out") or {}).get("dense") or {}, cfg)
     if before is None:
         before = cached_held_out(state / "before.json", cfg)
         if before is None:
