@@ -184,15 +184,19 @@ def _same_windows(by_text: dict[str, Any], cfg: HealConfig) -> dict[str, Any] | 
 def recorded_before(report: dict[str, Any], cfg: HealConfig) -> dict[str, Any] | None:
     """The recorded held-out check of the weights in the directory, if there is one of these windows.
 
-    A directory healed before (its heal record kept the healed weights) holds the healed
-    model: its numbers are the heal's after-check (or the prune report's ``healed``
-    column), never the ``pruned`` one; None means measure it.
+    A directory healed before holds the weights its heal record kept: the healed ones (their
+    numbers are the heal's after-check, or the prune report's ``healed`` column) or the
+    heal's input (its before-check, which for a directory healed twice is not the pruned
+    model's); never the ``pruned`` column then. None means measure it.
     """
     record = report.get(HEAL_RECORD) or {}
-    if record.get("kept") != "healed":
+    if not record:
         return recorded_held_out(report, cfg, "pruned")
-    after = (record.get("held_out") or {}).get("after") or {}
-    return _same_windows(after, cfg) or recorded_held_out(report, cfg, "healed")
+    kept = record.get("kept")
+    got = _same_windows(((record.get("held_out") or {}).get("after" if kept == "healed" else "before")) or {}, cfg)
+    if got is None and kept == "healed":
+        got = recorded_held_out(report, cfg, "healed")
+    return got
 
 
 def eval_settings(cfg: HealConfig) -> dict[str, Any]:
