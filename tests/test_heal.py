@@ -235,6 +235,8 @@ def test_a_heal_made_worse_keeps_the_pre_heal_weights(pruned_dir: Path, calib: P
                log=lines.append)  # fmt: skip
     assert rec["worse"] and rec["kept"] == "pre-heal"
     assert any("keeping the pre-heal weights" in line for line in lines)
+    assert rec["held_out"]["after_discarded"] and rec["held_out"]["model"] == rec["held_out"]["before"]
+    assert all(line.endswith("(discarded)") for line in lines if "after, perplexity" in line)
     wp, ww = weights(pruned_dir), weights(tmp_path / "w")
     assert all(torch.equal(wp[k], ww[k]) for k in wp)
     rec = heal(pruned_dir, tmp_path / "k", small(calib, method="full", lr=5.0, warmup=0.0, keep_worse=True),
@@ -408,3 +410,59 @@ def test_the_before_check_of_a_healed_directory_is_the_healed_one(calib: Path) -
     kept = {**report, "heal": {"kept": "pre-heal", "held_out": {"before": {"wikitext2": ppl(4.5)},
                                                                 "after": {"wikitext2": ppl(6.0)}}}}  # fmt: skip
     assert recorded_before(kept, cfg)["wikitext2"]["ppl"] == 4.5  # the heal's input (maybe healed before)
+
+
+def fake_run(tmp_path: Path, **kw):
+    from types import SimpleNamespace
+
+    config = RunConfig()
+    config.heal.tokens = 64
+    config.output.out = str(tmp_path / "out")
+    base = dict(config=config, main_rank=True, ck=None, device="cpu", ppl={}, timings={}, log=lambda _: None)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_the_stage_removes_its_temporary_state_when_the_heal_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from intraslice.heal import stage
+
+    made = tmp_path / "state"
+
+    def mkdtemp(prefix: str) -> str:
+        made.mkdir()
+        return str(made)
+
+    def boom(*args) -> None:
+        (made / "teacher").mkdir()
+        raise RuntimeError("distil failed")
+
+    monkeypatch.setattr(stage.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(stage, "_heal_and_stage", boom)
+    with pytest.raises(RuntimeError, match="distil failed"):
+        stage.heal_pruned(fake_run(tmp_path))
+    assert not made.exists()
+
+
+def test_a_discarded_heal_is_never_reported_as_the_models_perplexity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from intraslice.cli import _print_summary
+    from intraslice.heal import stage
+
+    ppl = lambda v: {"ppl": v, "windows": 1, "windows_total": 9, "seqlen": 64, "source": "wikitext2"}  # noqa: E731
+    record = {"held_out": {"before": {"wikitext2": ppl(5.0)}, "after": {"wikitext2": ppl(7.0)}},
+              "worse": ["wikitext2"], "kept": "pre-heal", "files": []}  # fmt: skip
+    monkeypatch.setattr(stage, "_heal_and_stage", lambda *a: record)
+    lines: list[str] = []
+    run = fake_run(tmp_path, ppl={"wikitext2": {"dense": ppl(4.0), "pruned": ppl(5.0)}}, log=lines.append)
+    stage.heal_pruned(run)
+    assert "healed" not in run.ppl["wikitext2"] and run.ppl["wikitext2"]["healed_discarded"]["ppl"] == 7.0
+    assert any("7.000 (discarded" in line for line in lines), lines
+    n = {"decoder_linear": 10, "whole_model": 20}
+    report = {"params_before": n, "params_after": n, "reduction": {k: 0.0 for k in n}, "perplexities": run.ppl,
+              "timings_s": {"total": 1.0}, "peak_memory": {"host_peak_rss_mb": 1.0}, "layers": []}  # fmt: skip
+    _print_summary(report, tmp_path)
+    out = capsys.readouterr().out
+    assert "-> healed" not in out and "healed 7.000: discarded" in out

@@ -249,6 +249,8 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
             continue
         d, p = ppl["dense"], ppl["pruned"]
         healed = f" -> healed {ppl['healed']['ppl']:.3f}" if "healed" in ppl else ""
+        if "healed_discarded" in ppl:  # a heal that made it worse: the pre-heal weights were kept
+            healed = f" (healed {ppl['healed_discarded']['ppl']:.3f}: discarded, the pre-heal weights kept)"
         print(
             f"perplexity ({d['source']}, {d['windows']}/{d['windows_total']} windows of {d['seqlen']}): "
             f"dense {d['ppl']:.3f} -> pruned {p['ppl']:.3f}{healed}"

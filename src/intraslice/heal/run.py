@@ -431,11 +431,11 @@ def heal(
         after = held_out(tmp, tokenizer, cfg, device, progress)
         timings["check_after"] = time.perf_counter() - t
         got_worse = worse(before, after)
-        kept = "healed"
+        kept = "pre-heal" if got_worse and not cfg.keep_worse else "healed"
+        note = "" if kept == "healed" else " (discarded)"
         for text, res in after.items():
-            log(f"heal: after, perplexity ({text}): {before[text]['ppl']:.3f} -> {res['ppl']:.3f}")
-        if got_worse and not cfg.keep_worse:
-            kept = "pre-heal"
+            log(f"heal: after, perplexity ({text}): {before[text]['ppl']:.3f} -> {res['ppl']:.3f}{note}")
+        if kept == "pre-heal":
             for file in set(student_ckpt.weight_map.values()):
                 shutil.copy2(student_ckpt.directory / file, tmp / file)
             log(
@@ -454,7 +454,14 @@ def heal(
                 "windows": {"distinct": int(windows.shape[0]), "trained": cfg.steps() * cfg.batch},
                 "teacher_cache_bytes": cache_nbytes,
                 "training": record,
-                "held_out": {"dense": dense, "before": before, "after": after},
+                # "after" is the trained weights' check; "model" the numbers of the weights written
+                "held_out": {
+                    "dense": dense,
+                    "before": before,
+                    "after": after,
+                    "after_discarded": kept != "healed",
+                    "model": after if kept == "healed" else before,
+                },
                 "gap_closed": gap_closed(dense, before, after),
                 "worse": got_worse,
                 "kept": kept,
@@ -468,8 +475,9 @@ def heal(
 
     atomic_directory(out, write, overwrite)
     shutil.rmtree(state, ignore_errors=True)
+    discarded = "" if result["kept"] == "healed" else " by the discarded healed weights"
     for text, g in (result["gap_closed"] or {}).items():
-        log(f"heal: {text}: {g:.1%} of the pruning gap closed")
+        log(f"heal: {text}: {g:.1%} of the pruning gap closed{discarded}")
     log(f"heal: wrote {out} ({result['kept']} weights) in {timings['total']:.0f}s")
     return result
 

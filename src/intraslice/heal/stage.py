@@ -15,8 +15,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from ..engine.run import Run, register_stage
+
+#: The perplexity column of a heal whose weights were discarded (the pre-heal ones kept).
+DISCARDED = "healed_discarded"
 
 
 @register_stage("heal_plan", "prepare", after="plan")
@@ -47,16 +51,7 @@ def heal_pruned(run: Run) -> None:
     h = run.config.heal
     if h.tokens == 0 or not run.main_rank:
         return
-    from .run import (
-        _fingerprint,
-        distil,
-        held_out,
-        state_dir_for,
-        training_windows,
-        windows_digest,
-        worse,
-        write_weights,
-    )
+    from .run import state_dir_for
 
     cfg = h.heal_config(run.config.evaluation, run.device)
     if run.ck is not None:
@@ -69,57 +64,70 @@ def heal_pruned(run: Run) -> None:
     staged = state / "healed"
     record = run.ck.stage("heal") if run.ck is not None else None
     t0 = time.perf_counter()
-    if record is None:
-        from ..checkpoint import SourceCheckpoint
-
-        state.mkdir(parents=True, exist_ok=True)
-        pruned = SourceCheckpoint.from_directory(run.directory)
-        windows, data_name = training_windows(run.tokenizer, cfg, run.log)
-        # the teacher cache's key: the source (content of its config, its weight files, the dtype it was
-        # loaded in) and the windows themselves, as `intraslice heal` keys it
-        teacher = _fingerprint(run.ckpt)
-        teacher["config"] += f" {run.ckpt.dtype}"
-        settings = {"teacher": teacher, "windows": windows_digest(windows)}
-        timings: dict[str, float] = {}
-        model, training, cache_nbytes = distil(
-            run.directory, run.ckpt, windows, cfg, state, run.device, settings, timings, run.progress, run.log
-        )
-        # staged: the pruned directory's small files and the healed weights, checked there
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir()
-        for f in run.directory.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors"):
-                shutil.copy2(f, staged / f.name)
-        write_weights(model, pruned, staged)
-        before = {t: v["pruned"] for t, v in run.ppl.items() if "pruned" in v}
-        after = held_out(staged, run.tokenizer, cfg, run.device, run.progress)
-        got_worse = worse(before, after)
-        kept = "pre-heal" if got_worse and not h.keep_worse else "healed"
-        record = {
-            "data": data_name,
-            "config": cfg.to_dict(),
-            "training": training,
-            "teacher_cache_bytes": cache_nbytes,
-            "held_out": {"before": before, "after": after},
-            "worse": got_worse,
-            "kept": kept,
-            "files": sorted(set(pruned.weight_map.values())) if kept == "healed" else [],
-            "timings_s": {**timings, "total": time.perf_counter() - t0},
-        }
-        if run.ck is not None:
-            run.ck.save_stage("heal", record)
-    for f in record["files"]:  # idempotent: a kill here moves the rest on the resumed run
-        if (staged / f).is_file():
-            shutil.move(str(staged / f), run.directory / f)
+    try:
+        if record is None:
+            record = _heal_and_stage(run, cfg, state, staged, t0)
+            if run.ck is not None:
+                run.ck.save_stage("heal", record)
+        for f in record["files"]:  # idempotent: a kill here moves the rest on the resumed run
+            if (staged / f).is_file():
+                shutil.move(str(staged / f), run.directory / f)
+    finally:
+        if run.ck is None:  # a temporary directory: nothing to resume from, gone whatever happened
+            shutil.rmtree(state, ignore_errors=True)
     shutil.rmtree(state, ignore_errors=True)
+    # the healed numbers are the model's only when its weights were kept
+    label = "healed" if record["kept"] == "healed" else DISCARDED
     for text, res in record["held_out"]["after"].items():
-        run.ppl.setdefault(text, {})["healed"] = res
-        run.log(f"healed perplexity ({text}): {res['ppl']:.3f}")
+        run.ppl.setdefault(text, {})[label] = res
+        note = "" if label == "healed" else " (discarded: the pre-heal weights were kept)"
+        run.log(f"healed perplexity ({text}): {res['ppl']:.3f}{note}")
     if record["worse"]:
         what = "kept anyway (--heal-keep-worse)" if record["kept"] == "healed" else "keeping the pre-heal weights"
         run.log(f"heal: the held-out check got worse ({', '.join(record['worse'])}): {what}")
     run.timings["heal"] = time.perf_counter() - t0
     run.heal_record = record  # type: ignore[attr-defined]
+
+
+def _heal_and_stage(run: Run, cfg: Any, state: Path, staged: Path, t0: float) -> dict[str, Any]:
+    """Distil, write the healed weights to ``staged``, check them: the stage's record."""
+    from ..checkpoint import SourceCheckpoint
+    from .run import _fingerprint, distil, held_out, training_windows, windows_digest, worse, write_weights
+
+    state.mkdir(parents=True, exist_ok=True)
+    pruned = SourceCheckpoint.from_directory(run.directory)
+    windows, data_name = training_windows(run.tokenizer, cfg, run.log)
+    # the teacher cache's key: the source (content of its config, its weight files, the dtype it was
+    # loaded in) and the windows themselves, as `intraslice heal` keys it
+    teacher = _fingerprint(run.ckpt)
+    teacher["config"] += f" {run.ckpt.dtype}"
+    settings = {"teacher": teacher, "windows": windows_digest(windows)}
+    timings: dict[str, float] = {}
+    model, training, cache_nbytes = distil(
+        run.directory, run.ckpt, windows, cfg, state, run.device, settings, timings, run.progress, run.log
+    )
+    # staged: the pruned directory's small files and the healed weights, checked there
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    for f in run.directory.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy2(f, staged / f.name)
+    write_weights(model, pruned, staged)
+    before = {t: v["pruned"] for t, v in run.ppl.items() if "pruned" in v}
+    after = held_out(staged, run.tokenizer, cfg, run.device, run.progress)
+    got_worse = worse(before, after)
+    kept = "pre-heal" if got_worse and not cfg.keep_worse else "healed"
+    return {
+        "data": data_name,
+        "config": cfg.to_dict(),
+        "training": training,
+        "teacher_cache_bytes": cache_nbytes,
+        "held_out": {"before": before, "after": after, "after_discarded": kept != "healed"},
+        "worse": got_worse,
+        "kept": kept,
+        "files": sorted(set(pruned.weight_map.values())) if kept == "healed" else [],
+        "timings_s": {**timings, "total": time.perf_counter() - t0},
+    }
 
 
 @register_stage("heal_report", "work", after="save")
