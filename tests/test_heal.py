@@ -142,6 +142,12 @@ def test_teacher_cache_round_trip_and_reuse(model_dir: Path, tmp_path: Path) -> 
     again = build_cache(tmp_path / "t", ckpt, windows, 8, DevicePolicy("cpu"), "k", 2, False, on_shard=calls.append)
     assert calls == [1, 2]
     assert torch.equal(again.get(4)[0], cache.get(4)[0])
+    # a middle shard lost: only the prefix before it is kept, the rest recomputed
+    (tmp_path / "t" / "shard-00001.safetensors").unlink()
+    calls.clear()
+    third = build_cache(tmp_path / "t", ckpt, windows, 8, DevicePolicy("cpu"), "k", 2, False, on_shard=calls.append)
+    assert calls == [1, 2] and third.manifest["shards"] == [f"shard-{i:05d}.safetensors" for i in range(3)]
+    assert all(torch.equal(third.get(w)[0], cache.get(w)[0]) for w in range(5))
 
 
 # -- the heal ---------------------------------------------------------------------------------

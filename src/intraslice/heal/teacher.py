@@ -120,7 +120,12 @@ def build_cache(
     except (OSError, ValueError):
         old = None
     if old and {k: v for k, v in old.items() if k != "shards"} == {k: v for k, v in manifest.items() if k != "shards"}:
-        manifest["shards"] = [s for s in old["shards"] if (directory / s).is_file()]
+        # the contiguous prefix of finished shards: shard s holds windows s*m..; a gap (a lost middle
+        # shard) means everything from it on is recomputed, so index and file always agree
+        for i, name in enumerate(old["shards"]):
+            if name != f"shard-{i:05d}.safetensors" or not (directory / name).is_file():
+                break
+            manifest["shards"].append(name)
         if manifest["shards"]:
             log(f"teacher cache: {len(manifest['shards'])} of {n_shards} shards reused from an interrupted run")
     else:
