@@ -251,16 +251,20 @@ def ratio_for_speedup(
         del cand
         return sp
 
+    where = f"prefill speedup at {seqlen} tokens on this machine"
+    return smallest_reaching(grid, speedup, target, where), probes
+
+
+def smallest_reaching(grid: Sequence[float], speedup: Callable[[float], float], target: float, where: str) -> float:
+    """The smallest grid ratio whose measured ``speedup`` reaches ``target`` (bisection: speed grows with it)."""
     lo, hi = 0, len(grid) - 1
-    if speedup(grid[hi]) < target:
-        raise IntraSliceError(
-            f"even ratio {grid[hi]} reaches only {probes[-1]['prefill_speedup']:.2f}x prefill speedup "
-            f"at {seqlen} tokens on this machine; ask for less than {target}x"
-        )
+    top = speedup(grid[hi])
+    if top < target:
+        raise IntraSliceError(f"even ratio {grid[hi]} reaches only {top:.2f}x {where}; ask for less than {target}x")
     while lo < hi:
         mid = (lo + hi) // 2
         if speedup(grid[mid]) >= target:
             hi = mid
         else:
             lo = mid + 1
-    return grid[lo], probes
+    return grid[lo]

@@ -204,6 +204,7 @@ def ratio_for_speedup_llamacpp(
 
     from ..export.gguf import export_gguf, export_source_gguf
     from ..saving import save_pruned
+    from ..speed import smallest_reaching
 
     if target <= 1.0:
         raise IntraSliceError(f"--target-speedup must be > 1, got {target}")
@@ -227,19 +228,8 @@ def ratio_for_speedup_llamacpp(
                 log(f"  ratio {r:.2f}: llama.cpp prompt speedup {sp:.3f} (target {target})")
             return sp
 
-        lo, hi = 0, len(grid) - 1
-        if speedup(grid[hi]) < target:
-            raise IntraSliceError(
-                f"even ratio {grid[hi]} reaches only {probes[-1]['prompt_speedup_llamacpp']:.2f}x prompt speedup "
-                f"in llama.cpp at {seqlen} tokens on this machine; ask for less than {target}x"
-            )
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if speedup(grid[mid]) >= target:
-                hi = mid
-            else:
-                lo = mid + 1
-        return grid[lo], probes
+        where = f"prompt speedup in llama.cpp at {seqlen} tokens on this machine"
+        return smallest_reaching(grid, speedup, target, where), probes
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
