@@ -472,3 +472,66 @@ def test_a_discarded_heal_is_never_reported_as_the_models_perplexity(
     _print_summary(report, tmp_path)
     out = capsys.readouterr().out
     assert "-> healed" not in out and "healed 7.000: discarded" in out
+
+
+def test_the_validation_windows_are_the_packed_texts_last_never_trained_on(
+    calib: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import intraslice.data
+    from intraslice.heal.run import training_windows
+
+    monkeypatch.setattr(intraslice.data, "tokenize", lambda tok, text: torch.arange(20 * 32 + 5))  # distinct windows
+    train, val, _ = training_windows(None, small(calib, val_windows=3), log=lambda _: None)
+    first = lambda w: {int(r[0]) // 32 for r in w}  # noqa: E731  (the window's index)
+    assert train.shape == (8, 32) and val.shape == (3, 32) and not first(train) & first(val)
+    assert max(first(val)) == max(set(range(20)) - first(train))  # the last of the windows left over
+    assert torch.equal(train, training_windows(None, small(calib, val_windows=0), log=lambda _: None)[0])
+    # a short text: a quarter of its windows at most
+    monkeypatch.setattr(intraslice.data, "tokenize", lambda tok, text: torch.arange(8 * 32))
+    train, val, _ = training_windows(None, small(calib), log=lambda _: None)
+    assert torch.equal(val, torch.arange(6 * 32, 8 * 32).view(2, 32)) and train.shape[0] == 6
+
+
+def test_keep_worse_decides_on_validation_never_on_the_test_splits(
+    pruned_dir: Path, calib: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from intraslice.heal import run as heal_run
+
+    def fake_held_out(directory: Path, tokenizer, cfg, device, progress):  # the test splits: always worse
+        v = 5.0 if Path(directory) == pruned_dir else 9.0
+        return {t: {"ppl": v, "windows": cfg.eval_windows, "seqlen": cfg.eval_seqlen} for t in cfg.texts()}
+
+    real, seen = heal_run.validation_ppl, []
+
+    def fake_validation(model, windows):  # measured as it is, reported as better after
+        seen.append(real(model, windows))
+        return 10.0 if len(seen) == 1 else 8.0
+
+    monkeypatch.setattr(heal_run, "held_out", fake_held_out)
+    monkeypatch.setattr(heal_run, "validation_ppl", fake_validation)
+    rec = heal(pruned_dir, tmp_path / "o", small(calib), progress=False, log=lambda _: None)
+    assert rec["validation"] == {"windows": 4, "seqlen": 32, "before": 10.0, "after": 8.0}
+    assert rec["kept"] == "healed" and rec["worse"] == [] and rec["held_out_worse"] == ["wikitext2", "c4-heldout"]
+    assert len(seen) == 2 and seen[0] != seen[1]  # the pre-heal and the healed weights
+    # and the other way round: validation worse, test splits better -> the pre-heal weights
+    calls: list[int] = []
+    monkeypatch.setattr(heal_run, "validation_ppl", lambda model, windows: 10.0 if calls.append(1) or len(calls) == 1
+                        else 12.0)  # fmt: skip
+    monkeypatch.setattr(heal_run, "held_out", lambda d, *a: {"wikitext2": {"ppl": 1.0 if d != pruned_dir else 5.0,
+                                                                             "windows": 1, "seqlen": 64}})  # fmt: skip
+    rec = heal(pruned_dir, tmp_path / "p", small(calib, eval_texts="wikitext2"), progress=False, log=lambda _: None)
+    assert rec["kept"] == "pre-heal" and rec["worse"] == ["validation"] and rec["held_out_worse"] == []
+
+
+def test_validation_ppl_is_the_models_perplexity_on_the_windows(model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from intraslice.heal.run import validation_ppl
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    windows = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).exp()
+    assert validation_ppl(model, windows, chunk=7) == pytest.approx(float(ref), rel=1e-5)
+    assert validation_ppl(model, windows[:0]) is None

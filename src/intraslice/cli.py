@@ -87,8 +87,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "heal",
         help="recover quality: distil the dense source into a pruned model (same shapes, same files)",
         description="Forward-KL distillation from the dense model the pruned one was made from, on web text "
-        "(never an evaluation text), streamed and resumable; a heal that worsens the held-out check keeps the "
-        "pre-heal weights unless --keep-worse.",
+        "(never an evaluation text), streamed and resumable; a heal that worsens the validation perplexity "
+        "(held-out windows of the heal text, never the evaluation texts) keeps the pre-heal weights unless "
+        "--keep-worse.",
     )
     h.add_argument("directory", help="a pruned model directory (from `intraslice prune`)")
     h.add_argument("--out", required=True, help="the healed model directory (written atomically)")

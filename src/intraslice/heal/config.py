@@ -62,8 +62,18 @@ class HealConfig:
     eval_windows: int = opt(4, "--eval-windows", "windows of each held-out text checked before and after", type=int)
     eval_seqlen: int = opt(2048, "--eval-seqlen", "length of the held-out windows", type=int)
     eval_texts: str = opt("wikitext2,c4-heldout", "--eval-texts", "held-out texts of the check")
+    val_windows: int = opt(
+        4,
+        "--val-windows",
+        "last windows of the heal text held out of training: the keep-worse judge (at most a quarter of the text)",
+        type=int,
+    )
     keep_worse: bool = opt(
-        False, "--keep-worse", "keep the healed weights even when the held-out check got worse", action="store_true"
+        False,
+        "--keep-worse",
+        "keep the healed weights even when the validation perplexity (held-out windows of the heal text, never "
+        "the evaluation texts) got worse",
+        action="store_true",
     )
     device: str | None = opt(None, "--device", "cpu or cuda (default: cuda if available)")
 
@@ -87,8 +97,10 @@ class HealConfig:
             raise IntraSliceError("--warmup must be in [0, 1) and --min-lr in [0, 1]")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise IntraSliceError(f"--ce-weight must be in [0, 1], got {self.ce_weight}")
-        if self.topk < 0 or self.lora_rank < 1 or self.save_every < 1 or self.eval_windows < 0:
-            raise IntraSliceError("--topk, --eval-windows must be >= 0 and --lora-rank, --save-every >= 1")
+        if self.topk < 0 or self.lora_rank < 1 or self.save_every < 1 or self.eval_windows < 0 or self.val_windows < 0:
+            raise IntraSliceError(
+                "--topk, --eval-windows, --val-windows must be >= 0 and --lora-rank, --save-every >= 1"
+            )
         from ..data import EVAL_TEXTS
 
         for text in self.texts():
@@ -146,7 +158,7 @@ class HealSection:
     keep_worse: bool = opt(
         False,
         "--heal-keep-worse",
-        "keep the healed weights even when the held-out check got worse",
+        "keep the healed weights even when the validation perplexity (held-out windows of the heal text) got worse",
         action="store_true",
     )
 

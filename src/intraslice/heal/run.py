@@ -14,14 +14,17 @@ The order of a heal, each step checked before the next costs anything:
 5. the teacher's cache (one streamed pass, :mod:`intraslice.heal.teacher`), then training
    (:mod:`intraslice.heal.train`), both resumable from ``.DIR.heal/`` next to the output;
 6. LoRA merged back, the weights written in the pruned model's own shard layout and dtype,
-   the held-out check after; a heal that made it worse keeps the pre-heal weights (and
-   says so) unless ``--keep-worse``. The output is renamed into place in one step.
+   the validation perplexity (held-out windows of the heal text) and the held-out check after;
+   a heal that made the *validation* perplexity worse keeps the pre-heal weights (and says so)
+   unless ``--keep-worse``; the test splits are reported, never decided on. The output is
+   renamed into place in one step.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -120,30 +123,73 @@ def open_teacher(cfg: HealConfig, student: Any) -> Any:
 
 
 # -- data -------------------------------------------------------------------------------------
-def training_windows(tokenizer: Any, cfg: HealConfig, log: Callable[[str], None] = _print) -> tuple[torch.Tensor, str]:
-    """The distinct training windows (seeded), and the name of what was read.
+def training_windows(
+    tokenizer: Any, cfg: HealConfig, log: Callable[[str], None] = _print
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The distinct training windows (seeded), the validation windows, and the name of what was read.
 
     Evaluation text is refused by the calibration-source registry (:func:`calibration_text`
     checks any fetched or user text against the evaluation documents). When the text holds
     fewer windows than the budget, training goes over them again (``train.window_order``).
+    The validation windows (the keep-worse judge) are never trained on: the last
+    ``--val-windows`` of the packed windows the seeded pick left over (the training windows
+    are then those a heal without validation picks), or, in a text too short for both, its
+    last windows (a quarter of them at most, at least one when it holds two).
     """
     from ..data import calibration_text, calibration_windows, tokenize
 
     need = cfg.steps() * cfg.batch
     if cfg.data.startswith("mix:"):
-        calib = calibration_windows(tokenizer, cfg.data, need, cfg.seqlen, cfg.seed)
-        return calib.tokens, calib.source
+        calib = calibration_windows(tokenizer, cfg.data, need + cfg.val_windows, cfg.seqlen, cfg.seed)
+        return calib.tokens[:need], calib.tokens[need:], calib.source
     text = calibration_text(cfg.data)
     ids = tokenize(tokenizer, text.text)
     n = ids.numel() // cfg.seqlen
     if n < 1:
         raise IntraSliceError(f"training text {text.name} has {ids.numel()} tokens, fewer than one window")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    pick = torch.randperm(n, generator=gen)[: min(n, need)].sort().values
-    windows = ids[: n * cfg.seqlen].view(n, cfg.seqlen)[pick].clone()
+    packed = ids[: n * cfg.seqlen].view(n, cfg.seqlen)
+    if n >= need + cfg.val_windows:  # the seeded pick; validation: the last windows of those left over
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+        pick = perm[:need].sort().values
+        val_idx = perm[need:].sort().values[n - need - cfg.val_windows :]
+        return packed[pick].clone(), packed[val_idx].clone(), text.name
+    # a short text: its last windows (a quarter at most), the rest trained on over several epochs
+    n_val = min(cfg.val_windows, max(1, n // 4)) if n >= 2 else 0
+    if n_val < cfg.val_windows:
+        log(f"heal: {text.name} holds {n} windows of {cfg.seqlen}: {n_val} held out for validation")
+    n -= n_val
     if n < need:
-        log(f"heal: {text.name} holds {n} windows of {cfg.seqlen}: {need / n:.1f} epochs over them")
-    return windows, text.name
+        log(f"heal: {text.name} holds {n} training windows of {cfg.seqlen}: {need / n:.1f} epochs over them")
+    return packed[:n].clone(), packed[n : n + n_val].clone(), text.name
+
+
+@torch.no_grad()
+def validation_ppl(model: torch.nn.Module, windows: torch.Tensor, chunk: int = 256) -> float | None:
+    """Perplexity of ``model`` (a causal LM) on the validation windows (the LM head in chunks)."""
+    if windows.shape[0] == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for w in windows:
+            ids = w[None].to(device)
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+            target = ids[0, 1:]
+            for a in range(0, hidden.shape[0], chunk):
+                logits = model.lm_head(hidden[a : a + chunk]).float()
+                total += float(torch.nn.functional.cross_entropy(logits, target[a : a + chunk], reduction="sum"))
+            count += target.numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total / count)
+
+
+def validation_worse(validation: dict[str, Any]) -> list[str]:
+    """``["validation"]`` when the heal raised the validation perplexity (the keep-worse judge)."""
+    b, a = validation.get("before"), validation.get("after")
+    return ["validation"] if b is not None and a is not None and a > b else []
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -366,10 +412,10 @@ def heal(
     layers = student_ckpt.config.layers
     decoder = sum(_layer_params(spec, student_ckpt.config) for spec in layers)
     log(describe(heal_memory(model_shape(teacher.config), cfg, decoder_params=decoder)))
-    windows, data_name = training_windows(tokenizer, cfg, log)
+    windows, val_windows, data_name = training_windows(tokenizer, cfg, log)
     from .. import stages
 
-    stages.check_vocabulary(student_ckpt, windows, tokenizer)
+    stages.check_vocabulary(student_ckpt, torch.cat([windows, val_windows]), tokenizer)
     report_path = student_ckpt.directory / REPORT_FILE
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     log(
@@ -382,7 +428,7 @@ def heal(
     settings = {
         "pruned": _fingerprint(student_ckpt),
         "teacher": _fingerprint(teacher),
-        "windows": windows_digest(windows),
+        "windows": windows_digest(windows) + windows_digest(val_windows),
         "config": {k: v for k, v in cfg.to_dict().items() if k not in _NOT_SETTINGS},
     }
     state = state_dir_for(out)
@@ -415,8 +461,9 @@ def heal(
         log(f"heal: before, perplexity ({text}): {res['ppl']:.3f}")
 
     model, record, cache_nbytes = distil(
-        student_ckpt.directory, teacher, windows, cfg, state, device, settings, timings, progress, log, on_step
-    )
+        student_ckpt.directory, teacher, windows, cfg, state, device, settings, timings, progress, log, on_step,
+        val_windows=val_windows,
+    )  # fmt: skip
     del teacher
 
     result: dict[str, Any] = {}
@@ -430,7 +477,9 @@ def heal(
         t = time.perf_counter()
         after = held_out(tmp, tokenizer, cfg, device, progress)
         timings["check_after"] = time.perf_counter() - t
-        got_worse = worse(before, after)
+        # the judge is the validation windows (heal text never trained on); the held-out (test)
+        # texts are reported, never decided on
+        got_worse = validation_worse(record["validation"])
         kept = "pre-heal" if got_worse and not cfg.keep_worse else "healed"
         note = "" if kept == "healed" else " (discarded)"
         for text, res in after.items():
@@ -439,11 +488,11 @@ def heal(
             for file in set(student_ckpt.weight_map.values()):
                 shutil.copy2(student_ckpt.directory / file, tmp / file)
             log(
-                f"heal: the held-out check got worse ({', '.join(got_worse)}): keeping the pre-heal weights "
+                "heal: the validation perplexity got worse: keeping the pre-heal weights "
                 "(--keep-worse keeps the healed ones)"
             )
         elif got_worse:
-            log(f"heal: the held-out check got worse ({', '.join(got_worse)}); kept anyway (--keep-worse)")
+            log("heal: the validation perplexity got worse; kept anyway (--keep-worse)")
         timings["total"] = time.perf_counter() - t_start
         result.update(
             {
@@ -463,7 +512,9 @@ def heal(
                     "model": after if kept == "healed" else before,
                 },
                 "gap_closed": gap_closed(dense, before, after),
+                "validation": record["validation"],
                 "worse": got_worse,
+                "held_out_worse": worse(before, after),  # reported only: the test splits decide nothing
                 "kept": kept,
                 "timings_s": timings,
                 "command": sys.argv,
@@ -494,6 +545,7 @@ def distil(
     progress: bool = True,
     log: Callable[[str], None] = _print,
     on_step: Callable[[int], None] | None = None,
+    val_windows: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any], int]:
     """The teacher's cache, then the training: (the healed model, LoRA merged; the training
     record; the cache's bytes). Resumable from ``state``."""
@@ -517,6 +569,9 @@ def distil(
     from .train import train
 
     model = load_student(student_dir, device)
+    if val_windows is None:
+        val_windows = torch.zeros(0, cfg.seqlen, dtype=torch.long)
+    val_before = validation_ppl(model, val_windows)  # the pre-heal weights, even on a resume
     wrapped, params = trainable(model, cfg)
     n_train = sum(p.numel() for p in params.values())
     t = time.perf_counter()
@@ -527,6 +582,17 @@ def distil(
     timings["train"] = time.perf_counter() - t
     if cfg.method == "lora":
         model = wrapped.merge_and_unload()
+    validation = {
+        "windows": int(val_windows.shape[0]),
+        "seqlen": cfg.seqlen,
+        "before": val_before,
+        "after": validation_ppl(model, val_windows),
+    }
+    if validation["before"] is not None:
+        log(f"heal: validation perplexity ({validation['windows']} held-out windows of the heal text): "
+            f"{validation['before']:.3f} -> {validation['after']:.3f}")  # fmt: skip
+    else:
+        log("heal: no validation windows: the healed weights are kept unjudged")
     flops = step_flops(model, cfg)
     step_s = record["train_seconds"] / max(1, record["steps"])
     record.update(
@@ -537,6 +603,7 @@ def distil(
             "achieved_gflops_per_s": flops / step_s / 1e9 if step_s > 0 else None,
             "matmul_gflops_per_s": matmul_gflops(),
             "threads": torch.get_num_threads(),
+            "validation": validation,
         }
     )
     log(

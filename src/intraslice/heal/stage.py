@@ -2,7 +2,7 @@
 
 Registered after ``evaluate_pruned`` so the summary holds the dense, pruned and healed
 numbers of the same windows; the healed weights replace the pruned ones in the output
-being written before ``save`` (a heal that worsened the held-out check leaves them, unless
+being written before ``save`` (a heal that worsened the validation perplexity leaves them, unless
 ``--heal-keep-worse``). The teacher is the source the run pruned. Resumable: the teacher
 cache and the training state live next to the run's resume area (``.OUT.heal``); the
 healed weights are staged there and moved into the output only after the stage's record
@@ -84,7 +84,7 @@ def heal_pruned(run: Run) -> None:
         run.log(f"healed perplexity ({text}): {res['ppl']:.3f}{note}")
     if record["worse"]:
         what = "kept anyway (--heal-keep-worse)" if record["kept"] == "healed" else "keeping the pre-heal weights"
-        run.log(f"heal: the held-out check got worse ({', '.join(record['worse'])}): {what}")
+        run.log(f"heal: the validation perplexity got worse: {what}")
     run.timings["heal"] = time.perf_counter() - t0
     run.heal_record = record  # type: ignore[attr-defined]
 
@@ -92,20 +92,30 @@ def heal_pruned(run: Run) -> None:
 def _heal_and_stage(run: Run, cfg: Any, state: Path, staged: Path, t0: float) -> dict[str, Any]:
     """Distil, write the healed weights to ``staged``, check them: the stage's record."""
     from ..checkpoint import SourceCheckpoint
-    from .run import _fingerprint, distil, held_out, training_windows, windows_digest, worse, write_weights
+    from .run import (
+        _fingerprint,
+        distil,
+        held_out,
+        training_windows,
+        validation_worse,
+        windows_digest,
+        worse,
+        write_weights,
+    )
 
     state.mkdir(parents=True, exist_ok=True)
     pruned = SourceCheckpoint.from_directory(run.directory)
-    windows, data_name = training_windows(run.tokenizer, cfg, run.log)
+    windows, val_windows, data_name = training_windows(run.tokenizer, cfg, run.log)
     # the teacher cache's key: the source (content of its config, its weight files, the dtype it was
     # loaded in) and the windows themselves, as `intraslice heal` keys it
     teacher = _fingerprint(run.ckpt)
     teacher["config"] += f" {run.ckpt.dtype}"
-    settings = {"teacher": teacher, "windows": windows_digest(windows)}
+    settings = {"teacher": teacher, "windows": windows_digest(windows) + windows_digest(val_windows)}
     timings: dict[str, float] = {}
     model, training, cache_nbytes = distil(
-        run.directory, run.ckpt, windows, cfg, state, run.device, settings, timings, run.progress, run.log
-    )
+        run.directory, run.ckpt, windows, cfg, state, run.device, settings, timings, run.progress, run.log,
+        val_windows=val_windows,
+    )  # fmt: skip
     # staged: the pruned directory's small files and the healed weights, checked there
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
@@ -115,7 +125,8 @@ def _heal_and_stage(run: Run, cfg: Any, state: Path, staged: Path, t0: float) ->
     write_weights(model, pruned, staged)
     before = {t: v["pruned"] for t, v in run.ppl.items() if "pruned" in v}
     after = held_out(staged, run.tokenizer, cfg, run.device, run.progress)
-    got_worse = worse(before, after)
+    # the judge: the validation windows (heal text never trained on); the test splits are reported only
+    got_worse = validation_worse(training["validation"])
     kept = "pre-heal" if got_worse and not cfg.keep_worse else "healed"
     return {
         "data": data_name,
@@ -123,7 +134,9 @@ def _heal_and_stage(run: Run, cfg: Any, state: Path, staged: Path, t0: float) ->
         "training": training,
         "teacher_cache_bytes": cache_nbytes,
         "held_out": {"before": before, "after": after, "after_discarded": kept != "healed"},
+        "validation": training["validation"],
         "worse": got_worse,
+        "held_out_worse": worse(before, after),
         "kept": kept,
         "files": sorted(set(pruned.weight_map.values())) if kept == "healed" else [],
         "timings_s": {**timings, "total": time.perf_counter() - t0},
