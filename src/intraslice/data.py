@@ -255,9 +255,7 @@ def _hf_text(name: str, options: dict[str, str]) -> str:
         raise IntraSliceError(f"calibration source hf:{name} needs datasets: pip install 'intraslice[hub]'") from None
     column = options.get("column", "text")
     try:
-        ds = datasets.load_dataset(
-            name, options.get("config"), split=options.get("split", "train"), streaming=True
-        )
+        ds = datasets.load_dataset(name, options.get("config"), split=options.get("split", "train"), streaming=True)
         rows = list(itertools.islice(iter(ds), HF_ROWS))
     except Exception as exc:  # the hub's many failure types: one line naming the dataset
         raise IntraSliceError(f"cannot read the dataset {name!r} from the hub: {type(exc).__name__}: {exc}") from None
