@@ -59,13 +59,16 @@ def longrope_factors(target: torch.Tensor, base: float, dim: int) -> list[float]
     return [float(f) for f in best]
 
 
-def stock_rope_parameters(config: Any, pairs: list[int], width: int) -> dict[str, Any]:
-    """``rope_parameters`` of the stock config for the kept pairs at head width ``width``."""
+def stock_rope_parameters(config: Any, pairs: list[int], width: int, fmt: str = FORMAT) -> dict[str, Any]:
+    """``rope_parameters`` of the stock config for the kept pairs at head width ``width``.
+
+    ``fmt`` names the export format in a refusal (the vLLM export builds on this one).
+    """
     h = int(config.head_dim)
     rope = dict(config.rope_parameters)
     if width == h and pairs == list(range(h // 2)):
         return rope  # every frequency kept: the source's own RoPE
-    check_static_rope(config, FORMAT)
+    check_static_rope(config, fmt)
     inv_freq, scaling = source_frequencies(config)
     base = float(rope.get("rope_theta", 10000.0))
     factors = longrope_factors(inv_freq[pairs], base, width)

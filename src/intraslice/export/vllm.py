@@ -39,8 +39,8 @@ from typing import Any
 
 from ..errors import IntraSliceError
 from ..models import config_dtype
-from .common import check_deployable, check_static_rope, kept_pairs, load_pruned_config, source_frequencies
-from .stock_hf import COPIED_SUFFIXES, NOT_COPIED, longrope_factors
+from .common import check_deployable, kept_pairs, load_pruned_config
+from .stock_hf import COPIED_SUFFIXES, NOT_COPIED, stock_rope_parameters
 
 FORMAT = "vllm"
 TARGET = "--deploy vllm"
@@ -52,25 +52,18 @@ AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig"}
 
 
 def vllm_rope_parameters(config: Any, pairs: list[int], width: int) -> dict[str, Any]:
-    """``rope_parameters`` for the kept ``pairs`` at head width ``width`` (see module docstring)."""
+    """``rope_parameters`` for the kept ``pairs`` at head width ``width`` (see module docstring).
+
+    The stock export's longrope factors, with what vLLM's longrope reads beside them: an
+    explicit ``factor`` of 1 and the source's cos/sin scale as ``short_mscale``/``long_mscale``.
+    """
     h = int(config.head_dim)
-    rope = dict(config.rope_parameters)
     if width == h and pairs == list(range(h // 2)):
-        return rope  # every frequency kept: the source's own RoPE, computed by vLLM as for the source
-    check_static_rope(config, FORMAT)
-    inv_freq, scaling = source_frequencies(config)
-    base = float(rope.get("rope_theta", 10000.0))
-    factors = longrope_factors(inv_freq[pairs], base, width)
-    out: dict[str, Any] = {
-        "rope_type": "longrope",
-        "rope_theta": base,
-        "short_factor": factors,
-        "long_factor": list(factors),
-        "original_max_position_embeddings": int(config.max_position_embeddings),
-        "factor": 1.0,
-    }
-    if scaling != 1.0:
-        out["short_mscale"] = out["long_mscale"] = scaling
+        return dict(config.rope_parameters)  # every frequency kept: vLLM computes the source's own RoPE
+    out = stock_rope_parameters(config, pairs, width, fmt=FORMAT)
+    out["factor"] = 1.0
+    if "attention_factor" in out:
+        out["short_mscale"] = out["long_mscale"] = out.pop("attention_factor")
     return out
 
 
