@@ -44,6 +44,7 @@ def compare(
     import intraslice  # noqa: F401  (registers the pruned model class)
     from intraslice.data import tokenize, wikitext2_test_text
     from intraslice.serve import LlamaCppServer, gguf_for
+    from intraslice.serve.llamacpp import perplexity_of
 
     model_dir = Path(model_dir)
     path = Path(gguf) if gguf else gguf_for(model_dir, "f32")
@@ -65,9 +66,10 @@ def compare(
     hf_new = hf[0, len(prompt) :].tolist()
     with LlamaCppServer(path, n_ctx=seqlen * n, threads=threads, parallel=n, exact=True) as server:
         t = time.perf_counter()
-        res = server.perplexity([w.tolist() for w in win])
+        scores = server.window_logprobs([w.tolist() for w in win])
         t_cpp = time.perf_counter() - t
-        theirs = torch.tensor([server.token_logprobs(w.tolist()) for w in win[:1]], dtype=torch.float64)
+        res = perplexity_of(scores)
+        theirs = torch.tensor(scores[:1], dtype=torch.float64)  # the per-token comparison: the first window
         reply = server.complete({"prompt": prompt, "n_predict": new_tokens, "temperature": 0.0, "n_probs": 1})
     cpp_new = [int(c["id"]) for c in reply["choices"][0]["logprobs"]["content"]]
     ppl_ours = math.exp(-ours.mean().item())

@@ -249,40 +249,45 @@ class LlamaCppServer:
                 raise IntraSliceError(f"llama.cpp's distribution lacks token {token}")
         raise IntraSliceError(f"llama.cpp gave no log-probabilities after {len(prefix)} tokens")
 
-    def token_logprobs(self, tokens: list[int], start: int = 1) -> list[float]:
-        """Log-probability of ``tokens[i]`` given ``tokens[:i]``, for ``i`` from ``start`` on."""
+    def token_logprobs(self, tokens: list[int], start: int = 1, step: Any = None) -> list[float]:
+        """Log-probability of ``tokens[i]`` given ``tokens[:i]``, for ``i`` from ``start`` on.
+
+        ``step``: called after each token (a progress bar's ``update``).
+        """
         if len(tokens) > self.n_ctx // self.parallel:
             raise IntraSliceError(f"{len(tokens)} tokens exceed a slot's context of {self.n_ctx // self.parallel}")
-        return [self.forced_logprob(tokens[:i], tokens[i]) for i in range(max(1, start), len(tokens))]
+        out = []
+        for i in range(max(1, start), len(tokens)):
+            out.append(self.forced_logprob(tokens[:i], tokens[i]))
+            if step is not None:
+                step(1)
+        return out
 
-    def perplexity(self, windows: list[list[int]], progress: bool = False) -> dict[str, Any]:
-        """exp(mean next-token NLL) over every predicted token of every window, as ``eval ppl`` counts it.
+    def window_logprobs(self, windows: list[list[int]], progress: bool = False) -> list[list[float]]:
+        """:meth:`token_logprobs` of every window, the windows in the server's slots at once.
 
-        Windows go to the server's slots at once (one client thread per slot): llama.cpp
-        batches their one-token steps together, which is where its speed comes from.
+        One client thread per slot: llama.cpp batches their one-token steps together, which is
+        where its speed comes from.
         """
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
 
-        t0 = time.perf_counter()
         bar = tqdm(total=sum(len(w) - 1 for w in windows), desc="ppl (llama.cpp)", unit="tok", disable=not progress)
-
-        def score(w: list[int]) -> list[float]:
-            out = []
-            for i in range(1, len(w)):
-                out.append(self.forced_logprob(w[:i], w[i]))
-                bar.update(1)
-            return out
-
         with ThreadPoolExecutor(max(1, self.parallel)) as pool:
-            scores = list(pool.map(score, [list(map(int, w)) for w in windows]))
+            ids = [list(map(int, w)) for w in windows]
+            scores = list(pool.map(lambda w: self.token_logprobs(w, step=bar.update), ids))
         bar.close()
-        nll = -sum(sum(s) for s in scores)
-        count = sum(len(s) for s in scores)
-        return {
-            "ppl": math.exp(nll / count),
-            "tokens_scored": count,
-            "windows": len(windows),
-            "seconds": time.perf_counter() - t0,
-        }
+        return scores
+
+    def perplexity(self, windows: list[list[int]], progress: bool = False) -> dict[str, Any]:
+        """exp(mean next-token NLL) over every predicted token of every window, as ``eval ppl`` counts it."""
+        t0 = time.perf_counter()
+        return perplexity_of(self.window_logprobs(windows, progress), time.perf_counter() - t0)
+
+
+def perplexity_of(scores: list[list[float]], seconds: float = 0.0) -> dict[str, Any]:
+    """Perplexity of per-window token log-probabilities (:meth:`LlamaCppServer.window_logprobs`)."""
+    nll = -sum(sum(s) for s in scores)
+    count = sum(len(s) for s in scores)
+    return {"ppl": math.exp(nll / count), "tokens_scored": count, "windows": len(scores), "seconds": seconds}
