@@ -241,6 +241,17 @@ def _print_summary(report: dict[str, Any], out: Any) -> None:
         from .kvcache import describe
 
         print(describe(report["serving_memory"]))
+        goal = report.get("goal") or {}
+        if goal.get("target_memory") is not None and "met_bytes" in goal:
+            from .kvcache import format_bytes
+
+            share = goal.get("attention_share_chosen", goal.get("attention_share"))
+            split = f", attention share {share:.3f}" if isinstance(share, (int, float)) else ""
+            met = f"{format_bytes(goal['met_bytes'])} met ({goal['met_error']:+.2%}"
+            print(
+                f"--target-memory {goal['target_memory']}: {format_bytes(goal['target_bytes'])} asked, "
+                f"{met}; decoder linears -{r['decoder_linear']:.1%}{split})"
+            )
     calib = report.get("calibration") or {}
     if calib:
         print(f"calibrated on {calib['source']} ({calib['nsamples']} x {calib['seqlen']} tokens)")

@@ -115,6 +115,10 @@ class PruneConfig:
     method: str = opt("intraslice", "--method", "the method, or a baseline to compare with", choices=method_names)
     ratio: float = 0.3
     layer_ratios: list[tuple[float, float]] | None = None
+    #: What one K/V cache value per token weighs against one parameter in each layer's budget
+    #: (:class:`~intraslice.methods.layerwise.Budget`): 0 counts parameters only; a
+    #: ``--target-memory`` sets it to context x batch, so the budget is weights plus KV cache.
+    kv_weight: float = 0.0
     #: "uniform", "global" or "global_pca"; None: the method's default (:func:`default_allocation`).
     allocation: str | None = opt(
         None,

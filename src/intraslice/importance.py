@@ -46,8 +46,10 @@ from .algo.allocation import (
     check_units_per_head,
     feasible_share,
     joint_attention_share,
+    joint_split_for_cost,
     mlp_bias_for_share,
     param_model,
+    ratio_for_cost,
     rotate_head_gradients,
     split_fits,
     uniform_allocation,
@@ -55,7 +57,7 @@ from .algo.allocation import (
 )
 from .algo.linalg import eigh_desc
 from .arch import ArchSpec, get_arch
-from .config import DEFAULT_ATTENTION_SHARE, DEFAULT_GRAD_SAMPLES, DEFAULT_UNITS_PER_HEAD
+from .config import DEFAULT_ATTENTION_SHARE, DEFAULT_GRAD_SAMPLES, DEFAULT_UNITS_PER_HEAD, MAX_RATIO
 from .errors import IntraSliceError, NonFiniteError
 from .memory import trim
 from .pipeline import distributed as dist
@@ -534,6 +536,7 @@ def estimate_allocation(
     resident: bool = False,
     grad_samples: int | None = DEFAULT_GRAD_SAMPLES,
     split_uniform: bool = False,
+    serving_cost: tuple[float, float] | None = None,
 ) -> tuple[Allocation, dict[str, Any]]:
     """The per-layer ratios for ``mode`` and a JSON-able record of how they were obtained.
 
@@ -556,6 +559,12 @@ def estimate_allocation(
 
     ``saved`` is the ``allocation`` record of an earlier run (its importances): with it no
     gradient is recomputed, and a different ``ratio`` re-runs only the budget.
+
+    ``serving_cost`` (remove, kv_weight), with ``attention_share="auto"``: a ``--target-memory``.
+    The ranking prices each attention unit at its parameters plus kv_weight x its cache
+    values (:func:`~intraslice.algo.allocation.joint_split_for_cost`) and goes until
+    ``remove`` cost units are gone; that sets the ratio (``ratio`` is then only a lower
+    bound for the checks) as well as the split. The record's ``target_ratio`` is the one used.
     ``checkpointing`` (ignored), ``onload``, ``offload`` and ``resident`` are passed to
     :func:`mask_gradients`, which says what they do.
     """
@@ -611,7 +620,20 @@ def estimate_allocation(
             )
             att, mlp = importances(mg, mode, units_per_head)
             record.update({"gradient_samples": mg.samples, "group_size": group_size, "estimator_seconds": mg.seconds})
-        if attention_share == "auto":
+        if attention_share == "auto" and serving_cost is not None:
+            remove, kv_weight = serving_cost
+            ratio, share = joint_split_for_cost(att, mlp, pm, remove, kv_weight)
+            if ratio > MAX_RATIO:
+                raise IntraSliceError(
+                    f"--target-memory needs a decoder ratio of {ratio:.3f}, above {MAX_RATIO}: ask for more memory"
+                )
+            chosen = feasible_share(pm, ratio, share, cap)
+            if chosen != round(share, 6):  # the cap moved the split: the ratio that meets the cost at it
+                ratio = ratio_for_cost(pm, remove, chosen, kv_weight)
+                chosen = feasible_share(pm, ratio, chosen, cap)
+            mlp_bias = mlp_bias_for_share(pm, chosen)
+            record.update({"attention_share_chosen": chosen, "mlp_bias": mlp_bias, "serving_cost": list(serving_cost)})
+        elif attention_share == "auto":
             chosen = feasible_share(pm, ratio, joint_attention_share(att, mlp, pm, ratio), cap)
             mlp_bias = mlp_bias_for_share(pm, chosen)
             record.update({"attention_share_chosen": chosen, "mlp_bias": mlp_bias})

@@ -156,3 +156,74 @@ def percent_change(reduction: float) -> str:
     """-33% for a third removed; +0% (never -0%) when nothing is."""
     change = round(-100 * reduction)
     return f"{change:+d}%" if change else "+0%"
+
+
+def parse_target_memory(text: str) -> tuple[str, float]:
+    """``--target-memory``: a fraction of the dense total to keep (``0.7``, ``70%``) or a size (``6GB``).
+
+    Sizes take B, KB, MB, GB, TB (binary: GB and GiB both mean 2^30 bytes, as
+    ``--device-memory`` reads them) or a plain byte count. Returns ("fraction", f) or ("bytes", n).
+    """
+    s = str(text).strip().replace("_", "").replace(",", "")
+    bad = IntraSliceError(
+        f"--target-memory must be a fraction of the dense weights + KV cache to keep (0.7, 70%) or a size "
+        f"(6GB, 300MiB), got {text!r}"
+    )
+    try:
+        if s.endswith("%"):
+            value = float(s[:-1]) / 100.0
+            kind = "fraction"
+        elif s and (s[-1].isalpha()):
+            up = s.upper().replace("IB", "B")
+            units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
+            unit = next((u for u in units if up.endswith(u)), None)
+            if unit is None:
+                raise bad
+            value, kind = float(up[: -len(unit)]) * units[unit], "bytes"
+        else:
+            value = float(s)
+            kind = "fraction" if value < 1 else "bytes"
+    except ValueError:
+        raise bad from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise bad
+    if kind == "fraction" and value >= 1:
+        raise IntraSliceError(f"--target-memory {text} keeps all of the dense model: give a fraction below 1")
+    return kind, value
+
+
+def memory_goal(
+    target: tuple[str, float],
+    params: int,
+    kv_values_per_token: int,
+    context: int,
+    batch: int,
+    dtype: str = "f16",
+) -> dict[str, Any]:
+    """What a ``--target-memory`` asks of the decoder, in serving-cost units.
+
+    The weights and the KV cache are counted in one type (``dtype``), so bytes divide out:
+    one parameter costs 1 and one cache value per token costs ``kv_weight`` = context x batch
+    (every token of every sequence stores it). ``remove`` is the cost the pruning must take
+    out of the dense model's: parameters removed plus ``kv_weight`` x cache values removed.
+    """
+    per_value = bytes_per_value(dtype)
+    kv_weight = float(context) * float(batch)
+    dense_cost = float(params) + kv_weight * kv_values_per_token
+    dense_bytes = dense_cost * per_value
+    kind, value = target
+    target_bytes = value * dense_bytes if kind == "fraction" else float(value)
+    if target_bytes >= dense_bytes:
+        raise IntraSliceError(
+            f"--target-memory {format_bytes(target_bytes)} is not below the dense model's "
+            f"{format_bytes(dense_bytes)} (weights + KV at {context} tokens x batch {batch}, {dtype})"
+        )
+    return {
+        "context": int(context),
+        "batch": int(batch),
+        "dtype": str(dtype).lower(),
+        "dense_bytes": dense_bytes,
+        "target_bytes": target_bytes,
+        "kv_weight": kv_weight,
+        "remove": dense_cost - target_bytes / per_value,
+    }

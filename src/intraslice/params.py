@@ -30,6 +30,12 @@ def layer_linear_params(arch: ArchSpec, layer: nn.Module) -> tuple[int, int]:
     return attention, mlp
 
 
+def layer_kv_values(arch: ArchSpec, layer: nn.Module) -> int:
+    """K and V cache values one token stores in this layer: the output rows of k_proj and v_proj."""
+    _, k, v, _ = arch.qkvo(layer)
+    return int(k.weight.shape[0]) + int(v.weight.shape[0])
+
+
 def decoder_linear_params(model: nn.Module, arch_config: Any | None = None) -> int:
     """Weights and biases of q, k, v, o, gate, up, down over all decoder layers.
 

@@ -24,6 +24,8 @@ class ParamModel:
     ``attn_per_unit``: parameters that go with one attention unit (q rows + o columns of
     h/f channels, plus the k/v rows they imply under GQA: a query head "owns" n_kv/n_h of
     a KV head; biases included). ``mlp_per_neuron``: gate row + up row + down column (+ biases).
+    ``kv_per_unit``: the K and V cache values one token stores for a unit, by the same
+    ownership (a query head owns n_kv/n_h of a KV head's 2h values), for serving-cost targets.
     """
 
     n_layers: int
@@ -32,12 +34,18 @@ class ParamModel:
     attn_per_unit: float
     mlp_per_neuron: float
     units_per_head: int = 1
+    kv_per_unit: float = 0.0
 
     @property
     def total(self) -> float:
         return self.n_layers * (
             self.units_per_layer * self.attn_per_unit + self.neurons_per_layer * self.mlp_per_neuron
         )
+
+    @property
+    def kv_total(self) -> float:
+        """K and V cache values per token of the dense decoder."""
+        return self.n_layers * self.units_per_layer * self.kv_per_unit
 
 
 def param_model(
@@ -49,7 +57,8 @@ def param_model(
     if qkv_bias:
         per_head += h + 2 * (n_kv / n_h) * h
     per_neuron = mlp_matrices * d + (mlp_matrices - 1 if mlp_bias else 0)
-    return ParamModel(dims["n_layers"], n_h * f, m, per_head / f, per_neuron, f)
+    kv_per_head = 2 * (n_kv / n_h) * h
+    return ParamModel(dims["n_layers"], n_h * f, m, per_head / f, per_neuron, f, kv_per_head / f)
 
 
 @dataclass
@@ -103,6 +112,73 @@ def joint_attention_share(
     gone = order[removed]
     att_removed = float(size[gone][gone < att.numel()].sum())
     return att_removed / (pm.n_layers * pm.units_per_layer * pm.attn_per_unit) / ratio if ratio > 0 else 1.0
+
+
+def ratio_for_cost(pm: ParamModel, remove: float, share: float, kv_weight: float) -> float:
+    """The decoder ratio whose split ``share`` removes ``remove`` units of serving cost.
+
+    Serving cost counts a weight as 1 and a KV-cache value per token as ``kv_weight``
+    (context x batch: every token of every sequence stores it, in the same type as the
+    weights). At ratio ρ with attention share A the decoder loses ρ P parameters, and its
+    attention A ρ of its units, each owning ``kv_per_unit`` cache values, so the cost removed
+    is ρ (P + w A KV): linear in ρ, hence this closed form.
+    """
+    denom = pm.total + kv_weight * share * pm.kv_total
+    return remove / denom if denom > 0 else 0.0
+
+
+def joint_split_for_cost(
+    att_importance: list[torch.Tensor],
+    mlp_importance: list[torch.Tensor],
+    pm: ParamModel,
+    remove: float,
+    kv_weight: float,
+) -> tuple[float, float]:
+    """(ratio, attention share) of one ranking by importance per unit of *serving cost*.
+
+    :func:`joint_attention_share` with each attention unit priced at its parameters plus
+    ``kv_weight`` x its cache values: at a long context an attention unit frees more memory
+    (and decode time) than its parameters say, so the ranking takes more of attention there
+    and less at a short one. Entries go cheapest first until ``remove`` cost units are gone;
+    the ratio is the parameters removed over the decoder's, the share attention's ratio over it.
+    """
+    att = torch.cat([a.flatten().to(torch.float64) for a in att_importance])
+    mlp = torch.cat([m.flatten().to(torch.float64) for m in mlp_importance])
+    att_cost = pm.attn_per_unit + kv_weight * pm.kv_per_unit
+    price = torch.cat([att / att_cost, mlp / pm.mlp_per_neuron])
+    cost = torch.cat([torch.full_like(att, att_cost), torch.full_like(mlp, pm.mlp_per_neuron)])
+    params = torch.cat([torch.full_like(att, pm.attn_per_unit), torch.full_like(mlp, pm.mlp_per_neuron)])
+    order = torch.argsort(price, stable=True)
+    gone = order[torch.cumsum(cost[order], 0) <= remove]
+    ratio = float(params[gone].sum()) / pm.total
+    att_ratio = float(params[gone][gone < att.numel()].sum()) / (pm.n_layers * pm.units_per_layer * pm.attn_per_unit)
+    return ratio, (att_ratio / ratio if ratio > 0 else 0.0)
+
+
+def fit_cost(
+    layer_ratios: list[tuple[float, float]], pm: ParamModel, remove: float, kv_weight: float, cap: float = 0.8
+) -> list[tuple[float, float]]:
+    """The per-layer ratios with every MLP ratio moved alike so that the plan removes ``remove``.
+
+    An allocation keeps whole attention units and counts them in parameters; under a
+    serving-cost target one unit also carries ``kv_weight`` x its cache values (at a long
+    context, several percent of the model each), so the plan can miss the cost by a unit.
+    The MLP, fine-grained, takes up the difference: every layer's MLP ratio moves by the
+    same amount, within [0, ``cap``] (what a clamped layer cannot take goes to the others).
+    """
+    att_cost = pm.units_per_layer * (pm.attn_per_unit + kv_weight * pm.kv_per_unit)
+    mlp_size = pm.neurons_per_layer * pm.mlp_per_neuron
+    att = [float(a) for a, _ in layer_ratios]
+    mlp = [float(m) for _, m in layer_ratios]
+    for _ in range(len(mlp) + 1):
+        removed = sum(a * att_cost + m * mlp_size for a, m in zip(att, mlp, strict=True))
+        free = [i for i, m in enumerate(mlp) if (removed < remove and m < cap) or (removed > remove and m > 0)]
+        if abs(removed - remove) <= 1e-9 * remove or not free:
+            break
+        step = (remove - removed) / (len(free) * mlp_size)
+        for i in free:
+            mlp[i] = min(max(mlp[i] + step, 0.0), cap)
+    return list(zip(att, mlp, strict=True))
 
 
 def split_budget(pm: ParamModel, ratio: float, mlp_bias: float = 1.0, option: str | None = None) -> tuple[int, int]:

@@ -69,6 +69,13 @@ class GoalSection:
         "instead of --ratio: smallest reduction whose shapes reach this prefill speedup here (e.g. 1.3)",
         type=float,
     )
+    target_memory: str | None = opt(
+        None,
+        "--target-memory",
+        "instead of --ratio: weights + KV cache at --context x --batch in --serving-dtype, as a fraction of the "
+        "dense model's (0.7) or a size (6GB); the estimator then splits attention and MLP by importance per "
+        "byte unless --attention-share is given",
+    )
     speed_seqlen: int = opt(512, "--speed-seqlen", "prefill length timed for --target-speedup", type=int)
     speed_engine: str = opt(
         "transformers",
@@ -78,8 +85,12 @@ class GoalSection:
         choices=("transformers", "llamacpp"),
     )
     # The serving setting the report counts weights plus KV cache at (intraslice.kvcache).
-    context: int = opt(4096, "--context", "tokens per sequence of the reported KV cache (default 4096)", type=int)
-    batch: int = opt(1, "--batch", "sequences served at once, for the reported KV cache (default 1)", type=int)
+    context: int = opt(
+        4096, "--context", "tokens per sequence of the reported and targeted KV cache (default 4096)", type=int
+    )
+    batch: int = opt(
+        1, "--batch", "sequences served at once, for the reported and targeted KV cache (default 1)", type=int
+    )
     serving_dtype: str = opt(
         "f16",
         "--serving-dtype",

@@ -53,6 +53,7 @@ class Run:
     progress: bool = True
     repeat_given: bool = False
     target: Any = None
+    memory_target: tuple[str, float] | None = None  # --target-memory, parsed
     saved: dict[str, Any] | None = None  # a --ratios file
     ckpt: Any = None
     plan: Any = None
@@ -235,9 +236,9 @@ def check_options(run: Run) -> None:
     from ..saving import check_output_dir
 
     c, cfg = run.config, run.cfg
-    goals = [g for g in ("ratio", "target_params", "target_speedup") if getattr(c.goal, g) is not None]
+    goals = [g for g in ("ratio", "target_params", "target_speedup", "target_memory") if getattr(c.goal, g) is not None]
     if len(goals) > 1:
-        raise IntraSliceError("give one of --ratio, --target-params, --target-speedup")
+        raise IntraSliceError("give one of --ratio, --target-params, --target-speedup, --target-memory")
     if c.goal.ratio is not None:
         check_ratio(c.goal.ratio)
     if c.goal.context < 1 or c.goal.batch < 1:
@@ -256,6 +257,13 @@ def check_options(run: Run) -> None:
     if c.goal.target_speedup is not None and not spec.speed_target:
         raise IntraSliceError(f"--target-speedup is implemented for --method intraslice, not {cfg.method}")
     run.target = parse_target_params(c.goal.target_params) if c.goal.target_params is not None else None
+    if c.goal.target_memory is not None:
+        from ..kvcache import bytes_per_value, parse_target_memory
+
+        if not spec.memory_target:
+            raise IntraSliceError(f"--target-memory is implemented for intraslice and channel, not {cfg.method}")
+        bytes_per_value(c.goal.serving_dtype)
+        run.memory_target = parse_target_memory(c.goal.target_memory)
     parse_dtype(c.model.dtype)
     cfg.check_options()  # the method, its allocation and split, the deploy constraints
     if not run.plan_only:
@@ -410,6 +418,8 @@ def resolve_goal(run: Run) -> None:
 
     g, cfg = run.config.goal, run.cfg
     run.goal = {"ratio": cfg.ratio}
+    if run.memory_target is not None:
+        resolve_memory_goal(run)
     if run.target is not None:
         cfg.ratio = ratio_for_target(run.target, g.target_of, stages.source_param_report(run.ckpt.skeleton()))
         check_ratio(cfg.ratio, "the decoder ratio for --target-params")
@@ -439,6 +449,65 @@ def resolve_goal(run: Run) -> None:
             raise IntraSliceError(
                 f"{exc} (--deploy vllm keeps the attention whole: lower --ratio, or add --uniform-layers)"
             ) from None
+
+
+def resolve_memory_goal(run: Run) -> None:
+    """``--target-memory`` as a decoder ratio and a KV weight for the layer budgets.
+
+    A fixed split (``--attention-share A``, ``--mlp-bias``, or a uniform allocation) gives
+    the ratio in closed form (:func:`~intraslice.algo.allocation.ratio_for_cost`). Otherwise
+    the split is the estimator's ranking by importance per byte (``auto`` priced at this
+    context and batch), which also sets the ratio, after the mask gradients; the ratio
+    here is then the smallest it could be (every unit's share of attention), used only by
+    the checks before them.
+    """
+    from .. import stages
+    from ..algo.allocation import feasible_share, param_model, ratio_for_cost
+    from ..arch import get_arch
+    from ..config import DEFAULT_ATTENTION_SHARE, MAX_RATIO
+    from ..kvcache import bytes_per_value, format_bytes, kv_values_per_token, memory_goal
+
+    g, cfg, config = run.config.goal, run.cfg, run.ckpt.config
+    before = stages.source_param_report(run.ckpt.skeleton())
+    goal = memory_goal(
+        run.memory_target, before["whole_model"], kv_values_per_token(config), g.context, g.batch, g.serving_dtype
+    )
+    arch = get_arch(config)
+    pm = param_model(arch.dims(config), 1, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
+    cap = run.config.allocation.max_layer_ratio
+    share: float | str | None = cfg.attention_share
+    if cfg.mlp_bias is not None:  # β as the share it means (mlp_bias_for_share inverted)
+        att = pm.units_per_layer * pm.attn_per_unit
+        mlp = pm.neurons_per_layer * pm.mlp_per_neuron
+        share = 1.0 - (float(cfg.mlp_bias) - 1.0) * mlp / att
+    elif share is None and cfg.allocation == "uniform" and not split_uniform(cfg):
+        share = 1.0  # the spec's uniform allocation: both modules lose the ratio
+    elif share is None and cfg.allocation == "uniform":
+        share = DEFAULT_ATTENTION_SHARE  # a stock format's default split, moved where it must
+        for _ in range(3):
+            ratio = ratio_for_cost(pm, goal["remove"], float(share), goal["kv_weight"])
+            check_ratio(ratio, "the decoder ratio for --target-memory")
+            share = feasible_share(pm, ratio, float(share), cap)
+        cfg.attention_share = share
+    elif share is None:
+        share = cfg.attention_share = "auto"
+    cfg.kv_weight = goal["kv_weight"]
+    cfg.ratio = ratio_for_cost(pm, goal["remove"], 1.0 if share == "auto" else float(share), goal["kv_weight"])
+    if cfg.ratio > MAX_RATIO and share != "auto" and float(share) < 1.0:
+        kv = goal["kv_weight"] * pm.kv_total / (goal["dense_bytes"] / bytes_per_value(g.serving_dtype))
+        raise IntraSliceError(
+            f"--target-memory {g.target_memory} needs a decoder ratio of {cfg.ratio:.2f} with attention share "
+            f"{float(share):g} (the KV cache is {kv:.0%} of the dense total here): let attention shrink "
+            "(drop --attention-share) or ask for more memory"
+        )
+    check_ratio(cfg.ratio, "the decoder ratio for --target-memory")
+    run.goal = {"target_memory": g.target_memory, **goal, "ratio": cfg.ratio, "attention_share": share}
+    split = "the split by importance per byte" if share == "auto" else f"attention share {float(share):g}"
+    run.log(
+        f"--target-memory {g.target_memory}: {format_bytes(goal['target_bytes'])} of weights + KV at {g.context} "
+        f"tokens x batch {g.batch} ({g.serving_dtype}; dense {format_bytes(goal['dense_bytes'])}), {split}"
+        + ("" if share == "auto" else f": decoder ratio {cfg.ratio:.4f}")
+    )
 
 
 def split_uniform(cfg: PruneConfig) -> bool:
@@ -614,11 +683,21 @@ def allocate(run: Run) -> None:
             group_size=a.group_size,
             grad_samples=a.grad_samples,
             split_uniform=split_uniform(cfg),
+            serving_cost=serving_cost,
         )
         return {"allocation": asdict(alloc), "record": record}
 
+    serving_cost = None
+    if run.memory_target is not None and cfg.attention_share == "auto":
+        serving_cost = (run.goal["remove"], run.goal["kv_weight"])
+
     allocated = run.cached("allocation", compute)
     alloc, run.alloc_record = Allocation(**allocated["allocation"]), allocated["record"]
+    if serving_cost is not None:  # the ranking by importance per byte chose the ratio
+        cfg.ratio = run.alloc_record["target_ratio"]
+        share = run.alloc_record["attention_share_chosen"]
+        run.goal.update({"ratio": cfg.ratio, "attention_share_chosen": share})
+        run.log(f"--target-memory: attention share {share:.3f} by importance per byte, decoder ratio {cfg.ratio:.4f}")
     hook("allocation")
     run.timings["allocation"] = time.perf_counter() - t
     if cfg.allocation != "uniform":
@@ -626,11 +705,29 @@ def allocate(run: Run) -> None:
         grads = "" if used is None else f" (mask gradients from {used} of {len(run.grad_tokens)} windows)"
         seconds = run.timings["allocation"]
         print(f"allocation {cfg.allocation}: planned ratio {alloc.planned_ratio:.4f} in {seconds:.1f}s{grads}")
+    if run.memory_target is not None:  # whole attention units miss the cost by up to one: the MLPs take it up
+        alloc.layer_ratios = fit_memory(run, alloc.layer_ratios)
     spec_uniform = cfg.allocation == "uniform" and {tuple(r) for r in alloc.layer_ratios} == {(cfg.ratio,) * 2}
     cfg.layer_ratios = None if spec_uniform else [tuple(r) for r in alloc.layer_ratios]
     if cfg.allocation == "uniform" and not spec_uniform:
         att, mlp = alloc.layer_ratios[0]
         print(f"allocation uniform: every layer loses {att:.4f} of its attention and {mlp:.4f} of its MLP")
+
+
+def fit_memory(run: Run, layer_ratios: list[Any]) -> list[tuple[float, float]]:
+    """The allocation moved onto the memory target (:func:`~intraslice.algo.allocation.fit_cost`)."""
+    from ..algo.allocation import fit_cost, param_model
+    from ..arch import get_arch
+
+    config = run.ckpt.config
+    arch = get_arch(config)
+    pm = param_model(arch.dims(config), 1, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
+    fitted = fit_cost([tuple(r) for r in layer_ratios], pm, run.goal["remove"], run.goal["kv_weight"],
+                      run.config.allocation.max_layer_ratio)  # fmt: skip
+    if run.cfg.uniform_layers or run.cfg.deploy == "stock":  # every layer alike: one MLP width
+        mean = sum(m for _, m in fitted) / len(fitted)
+        fitted = [(a, mean) for a, _ in fitted]
+    return fitted
 
 
 @register_stage("prune", "work")
@@ -719,6 +816,10 @@ def save(run: Run) -> None:
         "peak_memory": peak_memory_mb(run.device),
     }
     report["serving_memory"] = serving_memory(run, report)
+    if run.memory_target is not None:
+        met = report["serving_memory"]["pruned"]["total_bytes"]
+        run.goal["met_bytes"] = met
+        run.goal["met_error"] = met / run.goal["target_bytes"] - 1.0
     if run.ck is not None:
         report["resumed"] = run.ck.resumed
     report["timings_s"].update(run.timings)

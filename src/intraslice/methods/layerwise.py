@@ -15,7 +15,7 @@ from ..algo.mlp import mlp_keep_count
 from ..arch import ArchSpec
 from ..config import PruneConfig
 from ..modeling import IntraSliceConfig
-from ..params import layer_linear_params
+from ..params import layer_kv_values, layer_linear_params
 from ..pipeline.devices import ActivationStore
 from ..pipeline.modules import numel_bias
 from ..pipeline.sequential import LayerContext, LayerReport, LayerResult
@@ -54,15 +54,23 @@ class Budget:
     Head widths round to even numbers and KV heads survive, so a layer's attention rarely
     lands on its planned size; the MLP width makes up the difference, and what is left
     (the MLP rounds to a multiple of 8) carries over to the next layer.
+
+    The size is counted in serving cost: parameters plus ``cfg.kv_weight`` x the layer's
+    K and V cache values per token (0 unless a ``--target-memory`` set it to context x batch),
+    so under a memory target the MLP also absorbs what the attention's kept KV heads and
+    widths store beyond (or below) the plan.
     """
 
     def __init__(self, cfg: PruneConfig, arch: ArchSpec) -> None:
         self.cfg, self.arch = cfg, arch
-        self.carry = 0.0  # parameters the earlier layers kept beyond (+) or below (-) their plan
+        self.carry = 0.0  # cost units the earlier layers kept beyond (+) or below (-) their plan
+
+    def _kv(self, layer: Any) -> float:
+        return self.cfg.kv_weight * layer_kv_values(self.arch, layer) if self.cfg.kv_weight else 0.0
 
     def plan(self, layer: Any, att_ratio: float, mlp_ratio: float) -> float:
         att_dense, mlp_dense = layer_linear_params(self.arch, layer)
-        return att_dense * (1.0 - att_ratio) + mlp_dense * (1.0 - mlp_ratio)
+        return (att_dense + self._kv(layer)) * (1.0 - att_ratio) + mlp_dense * (1.0 - mlp_ratio)
 
     def mlp_keep(self, layer: Any, m: int, mlp_ratio: float, planned: float) -> int:
         if not self.cfg.exact_budget:
@@ -72,11 +80,11 @@ class Budget:
         per_neuron = (mlp_dense - numel_bias(down)) / m
         # Uniform layers (the stock format): every layer the same MLP width, so no carry.
         carry = 0.0 if self.cfg.uniform_layers else self.carry
-        want = (planned - att_actual - carry - numel_bias(down)) / per_neuron
+        want = (planned - att_actual - self._kv(layer) - carry - numel_bias(down)) / per_neuron
         return mlp_keep_count(m, 1.0 - min(max(want, 0.0), m) / m, self.cfg.mlp_multiple)
 
     def settle(self, layer: Any, planned: float) -> None:
-        self.carry += sum(layer_linear_params(self.arch, layer)) - planned
+        self.carry += sum(layer_linear_params(self.arch, layer)) + self._kv(layer) - planned
 
 
 class LayerwiseMethod:

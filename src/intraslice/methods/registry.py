@@ -48,6 +48,9 @@ class MethodSpec:
     export_constraints: bool = False
     #: Supports ``--target-speedup`` (its candidate shapes are IntraSlice's).
     speed_target: bool = False
+    #: Supports ``--target-memory`` (its layers run the serving-cost :class:`Budget`, whose
+    #: MLP absorbs what the attention keeps in weights and KV cache beyond the plan).
+    memory_target: bool = False
     #: The progress bar's words for the layer loop.
     progress_label: str = "pruning layers"
 
@@ -129,6 +132,7 @@ register_method(
         calib_repeat=_INTRASLICE_REPEAT,
         export_constraints=True,
         speed_target=True,
+        memory_target=True,
     )
 )
 register_method(
@@ -140,4 +144,11 @@ register_method(
         progress_label="slicing layers (SliceGPT)",
     )
 )
-register_method(MethodSpec(name="channel", build=_build_channel, summary="FLAP/Wanda-sp heads and channels (baseline)"))
+register_method(
+    MethodSpec(
+        name="channel",
+        build=_build_channel,
+        summary="FLAP/Wanda-sp heads and channels (baseline)",
+        memory_target=True,
+    )
+)
