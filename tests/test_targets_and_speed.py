@@ -78,6 +78,29 @@ def test_candidate_shapes_match_the_ratio(arch_name: str, ratio: float) -> None:
     assert spec["head_dim"] == 48 and spec["head_dim"] % 2 == 0 and len(spec["kv_index"]) == spec["num_heads"]
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_candidate_shapes_follow_the_split(share: float) -> None:
+    """--target-speedup's candidates have the shapes of the split the run prunes with (share 0 by default:
+    the attention whole, the MLP the whole ratio), not the spec's split."""
+    src = make_tiny("llama-gqa", dtype=torch.float32)
+    cand = candidate_model(src, 0.3, mlp_multiple=1, attention_share=share)
+    att_before, mlp_before, att_after, mlp_after = 0, 0, 0, 0
+    for a, b in zip(src.model.layers, cand.model.layers, strict=True):
+        for mods, acc in (((a.self_attn.q_proj, a.self_attn.k_proj, a.self_attn.v_proj, a.self_attn.o_proj), 0),
+                          ((a.mlp.gate_proj, a.mlp.up_proj, a.mlp.down_proj), 1),
+                          ((b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.o_proj), 2),
+                          ((b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj), 3)):  # fmt: skip
+            n = sum(m.weight.numel() for m in mods)
+            att_before, mlp_before, att_after, mlp_after = (
+                x + (n if i == acc else 0) for i, x in enumerate((att_before, mlp_before, att_after, mlp_after))
+            )
+    assert 1 - (att_after + mlp_after) / (att_before + mlp_before) == pytest.approx(0.3, abs=0.02)
+    if share == 0.0:
+        assert att_after == att_before  # every head, every pair: the KV cache untouched
+    else:
+        assert 0.1 <= 1 - att_after / att_before <= 0.25  # 0.15 asked; the even head width rounds it (12 of 16)
+
+
 def test_benchmark_speed_reports_every_model_and_setting() -> None:
     src = make_tiny("llama-gqa", dtype=torch.float32)
     cand = candidate_model(src, 0.4)

@@ -173,19 +173,26 @@ def benchmark_speed(
 
 
 def predicted_layer_spec(
-    dims: dict[str, int], ratio: float, min_head_width: float, mlp_multiple: int, mlp_matrices: int = 3
+    dims: dict[str, int],
+    ratio: float,
+    min_head_width: float,
+    mlp_multiple: int,
+    mlp_matrices: int = 3,
+    attention_share: float = 1.0,
 ) -> dict[str, Any]:
     """Data-free guess of the uniform-allocation shapes of one layer at ``ratio``.
 
     Mirrors the attention planner's rules (even common width, at least ``min_head_width``
     of h, whole heads deleted below that) and the runner's exact budget (the MLP absorbs
     what the attention rounding leaves), without calibration data. ``mlp_matrices`` is 3
-    for a gated MLP, 2 for a plain one.
+    for a gated MLP, 2 for a plain one. ``attention_share`` A: the attention loses A x
+    ``ratio`` of its parameters (the split the run will use; 0 keeps it whole), the MLP the rest.
     """
     from .baselines.channel import kept_head_layout
 
     n_h, n_kv, h, d, m = dims["n_heads"], dims["n_kv"], dims["head_dim"], dims["d"], dims["m"]
-    keep = max(2, n_h * h - round(n_h * h * ratio))
+    att_ratio = min(max(attention_share * ratio, 0.0), 1.0)
+    keep = max(2, n_h * h - round(n_h * h * att_ratio))
     width = min(h, keep // n_h) // 2 * 2
     floor = 2 * math.ceil(min_head_width * h / 2)
     if width < floor:
@@ -203,14 +210,21 @@ def predicted_layer_spec(
     return {**layout, "intermediate_size": inter}
 
 
-def candidate_model(source: nn.Module, ratio: float, min_head_width: float = 0.75, mlp_multiple: int = 8) -> nn.Module:
-    """An IntraSlice model with random weights and the shapes ``ratio`` would give (uniform)."""
+def candidate_model(
+    source: nn.Module,
+    ratio: float,
+    min_head_width: float = 0.75,
+    mlp_multiple: int = 8,
+    attention_share: float = 1.0,
+) -> nn.Module:
+    """An IntraSlice model with random weights and the shapes ``ratio`` would give (uniform),
+    with ``attention_share`` of the ratio taken from attention (:func:`predicted_layer_spec`)."""
     from .modeling import IntraSliceConfig, IntraSliceForCausalLM
 
     arch = get_arch(source.config)
     dims = arch.dims(source.config)
     kwargs = arch.pruned_config_kwargs(source.config)
-    spec = predicted_layer_spec(dims, ratio, min_head_width, mlp_multiple, arch.mlp_matrices)
+    spec = predicted_layer_spec(dims, ratio, min_head_width, mlp_multiple, arch.mlp_matrices, attention_share)
     config = IntraSliceConfig(**kwargs, layers=[dict(spec) for _ in range(dims["n_layers"])])
     config._attn_implementation = getattr(source.config, "_attn_implementation", None) or "sdpa"
     dtype = next(source.parameters()).dtype
@@ -230,11 +244,14 @@ def ratio_for_speedup(
     min_head_width: float = 0.75,
     mlp_multiple: int = 8,
     log: Callable[[str], None] | None = None,
+    attention_share: float | Callable[[float], float] = 1.0,
 ) -> tuple[float, list[dict[str, float]]]:
     """The smallest ratio (on a 0.05 grid) whose candidate shapes reach ``target`` prefill speedup.
 
     Bisection over the grid (speed grows with the ratio), each probe timed interleaved
-    against the dense source model. Returns the ratio and every probe's measurement.
+    against the dense source model. ``attention_share``: the split the run will prune with
+    (a number, or a function of the ratio), so the candidates have its shapes. Returns the
+    ratio and every probe's measurement.
     """
     if target <= 1.0:
         raise IntraSliceError(f"--target-speedup must be > 1, got {target}")
@@ -242,7 +259,8 @@ def ratio_for_speedup(
     probes: list[dict[str, float]] = []
 
     def speedup(r: float) -> float:
-        cand = candidate_model(source, r, min_head_width, mlp_multiple)
+        share = attention_share(r) if callable(attention_share) else attention_share
+        cand = candidate_model(source, r, min_head_width, mlp_multiple, share)
         res = benchmark_speed([("dense", source), ("candidate", cand)], [seqlen], [], batch, repeats, warmup=1)
         sp = res.prefill_s["dense"][seqlen] / res.prefill_s["candidate"][seqlen]
         probes.append({"ratio": r, "prefill_speedup": sp})

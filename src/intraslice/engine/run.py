@@ -293,6 +293,11 @@ def check_options(run: Run) -> None:
         from ..serve import require_xllamacpp
 
         require_xllamacpp()
+    if c.goal.target_speedup is not None and cfg.attention_share == "auto":
+        raise IntraSliceError(
+            "--target-speedup times candidate shapes before the estimator ranks anything: give --attention-share "
+            "a number (or leave it out)"
+        )
     if c.goal.target_speedup is not None and cfg.deploy == "vllm":
         raise IntraSliceError(
             "--target-speedup times candidates that prune attention, which --deploy vllm keeps whole: give --ratio"
@@ -516,6 +521,40 @@ def split_uniform(cfg: PruneConfig) -> bool:
 
 
 # -- work -------------------------------------------------------------------------------------
+def candidate_share(run: Run) -> Callable[[float], float]:
+    """The attention share the run will prune with at a ratio, for ``--target-speedup``'s candidates.
+
+    The candidates must have the shapes the run will make: the default split keeps the
+    attention whole (share 0, raised where a ratio needs it), ``--attention-share A`` takes
+    A, ``--mlp-bias`` β its share, and the spec's uniform allocation 1.
+    """
+    from ..algo.allocation import feasible_share, param_model
+    from ..arch import get_arch
+    from ..config import DEFAULT_ATTENTION_SHARE
+
+    cfg, config = run.cfg, run.ckpt.config
+    arch = get_arch(config)
+    pm = param_model(arch.dims(config), 1, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
+    cap = run.config.allocation.max_layer_ratio
+    if cfg.mlp_bias is not None:
+        att, mlp = pm.units_per_layer * pm.attn_per_unit, pm.neurons_per_layer * pm.mlp_per_neuron
+        fixed = 1.0 - (float(cfg.mlp_bias) - 1.0) * mlp / att
+        return lambda r: fixed
+    if cfg.attention_share is not None:
+        fixed = float(cfg.attention_share)
+        return lambda r: fixed
+    if cfg.allocation == "uniform" and not split_uniform(cfg):
+        return lambda r: 1.0
+
+    def default(r: float) -> float:
+        try:
+            return feasible_share(pm, r, DEFAULT_ATTENTION_SHARE, min(max(cap, r), 0.95))
+        except IntraSliceError:
+            return 1.0
+
+    return default
+
+
 @register_stage("speed_search", "work")
 def speed_search(run: Run) -> None:
     g, cfg = run.config.goal, run.cfg
@@ -531,6 +570,7 @@ def speed_search(run: Run) -> None:
     where = "in llama.cpp's server" if g.speed_engine == "llamacpp" else "here"
     run.log(f"searching the ratio for a {g.target_speedup}x prefill speedup ({g.speed_seqlen} tokens, {where})")
     t = time.perf_counter()
+    share = candidate_share(run)
     dense = whole_model(run.ckpt.directory, run.ckpt.dtype, run.device)  # timing needs the whole model
     if g.speed_engine == "llamacpp":
         from ..serve import require_xllamacpp
@@ -547,6 +587,7 @@ def speed_search(run: Run) -> None:
             mlp_multiple=cfg.mlp_multiple,
             log=run.log,
             llama_cpp=run.config.export.llama_cpp,
+            attention_share=share,
         )
     else:
         cfg.ratio, probes = ratio_for_speedup(
@@ -556,6 +597,7 @@ def speed_search(run: Run) -> None:
             min_head_width=cfg.min_head_width,
             mlp_multiple=cfg.mlp_multiple,
             log=run.log,
+            attention_share=share,
         )
     del dense
     run.timings["speed_search"] = time.perf_counter() - t

@@ -141,7 +141,9 @@ def speed_llamacpp(
     }
 
 
-def llamacpp_candidate(source: Any, ratio: float, min_head_width: float, mlp_multiple: int) -> Any:
+def llamacpp_candidate(
+    source: Any, ratio: float, min_head_width: float, mlp_multiple: int, attention_share: float = 1.0
+) -> Any:
     """:func:`intraslice.speed.candidate_model` within llama.cpp's ``deci`` constraints.
 
     llama.cpp groups query head i onto KV head i / (n_head / n_head_kv): every kept KV head
@@ -152,7 +154,7 @@ def llamacpp_candidate(source: Any, ratio: float, min_head_width: float, mlp_mul
     from ..modeling import IntraSliceForCausalLM
     from ..speed import candidate_model
 
-    cand = candidate_model(source, ratio, min_head_width, mlp_multiple)
+    cand = candidate_model(source, ratio, min_head_width, mlp_multiple, attention_share)
     spec = dict(cand.config.layers[0])
     n, kv, r = spec["num_heads"], spec["num_kv_heads"], spec["head_dim"]
     n2 = max(kv, n - n % kv)
@@ -191,6 +193,7 @@ def ratio_for_speedup_llamacpp(
     out_type: str = "f16",
     log: Callable[[str], None] | None = None,
     llama_cpp: str | os.PathLike[str] | None = None,
+    attention_share: float | Callable[[float], float] = 1.0,
 ) -> tuple[float, list[dict[str, float]]]:
     """``--target-speedup`` met in llama.cpp's server: the smallest ratio (0.05 grid) whose shapes reach it.
 
@@ -215,7 +218,8 @@ def ratio_for_speedup_llamacpp(
         dense = export_source_gguf(source_dir, work / "dense.gguf", out_type, llama_cpp=llama_cpp)
 
         def speedup(r: float) -> float:
-            cand = llamacpp_candidate(source, r, min_head_width, mlp_multiple)
+            share = attention_share(r) if callable(attention_share) else attention_share
+            cand = llamacpp_candidate(source, r, min_head_width, mlp_multiple, share)
             d = save_pruned(cand, tokenizer, work / f"cand-{r}")
             del cand
             path = export_gguf(d, work / f"cand-{r}.gguf", out_type, llama_cpp=llama_cpp)
