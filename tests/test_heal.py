@@ -17,6 +17,7 @@ import torch
 import intraslice
 from intraslice.cli import main
 from intraslice.engine import RunConfig
+from intraslice.errors import IntraSliceError
 from intraslice.heal import HealConfig, heal
 from intraslice.heal.loss import distill_loss, kl_from_logits
 from intraslice.heal.teacher import build_cache, teacher_targets
@@ -341,6 +342,45 @@ def test_a_healed_stock_model_still_exports_to_stock_transformers(sharp_dir: Pat
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
     wp, wh = weights(tmp_path / "pruned"), weights(tmp_path / "healed")
     assert any(not torch.equal(wp[k], wh[k]) for k in wp)  # the export carries the healed weights
+
+
+def test_a_healed_llamacpp_model_serves_in_llamacpp_as_it_runs_here(
+    sharp_dir: Path, calib: Path, tmp_path: Path
+) -> None:
+    """--deploy llamacpp with attention pruned, healed (LoRA merged): its GGUF export, in
+    llama.cpp's own server (f32, exact), gives every log-probability of the healed model."""
+    pytest.importorskip("xllamacpp", reason="needs the serve extra: pip install 'intraslice[serve]'")
+    from transformers import AutoModelForCausalLM
+
+    from intraslice.export.gguf import export_gguf, find_llama_cpp
+    from intraslice.serve import LlamaCppServer
+
+    try:
+        root = find_llama_cpp(download=False)
+    except IntraSliceError as exc:
+        pytest.skip(str(exc))
+    config = RunConfig()
+    config.model.model, config.model.device = str(sharp_dir), "cpu"
+    config.goal.ratio = 0.3
+    config.method.deploy, config.method.attention_share, config.method.head_width = "llamacpp", 1.0, 8
+    config.calibration.source, config.calibration.nsamples, config.calibration.seqlen = str(calib), 6, 24
+    config.evaluation.enabled, config.output.progress = False, False
+    config.output.out = str(tmp_path / "pruned")
+    intraslice.run(config)
+    heal(tmp_path / "pruned", tmp_path / "healed", small(calib, keep_worse=True, eval_windows=0), progress=False,
+         log=lambda _: None)  # fmt: skip
+    wp, wh = weights(tmp_path / "pruned"), weights(tmp_path / "healed")
+    assert any(not torch.equal(wp[k], wh[k]) for k in wp)  # the heal changed the weights
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", dtype=torch.float64).eval()
+    assert min(s["head_dim"] for s in model.config.layers) < 16  # attention was pruned
+    path = export_gguf(tmp_path / "healed", tmp_path / "healed.gguf", "f32", llama_cpp=root, tokenizer_pre="gpt-2")
+    ids = torch.randint(0, VOCAB, (32,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    ours = lp[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    with LlamaCppServer(path, n_ctx=64, threads=1, exact=True) as server:
+        theirs = torch.tensor(server.token_logprobs(ids), dtype=torch.float64)
+    assert (theirs - ours).abs().max().item() < 1e-4, (theirs - ours).abs().max().item()
 
 
 def test_the_cli_heals(pruned_dir: Path, calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
