@@ -160,8 +160,9 @@ class PruneConfig:
     attention_share: float | str | None = opt(
         None,
         "--attention-share",
-        "attention loses this share of the ratio, the MLP the rest (default 0: attention keeps every head "
-        "while the MLP can take the ratio); auto: one ranking of every unit and neuron chooses",
+        "attention loses this share of the ratio, the MLP the rest; auto: one ranking of every unit and neuron "
+        "chooses. Default: 0 for --ratio, --target-params and --target-speedup (attention keeps every head while "
+        "the MLP can take the ratio); with --target-memory, auto ranked by importance per byte of weights + KV",
         type=share_arg,
     )
     mlp_bias: float | None = opt(
