@@ -192,6 +192,20 @@ def test_target_memory_is_met_within_2_percent(
             assert 0.0 <= goal["attention_share_chosen"] and goal["ratio"] > 0
 
 
+def test_a_memory_targeted_run_is_made_again_from_its_config(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from intraslice.engine import RUN_CONFIG_FILE
+
+    from .test_resume import assert_identical
+
+    prune_to(models, "gqa", tmp_path / "a", "--target-memory", "0.8")
+    text = (tmp_path / "a" / RUN_CONFIG_FILE).read_text()
+    assert 'target_memory = "0.8"' in text and "\nratio =" not in text
+    assert main(["prune", "--config", str(tmp_path / "a" / RUN_CONFIG_FILE), "--out", str(tmp_path / "b")]) == 0
+    assert_identical(tmp_path / "a", tmp_path / "b")
+
+
 def test_the_byte_split_prunes_more_attention_at_a_longer_context(
     models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -897,7 +897,7 @@ def effective_config(run: Run) -> RunConfig:
     if config.goal.target_speedup is not None:
         config.goal.target_speedup = None
         config.goal.ratio = run.cfg.ratio
-    elif config.goal.ratio is None and config.goal.target_params is None:
+    elif config.goal.ratio is None and config.goal.target_params is None and config.goal.target_memory is None:
         config.goal.ratio = run.cfg.ratio
     return config
 
