@@ -293,3 +293,53 @@ def test_target_memory_in_llamacpps_allocation(
     w, kv = _server_buffers(gguf, tmp_path / "pruned.log")
     assert kv < 0.95 * dense_kv  # the cache shrank
     assert w + kv == pytest.approx(0.7 * (dense_w + dense_kv), rel=0.02)
+
+
+# -- step C under a memory target --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("equal_groups", [False, True])
+@pytest.mark.parametrize("kv_weight", [0.0, 40.0, 4000.0])
+def test_heads_for_cost_is_the_best_subset_within_the_budget(equal_groups: bool, kv_weight: float) -> None:
+    """Against every subset of heads and every width (6 heads on 2 KV heads, h = 8)."""
+    from itertools import combinations
+
+    from intraslice.algo.attention import CachePrice, heads_for_cost
+
+    n_h, n_kv, h, d = 6, 2, 8, 16
+    g = n_h // n_kv
+    gen = torch.Generator().manual_seed(7)
+    cum = torch.cumsum(torch.rand(n_h, h + 1, generator=gen, dtype=torch.float64), 1)
+    cum[:, 0] = 0
+    price = CachePrice(kv_weight, d)
+    dense = 2 * d * h * (n_h + n_kv) + kv_weight * 2 * h * n_kv
+    widths = [4, 6, 8]
+    for frac in (0.35, 0.6, 0.8):
+        budget = frac * dense
+        best = None
+        for r in widths:
+            for n in range(1, n_h + 1):
+                for kept in combinations(range(n_h), n):
+                    groups = {i // g for i in kept}
+                    if equal_groups and len({sum(1 for i in kept if i // g == kv) for kv in groups}) != 1:
+                        continue
+                    cost = 2 * d * r * (n + len(groups)) + kv_weight * 2 * r * len(groups)
+                    j = float(cum[list(kept), r].sum())
+                    if cost <= budget and (best is None or (j, cost) > (best[0], best[1])):
+                        best = (j, cost)
+        kept, r, j = heads_for_cost(cum, n_kv, budget, price, widths, equal_groups)
+        assert best is not None and j == pytest.approx(best[0], rel=1e-12)
+        cost = 2 * d * r * (len(kept) + len({i // g for i in kept})) + kv_weight * 2 * r * len({i // g for i in kept})
+        assert cost <= budget
+
+
+def test_a_priced_cache_deletes_a_kv_group_rather_than_a_head_from_each() -> None:
+    """Equal J everywhere: without the price, losing 2 of 6 query heads costs the same however they
+    are spread; with it, a whole KV group frees its cache too, so the plan keeps one group whole."""
+    from intraslice.algo.attention import CachePrice, heads_for_cost
+
+    cum = torch.cumsum(torch.ones(6, 9, dtype=torch.float64), 1) - 1
+    price = CachePrice(4000.0, 16)
+    dense = price.cost(6, 2, 8)
+    kept, r, _ = heads_for_cost(cum, 2, 0.7 * dense, price, [8], equal_groups=False)
+    assert len({i // 3 for i in kept}) == 1 and r == 8, kept

@@ -242,6 +242,84 @@ class AttentionConstraints:
     group_shape: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class CachePrice:
+    """What the KV cache adds to a layer's attention cost under a memory target.
+
+    ``kv_weight`` w = context x batch: one K or V value per token costs w parameters (both
+    in the serving type). A layer keeping ``n_q`` query heads on ``n_kv`` KV heads at width r
+    costs 2 d r (n_q + n_kv) parameters (q, o and k, v) plus w x 2 r n_kv cache values, so
+    deleting a query head frees only its q/o share, while a KV group or a narrower width
+    also frees cache: with w large the cheap heads to lose are not the same ones.
+    """
+
+    kv_weight: float
+    hidden: int
+
+    def cost(self, n_q: int, n_kv: int, width: int) -> float:
+        return 2.0 * self.hidden * width * (n_q + n_kv) + self.kv_weight * 2.0 * width * n_kv
+
+
+def heads_for_cost(
+    cum: torch.Tensor,
+    n_kv: int,
+    budget: float,
+    price: CachePrice,
+    widths: list[int],
+    equal_groups: bool,
+) -> tuple[list[int], int, float]:
+    """Step C under a memory target: the kept heads and width maximising J within ``budget``.
+
+    Every width in ``widths`` and every head count within every set of KV groups (or
+    KV-group shape (a, b) under ``equal_groups``) is tried; at a fixed width J is additive
+    over heads, so each keeps its best heads (:func:`best_groups` for groups), and its cost
+    counts the KV heads it touches (:class:`CachePrice`). The choice with the largest J whose cost fits wins (ties:
+    the larger cost, i.e. the fuller use of the budget); if none fits, the cheapest one.
+    Returns (kept heads ascending, width, J).
+    """
+    n_heads = cum.shape[0]
+    g = n_heads // n_kv
+    best: tuple[float, float, list[int], int] | None = None
+    cheapest: tuple[float, list[int], int, float] | None = None
+    for r in widths:
+        value = cum[:, r]
+        options: list[tuple[list[int], float, float]] = []
+        if equal_groups:
+            for a in range(1, n_kv + 1):
+                for b in range(1, g + 1):
+                    kept, j = best_groups(value, n_kv, a, b)
+                    options.append((kept, j, price.cost(a * b, a, r)))
+        else:
+            # The best n heads inside each set of KV groups (every set while there are at most 8
+            # groups, 255 sets; beyond, the best n overall: exact for MHA, where a group is a head).
+            subsets = (
+                [[kv for kv in range(n_kv) if mask >> kv & 1] for mask in range(1, 2**n_kv)]
+                if n_kv <= 8
+                else [list(range(n_kv))]
+            )
+            for groups in subsets:
+                members = [i for i in range(n_heads) if i // g in groups]
+                order = sorted(members, key=lambda i: (-float(value[i]), i))
+                for n in range(1, len(order) + 1):
+                    kept = sorted(order[:n])
+                    options.append((kept, float(value[kept].sum()), price.cost(n, len({i // g for i in kept}), r)))
+        for kept, j, cost in options:
+            if cheapest is None or cost < cheapest[0]:
+                cheapest = (cost, kept, r, j)
+            if cost <= budget * (1 + 1e-12) and (best is None or (j, cost) > (best[0], best[1])):
+                best = (j, cost, kept, r)
+    if best is None:
+        assert cheapest is not None
+        return cheapest[1], cheapest[2], cheapest[3]
+    return best[2], best[3], best[0]
+
+
+def even_widths(head_dim: int, min_width_frac: float) -> list[int]:
+    """Even head widths from the spec's minimum (``min_width_frac`` x h, rounded up) to h."""
+    floor = 2 * math.ceil(min_width_frac * head_dim / 2)
+    return list(range(max(2, floor), head_dim + 1, 2)) or [head_dim - head_dim % 2]
+
+
 def best_groups(value: torch.Tensor, n_kv: int, a: int, b: int) -> tuple[list[int], float]:
     """The ``a`` KV groups with the largest sum of their ``b`` best query heads (by ``value``).
 
@@ -350,6 +428,8 @@ def choose_common_width(
     multiple: int = 8,
     divides: int | None = None,
     widths: list[int] | None = None,
+    price: CachePrice | None = None,
+    budgets: list[float] | None = None,
 ) -> tuple[int, tuple[int, int] | None]:
     """The model-wide head width maximising step C's objective summed over layers.
 
@@ -359,6 +439,8 @@ def choose_common_width(
     all layers. With ``uniform`` the head/group shape is shared too: the (a, b) with a*b
     closest to K / r and the largest summed J (head counts dividing ``divides`` only).
     ``widths`` restricts the candidates (a global RoPE set: h only, see ``methods.deploy``).
+    ``price`` and ``budgets`` (a memory target, per-layer cost budgets): each layer's J at a
+    width is that of :func:`heads_for_cost` (a narrower width frees cache in every KV head).
     Returns (width, group shape or None).
     """
     n_heads, head_dim = cums[0].shape[0], cums[0].shape[1] - 1
@@ -369,6 +451,11 @@ def choose_common_width(
             shapes = group_shape_candidates(n_kv, g, keeps[0] / r, divides)
             scored = [(sum(best_groups(c[:, r], n_kv, a, b)[1] for c in cums), (a, b)) for a, b in shapes]
             total, shape = max(scored, key=lambda t: (t[0], -t[1][0] * t[1][1]))
+        elif price is not None and budgets is not None:
+            total = sum(
+                heads_for_cost(c, n_kv, b, price, [r], equal_groups)[2] for c, b in zip(cums, budgets, strict=True)
+            )
+            shape = None
         else:
             total = sum(heads_at_width(c, k, r, n_kv, equal_groups, None)[1] for c, k in zip(cums, keeps, strict=True))
             shape = None
@@ -388,12 +475,23 @@ def plan_attention(
     keep: int,
     min_width_frac: float = 0.75,
     constraints: AttentionConstraints | None = None,
+    price: CachePrice | None = None,
+    budget: float | None = None,
 ) -> AttentionPlan:
-    """Steps A-D for one layer, within the export ``constraints`` if any."""
+    """Steps A-D for one layer, within the export ``constraints`` if any.
+
+    ``price`` and ``budget`` (a memory target): step C keeps the heads and width with the
+    largest J whose parameters plus priced cache fit ``budget`` (:func:`heads_for_cost`),
+    instead of a channel budget ``keep`` that cannot see the cache.
+    """
     c = constraints or AttentionConstraints()
     scores = channel_scores(torch.diagonal(h), w_o)
     spectra = head_spectra(h, n_heads, head_dim)
-    if c.width is not None:
+    if price is not None and budget is not None and c.group_shape is None:
+        widths = [int(c.width)] if c.width is not None else even_widths(head_dim, min_width_frac)
+        cum = captured_spectrum(scores, spectra)
+        kept, r, _ = heads_for_cost(cum, n_kv, budget, price, widths, c.equal_groups)
+    elif c.width is not None:
         r = int(c.width)
         kept, _ = heads_at_width(captured_spectrum(scores, spectra), keep, r, n_kv, c.equal_groups, c.group_shape)
     else:

@@ -21,6 +21,7 @@ from torch import nn
 from ..algo.attention import (
     AttentionConstraints,
     AttentionPlan,
+    CachePrice,
     attention_pair_variance,
     compress_attention,
     head_channel_mask,
@@ -212,6 +213,7 @@ class IntraSliceAttentionStep:
         n_h, n_kv, h = ctx.dims["n_heads"], ctx.dims["n_kv"], ctx.dims["head_dim"]
         h_dense, mu, dense_x = dense_attention_stats(ctx, self.cfg.rope_score)
         keep = n_h * h - round(n_h * h * att_ratio)
+        price = CachePrice(float(self.cfg.kv_weight), int(ctx.dims["d"])) if self.cfg.kv_weight else None
         w_o = ctx.arch.qkvo(ctx.layer)[3].weight
         plan = plan_attention(
             ctx.math(h_dense),
@@ -223,6 +225,8 @@ class IntraSliceAttentionStep:
             max(keep, 2),
             self.cfg.min_head_width,
             constraints=self.constraints[ctx.index] if self.constraints else None,
+            price=price,
+            budget=None if price is None else (1.0 - att_ratio) * price.cost(n_h, n_kv, h),
         )
         h_t, cross, xts = pruned_attention_stats(ctx, plan, dense_x)
         dense_x.clear()
