@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -156,37 +153,12 @@ def test_kv_arithmetic_is_the_gguf_tensors(arch: str, exported: Any) -> None:
         assert kv_layer_widths(json.loads(json.dumps(model.config.to_dict()))) == rows
 
 
-def _kv_cache_log(path: Path, n_ctx: int, parallel: int, cache_type: str, log: Path) -> tuple[float, float]:
+def _kv_cache_log(path: Path, n_ctx: int, parallel: int, cache_type: str) -> tuple[float, float]:
     """(K MiB, V MiB) of llama.cpp's ``llama_kv_cache: size = ...`` line for this server setting."""
-    xl = pytest.importorskip("xllamacpp", reason="needs the serve extra: pip install 'intraslice[serve]'")
-    p = xl.CommonParams()
-    p.model.path = str(path)
-    p.n_ctx, p.n_parallel = n_ctx, parallel
-    p.cache_type_k = p.cache_type_v = getattr(xl.ggml_type, f"GGML_TYPE_{cache_type.upper()}")
-    p.warmup, p.port = False, 0  # no HTTP listener: nothing to bind, nothing to release
-    p.verbosity = 10  # llama.cpp logs the cache's allocation at info level
-    pattern = re.compile(
-        rf"llama_kv_cache: size = .*K \({cache_type}\):\s*([0-9.]+) MiB, V \({cache_type}\):\s*([0-9.]+) MiB"
-    )
-    log.write_text("")
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-    saved = os.dup(2)
-    os.dup2(fd, 2)  # llama.cpp writes its log to the process's stderr, from a thread of its own
-    try:
-        server = xl.Server(p)
-        deadline = time.monotonic() + 30
-        while not (found := pattern.search(log.read_text(errors="replace"))) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # one request before closing: a server closed before its loop waits for tasks never returns
-        server.handle_completions({"prompt": [1, 2, 3], "n_predict": 1})
-        del server
-        time.sleep(0.2)  # its last log lines land in the file too
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(fd)
-    assert found, f"no llama_kv_cache size line in llama.cpp's log ({log})"
-    return float(found.group(1)), float(found.group(2))
+    from intraslice.serve.llamacpp import server_allocation
+
+    got = server_allocation(path, n_ctx, parallel, cache_type)
+    return got["k_mib"], got["v_mib"]
 
 
 def test_kv_bytes_are_what_llamacpp_allocates(exported: Any, tmp_path: Path) -> None:
@@ -198,7 +170,7 @@ def test_kv_bytes_are_what_llamacpp_allocates(exported: Any, tmp_path: Path) -> 
     for model, file in ((dense, dense_path), (pruned, path)):
         widths = kv_layer_widths(model.config)
         for dtype in ("f16", "f32"):
-            k_mib, v_mib = _kv_cache_log(file, context * batch, batch, dtype, tmp_path / "server.log")
+            k_mib, v_mib = _kv_cache_log(file, context * batch, batch, dtype)
             size = bytes_per_value(dtype) * context * batch / 2**20
             assert k_mib == pytest.approx(sum(k for k, _ in widths) * size, abs=0.006), (dtype, widths)
             assert v_mib == pytest.approx(sum(v for _, v in widths) * size, abs=0.006), (dtype, widths)

@@ -9,9 +9,6 @@ from what llama.cpp's server itself allocates (its log's model buffer and KV cac
 from __future__ import annotations
 
 import json
-import os
-import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -241,36 +238,12 @@ def test_target_memory_refusals(
 # -- in llama.cpp's own allocation --------------------------------------------------------------------
 
 
-def _server_buffers(gguf: Path, log: Path) -> tuple[float, float]:
+def _server_buffers(gguf: Path) -> tuple[float, float]:
     """(model buffer MiB, K + V cache MiB) that llama.cpp's server logs for CONTEXT x BATCH slots, f16."""
-    xl = pytest.importorskip("xllamacpp", reason="needs the serve extra: pip install 'intraslice[serve]'")
-    p = xl.CommonParams()
-    p.model.path = str(gguf)
-    p.n_ctx, p.n_parallel = CONTEXT * BATCH, BATCH
-    p.cache_type_k = p.cache_type_v = xl.ggml_type.GGML_TYPE_F16
-    p.warmup, p.port, p.verbosity = False, 0, 10
-    kv = re.compile(r"llama_kv_cache: size = .*K \(f16\):\s*([0-9.]+) MiB, V \(f16\):\s*([0-9.]+) MiB")
-    weights = re.compile(r"CPU(?:_Mapped)? model buffer size =\s*([0-9.]+) MiB")
-    log.write_text("")
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-    saved = os.dup(2)
-    os.dup2(fd, 2)  # llama.cpp logs to the process's stderr
-    try:
-        server = xl.Server(p)
-        deadline = time.monotonic() + 30
-        while not kv.search(log.read_text(errors="replace")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        server.handle_completions({"prompt": [1, 2, 3], "n_predict": 1})  # a server closed unused hangs
-        del server
-        time.sleep(0.2)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(fd)
-    text = log.read_text(errors="replace")
-    k, w = kv.search(text), weights.findall(text)
-    assert k and w, f"no buffer sizes in llama.cpp's log ({log})"
-    return sum(float(x) for x in w), float(k.group(1)) + float(k.group(2))
+    from intraslice.serve.llamacpp import server_allocation
+
+    got = server_allocation(gguf, CONTEXT * BATCH, BATCH, "f16")
+    return got["model_mib"], got["k_mib"] + got["v_mib"]
 
 
 def test_target_memory_in_llamacpps_allocation(
@@ -287,10 +260,10 @@ def test_target_memory_in_llamacpps_allocation(
     dense_gguf = export_source_gguf(
         models["mha"], tmp_path / "dense.gguf", "f16", llama_cpp=root, tokenizer_pre="gpt-2"
     )
-    dense_w, dense_kv = _server_buffers(dense_gguf, tmp_path / "dense.log")
+    dense_w, dense_kv = _server_buffers(dense_gguf)
     prune_to(models, "mha", tmp_path / "out", "--target-memory", "0.7", "--deploy", "llamacpp")
     gguf = export_gguf(tmp_path / "out", tmp_path / "pruned.gguf", "f16", llama_cpp=root, tokenizer_pre="gpt-2")
-    w, kv = _server_buffers(gguf, tmp_path / "pruned.log")
+    w, kv = _server_buffers(gguf)
     assert kv < 0.95 * dense_kv  # the cache shrank
     assert w + kv == pytest.approx(0.7 * (dense_w + dense_kv), rel=0.02)
 

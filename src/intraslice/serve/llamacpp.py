@@ -291,3 +291,54 @@ def perplexity_of(scores: list[list[float]], seconds: float = 0.0) -> dict[str, 
     nll = -sum(sum(s) for s in scores)
     count = sum(len(s) for s in scores)
     return {"ppl": math.exp(nll / count), "tokens_scored": count, "windows": len(scores), "seconds": seconds}
+
+
+def server_allocation(
+    gguf: str | os.PathLike[str], n_ctx: int, parallel: int = 1, cache_type: str = "f16", timeout: float = 60.0
+) -> dict[str, float]:
+    """What llama.cpp's server allocates for ``gguf`` at ``n_ctx`` cells over ``parallel`` slots.
+
+    Read from the server's own log (info level): ``model buffer size`` lines (MiB; every
+    backend's buffer summed) and the ``llama_kv_cache: size`` line (K and V, MiB). Why the log:
+    the server exposes no allocation API, and these are the numbers its user sees. The
+    server's log goes to the process's stderr from a thread of its own, so file descriptor 2
+    is pointed at a temporary file while it starts (not thread-safe: one caller at a time).
+    Returns ``model_mib``, ``k_mib``, ``v_mib`` and ``total_mib``.
+    """
+    import re
+    import tempfile
+
+    xl = require_xllamacpp()
+    p = xl.CommonParams()
+    p.model.path = str(gguf)
+    p.n_ctx, p.n_parallel = int(n_ctx), int(parallel)
+    p.cache_type_k = p.cache_type_v = getattr(xl.ggml_type, f"GGML_TYPE_{cache_type.upper()}")
+    p.warmup, p.port = False, 0  # no HTTP listener: nothing to bind, nothing to release
+    p.verbosity = 10  # llama.cpp logs its buffers at info level
+    kv = re.compile(
+        rf"llama_kv_cache: size = .*K \({cache_type}\):\s*([0-9.]+) MiB, V \({cache_type}\):\s*([0-9.]+) MiB"
+    )
+    weights = re.compile(r"model buffer size =\s*([0-9.]+) MiB")
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
+        fd = os.open(log.name, os.O_WRONLY | os.O_APPEND)
+        saved = os.dup(2)
+        os.dup2(fd, 2)
+        try:
+            server = xl.Server(p)
+            deadline = time.monotonic() + timeout
+            while not kv.search(Path(log.name).read_text(errors="replace")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            # one request before closing: a server closed before its loop waits for tasks never returns
+            server.handle_completions({"prompt": [1, 2, 3], "n_predict": 1})
+            del server
+            time.sleep(0.2)  # its last lines land in the file too
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(fd)
+        text = Path(log.name).read_text(errors="replace")
+    found, sizes = kv.search(text), weights.findall(text)
+    if not found or not sizes:
+        raise IntraSliceError(f"llama.cpp's log has no buffer sizes for {gguf}")
+    k, v, model = float(found.group(1)), float(found.group(2)), sum(float(x) for x in sizes)
+    return {"model_mib": model, "k_mib": k, "v_mib": v, "total_mib": model + k + v}
