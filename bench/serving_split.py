@@ -172,7 +172,19 @@ def run_speed(args: argparse.Namespace) -> None:
     run_child(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     speed = json.loads(out.read_text())
     data["speed"] = speed
+    data["allocation"] = allocations(data)
     save(path, data)
+
+
+def allocations(data: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """What llama.cpp's server allocates (model buffer + f16 KV cache, one slot) for every model at each context."""
+    from intraslice.serve.llamacpp import dense_gguf_for, gguf_for, server_allocation
+
+    rows = list(data["rows"].values())
+    contexts = sorted({int(c) for r in rows for c in r["memory"]})
+    files = {"dense": dense_gguf_for(rows[0]["dir"], "f16")}
+    files.update({r["dir"]: gguf_for(r["dir"], "f16") for r in rows})
+    return {name: {str(c): server_allocation(f, c, 1, "f16") for c in contexts} for name, f in files.items()}
 
 
 def table(data: dict[str, Any], model: str) -> str:
@@ -186,34 +198,42 @@ def table(data: dict[str, Any], model: str) -> str:
             return ""
         return f"{m['tokens_per_s'][which]:.0f} ({m['speedup'][which]:.2f}x)"
 
-    head = ("| context | split | decoder ratio | attention share | weights + KV (f16, batch 1) | KV/token | "
-            "C4 held-out ppl | WikiText-2 ppl | copy 200 | lookup | zero-shot | decode tok/s (x dense) |")  # fmt: skip
-    lines = [head, "|" + "---|" * 12]
+    alloc = data.get("allocation") or {}
+
+    def served(key: str, c: int, target: float | None) -> str:
+        a = alloc.get(key, {}).get(str(c))
+        if not a:
+            return ""
+        text = f"{a['total_mib']:.1f} MiB"
+        return text + (f" ({a['total_mib'] * 2**20 / target - 1:+.1%})" if target else "")
+
+    head = ("| context | split | decoder ratio | attention share | weights + KV (f16, batch 1) | in llama.cpp "
+            "(vs target) | KV/token | C4 held-out ppl | WikiText-2 ppl | copy 200 | lookup | zero-shot | "
+            "decode tok/s (x dense) |")  # fmt: skip
+    lines = [head, "|" + "---|" * 13]
     contexts = sorted({int(c) for r in data["rows"].values() for c in r["memory"]})
+    base = {r["ratio"]: r for r in data["rows"].values() if r["split"] == "share 0"}
     for c in contexts:
-        dm = None
-        for r in data["rows"].values():
-            if r["split"] == "share 0":
-                dm = r["memory"][str(c)]
-                break
+        dense_cells = f"{d['c4-heldout']:.2f} | {d['wikitext2']:.2f} | {d['copy200']:.2f} | {d['lookup']:.0%}"
         lines.append(
-            f"| {c} | dense | | | | | {d['c4-heldout']:.2f} | {d['wikitext2']:.2f} | {d['copy200']:.2f} | "
-            f"{d['lookup']:.0%} | {d['zeroshot']['mean']:.1%} | {tps('dense', f'decode_{c}')} |"
+            f"| {c} | dense | | | | {served('dense', c, None)} | | {dense_cells} | {d['zeroshot']['mean']:.1%} | "
+            f"{tps('dense', f'decode_{c}')} |"
         )
         for ratio in sorted({r["ratio"] for r in data["rows"].values()}):
+            target = base[ratio]["memory"][str(c)]["total_bytes"] if ratio in base else None
             for r in data["rows"].values():
                 if r["ratio"] != ratio or (r["context"] not in (None, c)):
                     continue
                 mem = r["memory"][str(c)]
                 share = r["attention_share"]
                 share_s = f"{share:.2f}" if isinstance(share, (int, float)) else str(share)
+                quality = f"{r['c4-heldout']:.2f} | {r['wikitext2']:.2f} | {r['copy200']:.2f} | {r['lookup']:.0%}"
                 lines.append(
                     f"| {c} | {r['split']} (R {ratio}) | {r['decoder_reduction']:.3f} | {share_s} | "
-                    f"{mem['total_bytes'] / 2**20:.1f} MiB | {mem['kv_bytes_per_token'] / 1024:.1f} KiB | "
-                    f"{r['c4-heldout']:.2f} | {r['wikitext2']:.2f} | {r['copy200']:.2f} | {r['lookup']:.0%} | "
-                    f"{r['zeroshot']['mean']:.1%} | {tps(r['dir'], f'decode_{c}')} |"
+                    f"{mem['total_bytes'] / 2**20:.1f} MiB | {served(r['dir'], c, target)} | "
+                    f"{mem['kv_bytes_per_token'] / 1024:.1f} KiB | {quality} | {r['zeroshot']['mean']:.1%} | "
+                    f"{tps(r['dir'], f'decode_{c}')} |"
                 )
-        del dm
     return "\n".join(lines) + "\n"
 
 
