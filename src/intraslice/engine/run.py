@@ -502,8 +502,12 @@ def resolve_memory_goal(run: Run) -> None:
         kv = goal["kv_weight"] * pm.kv_total / (goal["dense_bytes"] / bytes_per_value(g.serving_dtype))
         raise IntraSliceError(
             f"--target-memory {g.target_memory} needs a decoder ratio of {cfg.ratio:.2f} with attention share "
-            f"{float(share):g} (the KV cache is {kv:.0%} of the dense total here): let attention shrink "
-            "(drop --attention-share) or ask for more memory"
+            f"{float(share):g} (the KV cache is {kv:.0%} of the dense total here): "
+            + (
+                "--deploy vllm keeps the attention whole, so ask for more memory"
+                if cfg.deploy == "vllm" and not cfg.uniform_layers
+                else "let attention shrink (drop --attention-share) or ask for more memory"
+            )
         )
     check_ratio(cfg.ratio, "the decoder ratio for --target-memory")
     run.goal = {"target_memory": g.target_memory, **goal, "ratio": cfg.ratio, "attention_share": share}
