@@ -119,7 +119,7 @@ def row_record(args: argparse.Namespace, name: str, out: Path, split: str, ratio
         "command": report.get("command"),
         "decoder_reduction": report["reduction"]["decoder_linear"],
         "attention_share": share,
-        "memory": {str(c): memory_at(out, c) for c in args.contexts},
+        "memory": {str(c): memory_at(out, c) for c in sorted({512, 4096, *args.contexts})},
         "target_bytes": goal.get("target_bytes"),
         "prune_s": report.get("timings_s", {}).get("total"),
         **evaluate(args, str(out), work, name),

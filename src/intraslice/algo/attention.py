@@ -314,12 +314,6 @@ def heads_for_cost(
     return best[2], best[3], best[0]
 
 
-def even_widths(head_dim: int, min_width_frac: float) -> list[int]:
-    """Even head widths from the spec's minimum (``min_width_frac`` x h, rounded up) to h."""
-    floor = 2 * math.ceil(min_width_frac * head_dim / 2)
-    return list(range(max(2, floor), head_dim + 1, 2)) or [head_dim - head_dim % 2]
-
-
 def best_groups(value: torch.Tensor, n_kv: int, a: int, b: int) -> tuple[list[int], float]:
     """The ``a`` KV groups with the largest sum of their ``b`` best query heads (by ``value``).
 
@@ -428,8 +422,6 @@ def choose_common_width(
     multiple: int = 8,
     divides: int | None = None,
     widths: list[int] | None = None,
-    price: CachePrice | None = None,
-    budgets: list[float] | None = None,
 ) -> tuple[int, tuple[int, int] | None]:
     """The model-wide head width maximising step C's objective summed over layers.
 
@@ -439,8 +431,6 @@ def choose_common_width(
     all layers. With ``uniform`` the head/group shape is shared too: the (a, b) with a*b
     closest to K / r and the largest summed J (head counts dividing ``divides`` only).
     ``widths`` restricts the candidates (a global RoPE set: h only, see ``methods.deploy``).
-    ``price`` and ``budgets`` (a memory target, per-layer cost budgets): each layer's J at a
-    width is that of :func:`heads_for_cost` (a narrower width frees cache in every KV head).
     Returns (width, group shape or None).
     """
     n_heads, head_dim = cums[0].shape[0], cums[0].shape[1] - 1
@@ -451,11 +441,6 @@ def choose_common_width(
             shapes = group_shape_candidates(n_kv, g, keeps[0] / r, divides)
             scored = [(sum(best_groups(c[:, r], n_kv, a, b)[1] for c in cums), (a, b)) for a, b in shapes]
             total, shape = max(scored, key=lambda t: (t[0], -t[1][0] * t[1][1]))
-        elif price is not None and budgets is not None:
-            total = sum(
-                heads_for_cost(c, n_kv, b, price, [r], equal_groups)[2] for c, b in zip(cums, budgets, strict=True)
-            )
-            shape = None
         else:
             total = sum(heads_at_width(c, k, r, n_kv, equal_groups, None)[1] for c, k in zip(cums, keeps, strict=True))
             shape = None
@@ -480,17 +465,26 @@ def plan_attention(
 ) -> AttentionPlan:
     """Steps A-D for one layer, within the export ``constraints`` if any.
 
-    ``price`` and ``budget`` (a memory target): step C keeps the heads and width with the
-    largest J whose parameters plus priced cache fit ``budget`` (:func:`heads_for_cost`),
+    ``price`` and ``budget`` (a memory target): at step C's width, the heads (and KV groups)
+    with the largest J whose parameters plus priced cache fit ``budget`` (:func:`heads_for_cost`),
     instead of a channel budget ``keep`` that cannot see the cache.
     """
     c = constraints or AttentionConstraints()
     scores = channel_scores(torch.diagonal(h), w_o)
     spectra = head_spectra(h, n_heads, head_dim)
     if price is not None and budget is not None and c.group_shape is None:
-        widths = [int(c.width)] if c.width is not None else even_widths(head_dim, min_width_frac)
-        cum = captured_spectrum(scores, spectra)
-        kept, r, _ = heads_for_cost(cum, n_kv, budget, price, widths, c.equal_groups)
+        # **Decision (measured, 2026-12-08)**: the width stays step C's (or the export's common
+        # width); the price only chooses which heads and KV groups fit at it. Letting the price
+        # pick a narrower width too (every width tried) maximised J but cut RoPE pairs, which J
+        # does not see: SmolLM2 at equal weights + KV at 512 tokens, held-out C4 66.4 (share 1)
+        # and 60.5 (auto) against 56.7 and 56.1 at the unpriced widths (BENCHMARKS.md, issue #35).
+        if c.width is not None:
+            r = int(c.width)
+        else:
+            kept, r = select_heads(scores, spectra, keep, min_width_frac)
+            if c.equal_groups:
+                kept, r = equalize_groups(captured_spectrum(scores, spectra), kept, keep, n_kv)
+        kept, r, _ = heads_for_cost(captured_spectrum(scores, spectra), n_kv, budget, price, [r], c.equal_groups)
     elif c.width is not None:
         r = int(c.width)
         kept, _ = heads_at_width(captured_spectrum(scores, spectra), keep, r, n_kv, c.equal_groups, c.group_shape)

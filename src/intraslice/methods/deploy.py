@@ -24,7 +24,6 @@ from torch import nn
 
 from ..algo.attention import (
     AttentionConstraints,
-    CachePrice,
     best_groups,
     captured_spectrum,
     channel_scores,
@@ -120,17 +119,6 @@ def layer_keeps(cfg: PruneConfig, dims: dict[str, int]) -> list[int]:
     return [max(total - round(total * a), 2) for a, _ in cfg.ratios_for(dims["n_layers"])]
 
 
-def cache_price(cfg: PruneConfig, dims: dict[str, int]) -> CachePrice | None:
-    """The cache's price in step C under a memory target (``cfg.kv_weight``); None otherwise."""
-    return CachePrice(float(cfg.kv_weight), int(dims["d"])) if cfg.kv_weight else None
-
-
-def layer_cost_budgets(cfg: PruneConfig, dims: dict[str, int], price: CachePrice) -> list[float]:
-    """Each layer's attention cost budget under a memory target: (1 - its ratio) x its dense cost."""
-    dense = price.cost(dims["n_heads"], dims["n_kv"], dims["head_dim"])
-    return [(1.0 - a) * dense for a, _ in cfg.ratios_for(dims["n_layers"])]
-
-
 def constrained(cfg: PruneConfig) -> bool:
     """Whether the run restricts the attention plan at all (False: the method as specified)."""
     return (
@@ -170,7 +158,6 @@ def resolve_constraints(
             # gave 243 against 49.1 unconstrained, all 32 pairs 51.6: the pairs a group needs
             # (high frequencies for positional heads) are not the pairs the model-wide sum keeps.
             only_h = [dims["head_dim"]] if cfg.rope_selection == "global" else None
-            price = cache_price(cfg, dims)
             width, shape = choose_common_width(
                 cums,
                 keeps,
@@ -180,9 +167,7 @@ def resolve_constraints(
                 uniform=cfg.uniform_layers,
                 divides=divides,
                 widths=only_h,
-                price=price,
-                budgets=None if price is None else layer_cost_budgets(cfg, dims, price),
-            )
+            )  # the unpriced width: a narrower one cuts RoPE pairs (see algo.attention.plan_attention)
         else:  # uniform layers at a given width: the shared group shape from the same criterion
             g = dims["n_heads"] // n_kv
             shapes = group_shape_candidates(n_kv, g, keeps[0] / width, divides)
