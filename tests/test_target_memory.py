@@ -206,9 +206,21 @@ def test_a_memory_targeted_run_is_made_again_from_its_config(
 def test_the_byte_split_prunes_more_attention_at_a_longer_context(
     models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    short = prune_to(models, "mha", tmp_path / "short", "--target-memory", "0.8", "--context", "8")
+    mid = prune_to(models, "mha", tmp_path / "mid", "--target-memory", "0.8", "--context", "256", "--batch", "1")
     long = prune_to(models, "mha", tmp_path / "long", "--target-memory", "0.8", "--context", "2048")
-    assert long["goal"]["attention_share_chosen"] > short["goal"]["attention_share_chosen"]
+    assert long["goal"]["kv_share"] > mid["goal"]["kv_share"] >= 0.1
+    assert long["goal"]["attention_share_chosen"] > mid["goal"]["attention_share_chosen"]
+
+
+def test_a_small_cache_keeps_the_attention_whole_by_default(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Below a cache of 10% of the total the default split of a memory target is share 0 (measured:
+    at 512 tokens on SmolLM2 share 0 won); an explicit share still applies."""
+    short = prune_to(models, "mha", tmp_path / "short", "--target-memory", "0.9", "--context", "8", "--batch", "1")
+    assert short["goal"]["kv_share"] < 0.1 and short["goal"]["attention_share"] == 0.0
+    assert short["serving_memory"]["reduction"]["kv_per_token"] == 0.0
+    assert "(the cache is" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

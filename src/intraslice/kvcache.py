@@ -225,5 +225,7 @@ def memory_goal(
         "dense_bytes": dense_bytes,
         "target_bytes": target_bytes,
         "kv_weight": kv_weight,
+        "bytes_per_value": per_value,
+        "kv_share": kv_weight * kv_values_per_token / dense_cost,
         "remove": dense_cost - target_bytes / per_value,
     }

@@ -495,7 +495,7 @@ def resolve_memory_goal(run: Run) -> None:
             share = feasible_share(pm, ratio, float(share), cap)
         cfg.attention_share = share
     elif share is None:
-        share = cfg.attention_share = "auto"
+        share = cfg.attention_share = default_memory_split(pm, goal, cap)
     cfg.kv_weight = goal["kv_weight"]
     cfg.ratio = ratio_for_cost(pm, goal["remove"], 1.0 if share == "auto" else float(share), goal["kv_weight"])
     if cfg.ratio > MAX_RATIO and share != "auto" and float(share) < 1.0:
@@ -512,11 +512,41 @@ def resolve_memory_goal(run: Run) -> None:
     check_ratio(cfg.ratio, "the decoder ratio for --target-memory")
     run.goal = {"target_memory": g.target_memory, **goal, "ratio": cfg.ratio, "attention_share": share}
     split = "the split by importance per byte" if share == "auto" else f"attention share {float(share):g}"
+    split += f" (the cache is {goal['kv_share']:.0%} of the dense total)"
     run.log(
         f"--target-memory {g.target_memory}: {format_bytes(goal['target_bytes'])} of weights + KV at {g.context} "
         f"tokens x batch {g.batch} ({g.serving_dtype}; dense {format_bytes(goal['dense_bytes'])}), {split}"
         + ("" if share == "auto" else f": decoder ratio {cfg.ratio:.4f}")
     )
+
+
+#: The KV cache's share of the dense weights + KV (at the target's context and batch) from which
+#: a --target-memory without --attention-share splits by importance per byte; below it the
+#: attention stays whole (share 0) while the MLP can take the cost. **Decision (measured,
+#: 2026-12-08, issue #35; BENCHMARKS.md "Attention and the KV cache at equal serving cost")**:
+#: SmolLM2 at equal weights + KV, ratio 0.2's memory: at 4096 tokens (cache 26% of the total)
+#: the split by importance per byte beat share 0 on held-out C4 (53.16 against 54.59),
+#: WikiText-2 (28.57 / 28.85) and copying (2.76 / 3.59), lookup equal, zero-shot within noise
+#: (49.7% / 50.7%); at 512 (cache 4%) share 0 won perplexity and zero-shot (54.59 / 28.85 /
+#: 50.7% against 56.09 / 29.27 / 48.3%). The threshold lies between the two measured points.
+MEMORY_SPLIT_KV_SHARE = 0.10
+
+
+def default_memory_split(pm: Any, goal: dict[str, Any], cap: float) -> float | str:
+    """The split of a ``--target-memory`` given no share: 0 while the cache is a small part of the
+    total and the MLP alone can meet the target, else "auto" (by importance per byte)."""
+    from ..algo.allocation import feasible_share, ratio_for_cost
+    from ..config import DEFAULT_ATTENTION_SHARE
+
+    if goal["kv_share"] >= MEMORY_SPLIT_KV_SHARE:
+        return "auto"
+    ratio = ratio_for_cost(pm, goal["remove"], DEFAULT_ATTENTION_SHARE, goal["kv_weight"])
+    try:
+        if ratio <= cap and feasible_share(pm, ratio, DEFAULT_ATTENTION_SHARE, cap) == DEFAULT_ATTENTION_SHARE:
+            return DEFAULT_ATTENTION_SHARE
+    except IntraSliceError:
+        pass
+    return "auto"
 
 
 def split_uniform(cfg: PruneConfig) -> bool:
