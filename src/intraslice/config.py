@@ -162,8 +162,9 @@ class PruneConfig:
         "--attention-share",
         "attention loses this share of the ratio, the MLP the rest; auto: one ranking of every unit and neuron "
         "chooses. Default: 0 for --ratio, --target-params and --target-speedup (attention keeps every head while "
-        "the MLP can take the ratio); with --target-memory, auto by importance per byte of weights + KV once the "
-        "cache is 10%% or more of the dense total at --context x --batch, else 0",
+        "the MLP can take the ratio); with --target-memory, auto by importance per byte of weights + KV where the "
+        "cache is 10%% or more of the dense total at --context x --batch and the target keeps 85%% or more of it "
+        "(or the MLP alone cannot meet it), else 0",
         type=share_arg,
     )
     mlp_bias: float | None = opt(

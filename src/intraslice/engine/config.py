@@ -73,8 +73,9 @@ class GoalSection:
         None,
         "--target-memory",
         "instead of --ratio: weights + KV cache at --context x --batch in --serving-dtype, as a fraction of the "
-        "dense model's (0.7) or a size (6GB); where the cache is 10%% or more of that total, the estimator "
-        "splits attention and MLP by importance per byte unless --attention-share is given",
+        "dense model's (0.7) or a size (6GB); where the cache is 10%% or more of that total and the target "
+        "keeps 85%% or more of it, the estimator splits attention and MLP by importance per byte unless "
+        "--attention-share is given",
     )
     speed_seqlen: int = opt(512, "--speed-seqlen", "prefill length timed for --target-speedup", type=int)
     speed_engine: str = opt(

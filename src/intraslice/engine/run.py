@@ -520,25 +520,32 @@ def resolve_memory_goal(run: Run) -> None:
     )
 
 
-#: The KV cache's share of the dense weights + KV (at the target's context and batch) from which
-#: a --target-memory without --attention-share splits by importance per byte; below it the
-#: attention stays whole (share 0) while the MLP can take the cost. **Decision (measured,
-#: 2026-12-08, issue #35; BENCHMARKS.md "Attention and the KV cache at equal serving cost")**:
-#: SmolLM2 at equal weights + KV, ratio 0.2's memory: at 4096 tokens (cache 26% of the total)
-#: the split by importance per byte beat share 0 on held-out C4 (53.16 against 54.59),
-#: WikiText-2 (28.57 / 28.85) and copying (2.76 / 3.59), lookup equal, zero-shot within noise
-#: (49.7% / 50.7%); at 512 (cache 4%) share 0 won perplexity and zero-shot (54.59 / 28.85 /
-#: 50.7% against 56.09 / 29.27 / 48.3%). The threshold lies between the two measured points.
+#: When a --target-memory without --attention-share splits by importance per byte: the KV
+#: cache is at least MEMORY_SPLIT_KV_SHARE of the dense weights + KV at the target's context
+#: and batch, and the target keeps at least MEMORY_SPLIT_MIN_KEEP of that total; otherwise the
+#: attention stays whole (share 0) wherever the MLP alone can meet the target. **Decision
+#: (measured, 2026-12-08, issue #35; BENCHMARKS.md "Attention and the KV cache at equal serving
+#: cost")**, SmolLM2 at equal weights + KV (held-out C4 / WikiText-2 / copy 200 / lookup /
+#: zero-shot): at 4096 tokens (cache 26% of the total) and 88% of the total kept, per byte
+#: 53.16 / 28.57 / 2.76 / 92% / 49.7% against share 0's 54.59 / 28.85 / 3.59 / 92% / 50.7%;
+#: at 4096 and 76.5% kept, per byte 97.23 / 50.73 / 4.28 / 25% / 48.5% against share 0's
+#: 95.19 / 45.47 / 5.32 / 54% / 46.7% (perplexity and lookup lost); at 512 tokens (cache 4%)
+#: share 0 won perplexity and zero-shot. Both thresholds lie between measured points (three).
 MEMORY_SPLIT_KV_SHARE = 0.10
+MEMORY_SPLIT_MIN_KEEP = 0.85
 
 
 def default_memory_split(pm: Any, goal: dict[str, Any], cap: float) -> float | str:
-    """The split of a ``--target-memory`` given no share: 0 while the cache is a small part of the
-    total and the MLP alone can meet the target, else "auto" (by importance per byte)."""
+    """The split of a ``--target-memory`` given no share: "auto" (by importance per byte) where the
+    cache is a large part of the total and the target is mild, or where the MLP alone cannot meet
+    the target; else 0 (the attention whole)."""
     from ..algo.allocation import feasible_share, ratio_for_cost
     from ..config import DEFAULT_ATTENTION_SHARE
 
-    if goal["kv_share"] >= MEMORY_SPLIT_KV_SHARE:
+    if (
+        goal["kv_share"] >= MEMORY_SPLIT_KV_SHARE
+        and goal["target_bytes"] >= MEMORY_SPLIT_MIN_KEEP * goal["dense_bytes"]
+    ):
         return "auto"
     ratio = ratio_for_cost(pm, goal["remove"], DEFAULT_ATTENTION_SHARE, goal["kv_weight"])
     try:
