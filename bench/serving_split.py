@@ -148,7 +148,7 @@ def run_rows(args: argparse.Namespace) -> None:
         target = data["rows"][f"share0-r{ratio}"]["memory"][str(context)]["total_bytes"]
         share = ["--attention-share", "1"] if split == "share 1" else []
         out = work / name
-        prune(args, out, ["--target-memory", str(int(target)), "--context", str(context), *share])
+        prune(args, out, ["--target-memory", f"{int(target)}B", "--context", str(context), *share])
         rec = row_record(args, name, out, split, ratio, context, work)
         data["rows"][name] = rec
         save(path, data)

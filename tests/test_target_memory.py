@@ -36,7 +36,7 @@ from .test_errors_and_cli import TEXT
         ("6GB", ("bytes", 6 * 2**30)),
         ("6GiB", ("bytes", 6 * 2**30)),
         ("300MiB", ("bytes", 300 * 2**20)),
-        ("1.5e9", ("bytes", 1.5e9)),
+        ("1.5e9B", ("bytes", 1.5e9)),
     ],
 )
 def test_parse_target_memory(text: str, expected: tuple[str, float]) -> None:
@@ -50,6 +50,8 @@ def test_parse_target_memory_refuses(text: str) -> None:
         parse_target_memory(text)
     with pytest.raises(IntraSliceError, match="keeps all of the dense model"):
         parse_target_memory("100%")
+    with pytest.raises(IntraSliceError, match="a size with its unit"):
+        parse_target_memory("85")
 
 
 def test_memory_goal_counts_weights_and_cache_in_one_type() -> None:
@@ -243,6 +245,7 @@ def test_a_small_cache_keeps_the_attention_whole_by_default(
         (["--target-memory", "1TB"], "not below the dense model"),
         (["--target-memory", "0.01"], "the decoder ratio for --target-memory"),
         (["--target-memory", "0.7", "--attention-share", "0"], "let attention shrink"),
+        (["--target-memory", "0.7", "--deploy", "vllm"], "--deploy vllm keeps the attention whole"),
     ],
 )
 def test_target_memory_refusals(

@@ -57,7 +57,7 @@ from .algo.allocation import (
 )
 from .algo.linalg import eigh_desc
 from .arch import ArchSpec, get_arch
-from .config import DEFAULT_ATTENTION_SHARE, DEFAULT_GRAD_SAMPLES, DEFAULT_UNITS_PER_HEAD, MAX_RATIO
+from .config import DEFAULT_ATTENTION_SHARE, DEFAULT_GRAD_SAMPLES, DEFAULT_UNITS_PER_HEAD
 from .errors import IntraSliceError, NonFiniteError
 from .memory import trim
 from .pipeline import distributed as dist
@@ -623,14 +623,28 @@ def estimate_allocation(
         if attention_share == "auto" and serving_cost is not None:
             remove, kv_weight = serving_cost
             ratio, share = joint_split_for_cost(att, mlp, pm, remove, kv_weight)
-            if ratio > MAX_RATIO:
+            chosen = None
+            for step in range(101):  # the ranking's split, or the nearest larger attention share that fits the cap
+                candidate = share if step == 0 else min(1.0, share + step / 100)
+                r = ratio if step == 0 else ratio_for_cost(pm, remove, candidate, kv_weight)
+                try:
+                    chosen = feasible_share(pm, r, candidate, cap)
+                except IntraSliceError:
+                    continue
+                if chosen != round(candidate, 6):  # the cap moved the split: the ratio that meets the cost at it
+                    r = ratio_for_cost(pm, remove, chosen, kv_weight)
+                    try:
+                        chosen = feasible_share(pm, r, chosen, cap)
+                    except IntraSliceError:
+                        chosen = None
+                        continue
+                ratio = r
+                break
+            if chosen is None:
                 raise IntraSliceError(
-                    f"--target-memory needs a decoder ratio of {ratio:.3f}, above {MAX_RATIO}: ask for more memory"
+                    f"--target-memory cannot be met under the per-layer cap {cap} (--max-layer-ratio): "
+                    "ask for more memory"
                 )
-            chosen = feasible_share(pm, ratio, share, cap)
-            if chosen != round(share, 6):  # the cap moved the split: the ratio that meets the cost at it
-                ratio = ratio_for_cost(pm, remove, chosen, kv_weight)
-                chosen = feasible_share(pm, ratio, chosen, cap)
             mlp_bias = mlp_bias_for_share(pm, chosen)
             record.update({"attention_share_chosen": chosen, "mlp_bias": mlp_bias, "serving_cost": list(serving_cost)})
         elif attention_share == "auto":

@@ -161,8 +161,8 @@ def percent_change(reduction: float) -> str:
 def parse_target_memory(text: str) -> tuple[str, float]:
     """``--target-memory``: a fraction of the dense total to keep (``0.7``, ``70%``) or a size (``6GB``).
 
-    Sizes take B, KB, MB, GB, TB (binary: GB and GiB both mean 2^30 bytes, as
-    ``--device-memory`` reads them) or a plain byte count. Returns ("fraction", f) or ("bytes", n).
+    Sizes take their unit: B, KB, MB, GB, TB (binary: GB and GiB both mean 2^30 bytes, as
+    ``--device-memory`` reads them). Returns ("fraction", f) or ("bytes", n).
     """
     s = str(text).strip().replace("_", "").replace(",", "")
     bad = IntraSliceError(
@@ -182,7 +182,12 @@ def parse_target_memory(text: str) -> tuple[str, float]:
             value, kind = float(up[: -len(unit)]) * units[unit], "bytes"
         else:
             value = float(s)
-            kind = "fraction" if value < 1 else "bytes"
+            kind = "fraction"
+            if value >= 1:  # "85" is a percentage or a byte count: a size takes its unit
+                raise IntraSliceError(
+                    f"--target-memory {text}: give a fraction below 1 (0.85), a percentage (85%) or a size with "
+                    "its unit (300MB, 6GB)"
+                )
     except ValueError:
         raise bad from None
     if not value > 0 or value != value or value == float("inf"):

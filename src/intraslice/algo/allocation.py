@@ -170,14 +170,15 @@ def fit_cost(
     mlp_size = pm.neurons_per_layer * pm.mlp_per_neuron
     att = [float(a) for a, _ in layer_ratios]
     mlp = [float(m) for _, m in layer_ratios]
+    top = [max(cap, m) for m in mlp]  # a layer already above the cap (the spec's uniform split) may stay there
     for _ in range(len(mlp) + 1):
         removed = sum(a * att_cost + m * mlp_size for a, m in zip(att, mlp, strict=True))
-        free = [i for i, m in enumerate(mlp) if (removed < remove and m < cap) or (removed > remove and m > 0)]
+        free = [i for i, m in enumerate(mlp) if (removed < remove and m < top[i]) or (removed > remove and m > 0)]
         if abs(removed - remove) <= 1e-9 * remove or not free:
             break
         step = (remove - removed) / (len(free) * mlp_size)
         for i in free:
-            mlp[i] = min(max(mlp[i] + step, 0.0), cap)
+            mlp[i] = min(max(mlp[i] + step, 0.0), top[i])
     return list(zip(att, mlp, strict=True))
 
 

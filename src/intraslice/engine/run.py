@@ -510,6 +510,22 @@ def resolve_memory_goal(run: Run) -> None:
             )
         )
     check_ratio(cfg.ratio, "the decoder ratio for --target-memory")
+    if share != "auto" and cfg.allocation != "uniform":
+        from ..algo.allocation import mlp_bias_for_share, split_fits
+
+        try:
+            split_fits(pm, cfg.ratio, mlp_bias_for_share(pm, float(share)), cap)
+        except IntraSliceError:
+            why = (
+                "--deploy vllm keeps the attention whole"
+                if cfg.deploy == "vllm" and not cfg.uniform_layers
+                else "let attention shrink (drop --attention-share)"
+            )
+            raise IntraSliceError(
+                f"--target-memory {g.target_memory} needs a decoder ratio of {cfg.ratio:.2f} with attention share "
+                f"{float(share):g}, which asks a module to lose more than the per-layer cap {cap}: {why}, "
+                "or ask for more memory"
+            ) from None
     run.goal = {"target_memory": g.target_memory, **goal, "ratio": cfg.ratio, "attention_share": share}
     split = "the split by importance per byte" if share == "auto" else f"attention share {float(share):g}"
     split += f" (the cache is {goal['kv_share']:.0%} of the dense total)"

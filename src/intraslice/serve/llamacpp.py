@@ -315,6 +315,7 @@ def server_allocation(
     p.cache_type_k = p.cache_type_v = getattr(xl.ggml_type, f"GGML_TYPE_{cache_type.upper()}")
     p.warmup, p.port = False, 0  # no HTTP listener: nothing to bind, nothing to release
     p.verbosity = 10  # llama.cpp logs its buffers at info level
+    cache_type = cache_type.lower()
     kv = re.compile(
         rf"llama_kv_cache: size = .*K \({cache_type}\):\s*([0-9.]+) MiB, V \({cache_type}\):\s*([0-9.]+) MiB"
     )
