@@ -316,6 +316,21 @@ def test_prune_heal_tokens_is_a_stage_of_the_one_engine(
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no resume area left
 
 
+def prune_and_heal(sharp_dir: Path, calib: Path, tmp_path: Path, **method: object) -> None:
+    """``tmp_path/pruned`` at ratio 0.3 with the ``method`` options, healed (LoRA merged) into ``tmp_path/healed``."""
+    config = RunConfig()
+    config.model.model, config.model.device = str(sharp_dir), "cpu"
+    config.goal.ratio = 0.3
+    for key, value in method.items():
+        setattr(config.method, key, value)
+    config.calibration.source, config.calibration.nsamples, config.calibration.seqlen = str(calib), 6, 24
+    config.evaluation.enabled, config.output.progress = False, False
+    config.output.out = str(tmp_path / "pruned")
+    intraslice.run(config)
+    heal(tmp_path / "pruned", tmp_path / "healed", small(calib, keep_worse=True, eval_windows=0), progress=False,
+         log=lambda _: None)  # fmt: skip
+
+
 def test_a_healed_stock_model_still_exports_to_stock_transformers(sharp_dir: Path, calib: Path, tmp_path: Path) -> None:
     """--deploy stock, healed (LoRA merged): the stock export loads in plain transformers and
     gives the healed model's logits."""
@@ -323,16 +338,7 @@ def test_a_healed_stock_model_still_exports_to_stock_transformers(sharp_dir: Pat
 
     from intraslice.export.stock_hf import export_stock_hf
 
-    config = RunConfig()
-    config.model.model, config.model.device = str(sharp_dir), "cpu"
-    config.goal.ratio = 0.3
-    config.method.deploy = "stock"
-    config.calibration.source, config.calibration.nsamples, config.calibration.seqlen = str(calib), 6, 24
-    config.evaluation.enabled, config.output.progress = False, False
-    config.output.out = str(tmp_path / "pruned")
-    intraslice.run(config)
-    heal(tmp_path / "pruned", tmp_path / "healed", small(calib, keep_worse=True, eval_windows=0), progress=False,
-         log=lambda _: None)  # fmt: skip
+    prune_and_heal(sharp_dir, calib, tmp_path, deploy="stock")
     export_stock_hf(tmp_path / "healed", tmp_path / "stock")
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", dtype=torch.float32)
     stock = LlamaForCausalLM.from_pretrained(tmp_path / "stock", dtype=torch.float32)
@@ -359,16 +365,7 @@ def test_a_healed_llamacpp_model_serves_in_llamacpp_as_it_runs_here(
         root = find_llama_cpp(download=False)
     except IntraSliceError as exc:
         pytest.skip(str(exc))
-    config = RunConfig()
-    config.model.model, config.model.device = str(sharp_dir), "cpu"
-    config.goal.ratio = 0.3
-    config.method.deploy, config.method.attention_share, config.method.head_width = "llamacpp", 1.0, 8
-    config.calibration.source, config.calibration.nsamples, config.calibration.seqlen = str(calib), 6, 24
-    config.evaluation.enabled, config.output.progress = False, False
-    config.output.out = str(tmp_path / "pruned")
-    intraslice.run(config)
-    heal(tmp_path / "pruned", tmp_path / "healed", small(calib, keep_worse=True, eval_windows=0), progress=False,
-         log=lambda _: None)  # fmt: skip
+    prune_and_heal(sharp_dir, calib, tmp_path, deploy="llamacpp", attention_share=1.0, head_width=8)
     wp, wh = weights(tmp_path / "pruned"), weights(tmp_path / "healed")
     assert any(not torch.equal(wp[k], wh[k]) for k in wp)  # the heal changed the weights
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", dtype=torch.float64).eval()
