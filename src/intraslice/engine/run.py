@@ -456,6 +456,21 @@ def resolve_goal(run: Run) -> None:
             ) from None
 
 
+def split_model(config: Any) -> Any:
+    """The estimator's parameter model of ``config`` (f = 1): what a split costs, before any gradient."""
+    from ..algo.allocation import param_model
+    from ..arch import get_arch
+
+    arch = get_arch(config)
+    return param_model(arch.dims(config), 1, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
+
+
+def share_for_mlp_bias(pm: Any, beta: float) -> float:
+    """The attention share a ``--mlp-bias`` β means (``algo.allocation.mlp_bias_for_share`` inverted)."""
+    att, mlp = pm.units_per_layer * pm.attn_per_unit, pm.neurons_per_layer * pm.mlp_per_neuron
+    return 1.0 - (beta - 1.0) * mlp / att
+
+
 def resolve_memory_goal(run: Run) -> None:
     """``--target-memory`` as a decoder ratio and a KV weight for the layer budgets.
 
@@ -467,8 +482,7 @@ def resolve_memory_goal(run: Run) -> None:
     the checks before them.
     """
     from .. import stages
-    from ..algo.allocation import feasible_share, param_model, ratio_for_cost
-    from ..arch import get_arch
+    from ..algo.allocation import feasible_share, ratio_for_cost
     from ..config import DEFAULT_ATTENTION_SHARE, MAX_RATIO
     from ..kvcache import bytes_per_value, format_bytes, kv_values_per_token, memory_goal
 
@@ -477,14 +491,11 @@ def resolve_memory_goal(run: Run) -> None:
     goal = memory_goal(
         run.memory_target, before["whole_model"], kv_values_per_token(config), g.context, g.batch, g.serving_dtype
     )
-    arch = get_arch(config)
-    pm = param_model(arch.dims(config), 1, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
+    pm = split_model(config)
     cap = run.config.allocation.max_layer_ratio
     share: float | str | None = cfg.attention_share
-    if cfg.mlp_bias is not None:  # β as the share it means (mlp_bias_for_share inverted)
-        att = pm.units_per_layer * pm.attn_per_unit
-        mlp = pm.neurons_per_layer * pm.mlp_per_neuron
-        share = 1.0 - (float(cfg.mlp_bias) - 1.0) * mlp / att
+    if cfg.mlp_bias is not None:
+        share = share_for_mlp_bias(pm, float(cfg.mlp_bias))
     elif share is None and cfg.allocation == "uniform" and not split_uniform(cfg):
         share = 1.0  # the spec's uniform allocation: both modules lose the ratio
     elif share is None and cfg.allocation == "uniform":
@@ -585,17 +596,14 @@ def candidate_share(run: Run) -> Callable[[float], float]:
     attention whole (share 0, raised where a ratio needs it), ``--attention-share A`` takes
     A, ``--mlp-bias`` β its share, and the spec's uniform allocation 1.
     """
-    from ..algo.allocation import feasible_share, param_model
-    from ..arch import get_arch
+    from ..algo.allocation import feasible_share
     from ..config import DEFAULT_ATTENTION_SHARE
 
     cfg, config = run.cfg, run.ckpt.config
-    arch = get_arch(config)
-    pm = param_model(arch.dims(config), 1, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
+    pm = split_model(config)
     cap = run.config.allocation.max_layer_ratio
     if cfg.mlp_bias is not None:
-        att, mlp = pm.units_per_layer * pm.attn_per_unit, pm.neurons_per_layer * pm.mlp_per_neuron
-        fixed = 1.0 - (float(cfg.mlp_bias) - 1.0) * mlp / att
+        fixed = share_for_mlp_bias(pm, float(cfg.mlp_bias))
         return lambda r: fixed
     if cfg.attention_share is not None:
         fixed = float(cfg.attention_share)
@@ -815,12 +823,10 @@ def allocate(run: Run) -> None:
 
 def fit_memory(run: Run, layer_ratios: list[Any]) -> list[tuple[float, float]]:
     """The allocation moved onto the memory target (:func:`~intraslice.algo.allocation.fit_cost`)."""
-    from ..algo.allocation import fit_cost, param_model
-    from ..arch import get_arch
+    from ..algo.allocation import fit_cost
 
     config = run.ckpt.config
-    arch = get_arch(config)
-    pm = param_model(arch.dims(config), 1, arch.qkv_bias(config), arch.mlp_bias(config), arch.mlp_matrices)
+    pm = split_model(config)
     fitted = fit_cost([tuple(r) for r in layer_ratios], pm, run.goal["remove"], run.goal["kv_weight"],
                       run.config.allocation.max_layer_ratio)  # fmt: skip
     if run.cfg.uniform_layers or run.cfg.deploy == "stock":  # every layer alike: one MLP width
