@@ -473,11 +473,12 @@ def plan_attention(
     scores = channel_scores(torch.diagonal(h), w_o)
     spectra = head_spectra(h, n_heads, head_dim)
     if price is not None and budget is not None and c.group_shape is None:
-        # **Decision (measured, 2026-12-08)**: the width stays step C's (or the export's common
-        # width); the price only chooses which heads and KV groups fit at it. Letting the price
-        # pick a narrower width too (every width tried) maximised J but cut RoPE pairs, which J
-        # does not see: SmolLM2 at equal weights + KV at 512 tokens, held-out C4 66.4 (share 1)
-        # and 60.5 (auto) against 56.7 and 56.1 at the unpriced widths (BENCHMARKS.md, issue #35).
+        # The width stays step C's (or the export's common width); the price chooses which heads
+        # and KV groups fit at it. Measured (2026-12-08, BENCHMARKS.md issue #35): on SmolLM2 at
+        # equal weights + KV, share 1, the priced choice deletes whole KV groups (cache -24% at 512
+        # tokens) and scored held-out C4 66.40 at 512 against 56.70 unpriced (cache -6%): at 512
+        # the cache is not worth its heads, and the default there keeps the attention whole; at
+        # 4096 the priced choice (cache -22%) beat share 0. The unpriced choice at 4096 was not scored.
         if c.width is not None:
             r = int(c.width)
         else:
