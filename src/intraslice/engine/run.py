@@ -484,7 +484,7 @@ def resolve_memory_goal(run: Run) -> None:
     from .. import stages
     from ..algo.allocation import feasible_share, ratio_for_cost
     from ..config import DEFAULT_ATTENTION_SHARE, MAX_RATIO
-    from ..kvcache import bytes_per_value, format_bytes, kv_values_per_token, memory_goal
+    from ..kvcache import format_bytes, kv_values_per_token, memory_goal
 
     g, cfg, config = run.config.goal, run.cfg, run.ckpt.config
     before = stages.source_param_report(run.ckpt.skeleton())
@@ -509,16 +509,13 @@ def resolve_memory_goal(run: Run) -> None:
         share = cfg.attention_share = default_memory_split(pm, goal, cap)
     cfg.kv_weight = goal["kv_weight"]
     cfg.ratio = ratio_for_cost(pm, goal["remove"], 1.0 if share == "auto" else float(share), goal["kv_weight"])
+    whole = cfg.deploy == "vllm" and not cfg.uniform_layers
+    why = "--deploy vllm keeps the attention whole" if whole else "let attention shrink (drop --attention-share)"
     if cfg.ratio > MAX_RATIO and share != "auto" and float(share) < 1.0:
-        kv = goal["kv_weight"] * pm.kv_total / (goal["dense_bytes"] / bytes_per_value(g.serving_dtype))
         raise IntraSliceError(
             f"--target-memory {g.target_memory} needs a decoder ratio of {cfg.ratio:.2f} with attention share "
-            f"{float(share):g} (the KV cache is {kv:.0%} of the dense total here): "
-            + (
-                "--deploy vllm keeps the attention whole, so ask for more memory"
-                if cfg.deploy == "vllm" and not cfg.uniform_layers
-                else "let attention shrink (drop --attention-share) or ask for more memory"
-            )
+            f"{float(share):g} (the KV cache is {goal['kv_share']:.0%} of the dense total here): {why}, "
+            "or ask for more memory"
         )
     check_ratio(cfg.ratio, "the decoder ratio for --target-memory")
     if share != "auto" and cfg.allocation != "uniform":
@@ -527,11 +524,6 @@ def resolve_memory_goal(run: Run) -> None:
         try:
             split_fits(pm, cfg.ratio, mlp_bias_for_share(pm, float(share)), cap)
         except IntraSliceError:
-            why = (
-                "--deploy vllm keeps the attention whole"
-                if cfg.deploy == "vllm" and not cfg.uniform_layers
-                else "let attention shrink (drop --attention-share)"
-            )
             raise IntraSliceError(
                 f"--target-memory {g.target_memory} needs a decoder ratio of {cfg.ratio:.2f} with attention share "
                 f"{float(share):g}, which asks a module to lose more than the per-layer cap {cap}: {why}, "
